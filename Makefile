@@ -1,0 +1,42 @@
+# Forge: two commands on a fresh machine — `make demo` and `make test`.
+# Each creates or updates .venv by itself. Without CUDA, the CPU build of torch goes in first
+# (an unpinned torch would pull a multi-GB CUDA build).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.forge-installed
+TORCH_CPU := torch==2.13.0
+export FORGE_HOME ?= $(CURDIR)/.forge
+
+.PHONY: demo test install go clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import sys; assert sys.version_info >= (3, 11), "Forge needs Python >= 3.11"'
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA found: installing the default torch build"; \
+	else \
+		echo "no CUDA: installing the CPU build $(TORCH_CPU)"; \
+		$(BIN)/pip install -q "$(TORCH_CPU)"; \
+	fi
+	@echo "installing forge and its pinned dependencies (llama-cpp-python compiles once, ~6 min on 2 cores)"
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+go:
+	@command -v go >/dev/null 2>&1 || test -x /usr/lib/go/bin/go || { \
+		echo "installing golang-go (Go's text/template checks Ollama TEMPLATEs)"; \
+		(apt-get update -qq && apt-get install -y -qq golang-go) >/dev/null || \
+		(sudo apt-get update -qq && sudo apt-get install -y -qq golang-go) >/dev/null; }
+
+demo: $(STAMP)
+	$(BIN)/forge demo --dir demo_run
+
+test: $(STAMP) go
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf demo_run .forge .pytest_cache

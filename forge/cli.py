@@ -1,0 +1,236 @@
+"""The ``forge`` command line. Each stage's flags come from its pydantic config, so the CLI and
+the config files can never disagree; ``--config FILE`` loads YAML, flags override it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from forge.errors import Codes, ForgeError
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], positional: str | None = None):
+    for name, field in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        ann = field.annotation
+        origin, args = typing.get_origin(ann), typing.get_args(ann)
+        if origin in (typing.Union, types.UnionType):
+            ann = next(a for a in args if a is not type(None))
+            origin, args = typing.get_origin(ann), typing.get_args(ann)
+        help_text = field.description or ""
+        if name == positional:
+            parser.add_argument(name, nargs="?", default=None, help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+        if ann is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif origin is Literal:
+            parser.add_argument(flag, choices=list(args), **kwargs)
+        elif origin is list or (origin is typing.Union and list in args):
+            parser.add_argument(flag, nargs="+", **kwargs)
+        elif origin is dict:
+            parser.add_argument(flag, type=json.loads, **{**kwargs, "help": help_text + " (JSON)"})
+        elif ann in (int, float):
+            parser.add_argument(flag, type=ann, **kwargs)
+        else:
+            parser.add_argument(flag, **kwargs)
+
+
+def _stage(sub, name: str, model: type[BaseModel], help_text: str, positional: str | None = None,
+           yaml: bool = False):
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    _add_config_flags(parser, model, positional)
+    if yaml:
+        parser.add_argument("--config", dest="_config", help="YAML config file; flags override its fields")
+    parser.add_argument("--json", dest="_json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(_model=model)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from forge.data import DataConfig
+    from forge.demo import DemoAssetsConfig
+    from forge.env import EnvConfig
+    from forge.merge import MergeConfig
+    from forge.modelfile import ModelfileConfig
+    from forge.pipeline import PipelineConfig
+    from forge.quantize import QuantizeConfig
+    from forge.seal import SealConfig
+    from forge.train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="forge", description="Fine-tune an open model end to end.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _stage(sub, "env", EnvConfig, "Report Python, torch, GPUs, disk, versions and the GGUF converter.")
+    data = sub.add_parser("data", help="Validate a dataset or show its token statistics.")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    _stage(data_sub, "validate", DataConfig, "Check every line of a JSONL dataset.", positional="path")
+    _stage(data_sub, "stats", DataConfig, "Token statistics with the model's tokenizer and chat template.",
+           positional="path")
+    _stage(sub, "train", TrainConfig, "Train a LoRA/QLoRA adapter (TRL SFTTrainer + PEFT).", yaml=True)
+    _stage(sub, "merge", MergeConfig, "Merge an adapter into its base model, with a parity check.")
+    _stage(sub, "quantize", QuantizeConfig, "Convert a merged model to GGUF and quantize it (llama.cpp).")
+    mf = _stage(sub, "modelfile", ModelfileConfig, "Write an Ollama Modelfile for a GGUF.")
+    mf.add_argument("--check", dest="_check", metavar="MODELFILE", help="validate an existing Modelfile instead")
+    _stage(sub, "seal", SealConfig, "Seal a run: hash-verified record and retrospective.")
+    _stage(sub, "pipeline", PipelineConfig, "Run train → merge → quantize → modelfile → seal.", yaml=True)
+    _stage(sub, "demo-assets", DemoAssetsConfig, "Write the tiny demo model and sample dataset.", positional="dir")
+    demo = sub.add_parser("demo", help="Build the demo assets and run every stage on them.")
+    demo.add_argument("--dir", default=None, help="Where to put the assets and run (default $FORGE_HOME/demo)")
+    demo.add_argument("--json", dest="_json", action="store_true")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace):
+    model = args._model
+    fields = {k: v for k, v in vars(args).items() if not k.startswith("_") and k in model.model_fields}
+    if "path" in fields and fields["path"] is None:
+        raise ForgeError(Codes.CONFIG_INVALID, "missing the dataset path", "forge data validate PATH")
+    return model.build(getattr(args, "_config", None), **fields)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    from forge import data, demo, env, merge, modelfile, pipeline, quantize, seal, train
+
+    if args.command == "demo":
+        return run_demo(args.dir, echo=not args._json)
+    if args.command == "modelfile" and args._check:
+        return modelfile.validate_modelfile(Path(args._check))
+    config = _config_from_args(args)
+    if args.command == "data":
+        if args.data_command == "stats" and not config.base_model:
+            raise ForgeError(Codes.CONFIG_INVALID, "stats need the model's tokenizer",
+                             "add --base-model MODEL_DIR_OR_HUB_ID")
+        return data.validate(config)
+    runners = {
+        "env": env.environment, "train": train.train, "merge": merge.merge, "quantize": quantize.quantize,
+        "modelfile": modelfile.write_modelfile, "seal": seal.seal, "pipeline": pipeline.run_pipeline,
+        "demo-assets": demo.write_demo_assets,
+    }
+    if args.command in ("train", "pipeline") and not args._json:
+        return runners[args.command](config, _print_progress)
+    return runners[args.command](config)
+
+
+def _print_progress(event: dict) -> None:
+    stage = event.get("pipeline_stage", "")
+    prefix = f"[{stage}] " if stage else ""
+    if event.get("event") == "stage":
+        print(f"  {prefix}stage: {event['stage']}", flush=True)
+    elif event.get("event") == "progress":
+        loss = event.get("loss")
+        print(f"  {prefix}step {event['step']}/{event['total_steps']} ({event['percent']:.0f}%) "
+              f"epoch {event['epoch']:.2f} loss {loss if loss is None else f'{loss:.4f}'} "
+              f"{event['tokens_per_s']:.0f} tok/s eta {event['eta_s']:.0f}s", flush=True)
+    elif event.get("event") == "warning":
+        print(f"  {prefix}warning: {event['message']}", flush=True)
+
+
+def _summary(result: dict) -> str:
+    keep = {k: v for k, v in result.items() if k not in ("artifacts", "content", "stages", "outputs", "example")}
+    lines = [f"{k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}" for k, v in keep.items()]
+    for out in result.get("outputs", []):
+        ver = out.get("verification", {})
+        lines.append(f"gguf: {out['path']} ({out['quant']}, {out['bytes']} bytes, sha256 {out['sha256'][:16]}…)"
+                     + (f" generated {ver.get('generated')!r}" if ver else ""))
+    return "\n".join(lines)
+
+
+def run_demo(directory: str | None = None, echo: bool = True) -> dict:
+    """Build the demo assets, then run each stage, printing what each one produced."""
+    from forge.demo import SYSTEM_PROMPT, DemoAssetsConfig, write_demo_assets
+    from forge.pipeline import PipelineConfig, run_pipeline
+    from forge.workspace import forge_home
+
+    say = print if echo else (lambda *a, **k: None)
+    root = Path(directory) if directory else forge_home() / "demo"
+    assets = write_demo_assets(DemoAssetsConfig(dir=root))
+    say(f"== demo assets: model {assets['model_dir']}, dataset {assets['dataset']}")
+    from forge.data import DataConfig, validate
+
+    report = validate(DataConfig(path=Path(assets["dataset"]), base_model=assets["model_dir"],
+                                 system_prompt=SYSTEM_PROMPT))
+    say(f"== data: {report['records']} {report['format']} records, {report['train_records']} train / "
+        f"{report['eval_records']} eval, loss on {report['tokens']['loss_token_share']:.0%} of tokens")
+    import time
+
+    config = PipelineConfig(
+        base_model=assets["model_dir"], dataset=Path(assets["dataset"]), system_prompt=SYSTEM_PROMPT,
+        output_dir=root / "runs" / time.strftime("demo-%Y%m%d-%H%M%S"),
+        train={"num_train_epochs": 8, "learning_rate": 3e-3, "save_steps": 20, "per_device_train_batch_size": 4},
+        note="make demo: tiny Qwen2-shaped model, random weights, trained on CPU",
+    )
+
+    def stage_done(stage: str, result: dict) -> None:
+        say(f"== {stage}: {result.get('status')}")
+        if stage == "train":
+            m = result["metrics"]
+            say(f"   adapter {result['adapter_dir']} | train loss {m['train_loss']:.4f} | eval loss "
+                f"{m['eval_loss']:.4f} | {m['tokens_per_s']:.0f} tok/s | {m['duration_s']} s")
+        elif stage == "merge":
+            p = result["parity"]
+            say(f"   merged {result['merged_dir']} ({result['dtype']}) | parity max |Δlogit| "
+                f"{p['max_abs_diff']:.3g} ≤ {p['bound']:.3g}")
+        elif stage == "quantize":
+            for out in result["outputs"]:
+                say(f"   {out['path']} {out['quant']} {out['bytes']} bytes sha256 {out['sha256'][:16]}… "
+                    f"generated {out['verification']['generated']!r}")
+            for w in result["warnings"]:
+                say(f"   warning: {w}")
+        elif stage == "modelfile":
+            say(f"   {result['path']} | template {result['template_family']} | stops {result['stop_tokens']}"
+                f"\n   {result['ollama_create']}")
+        elif stage == "seal":
+            say(f"   {result['seal_id']}\n   {result['retrospective_path']}\n\n{result['results_table']}")
+
+    return run_pipeline(config, _print_progress if echo else None, stage_done)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    as_json = getattr(args, "_json", False)
+    try:
+        result = _run(args)
+    except ForgeError as err:
+        if as_json:
+            print(json.dumps({"error": err.to_dict()}, indent=2))
+        else:
+            print(f"error [{err.code}]: {err.message}", file=sys.stderr)
+            for detail in err.details[5:] if len(err.details) > 5 else []:
+                print(f"  {detail}", file=sys.stderr)
+            if err.hint:
+                print(f"hint: {err.hint}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    elif args.command != "demo":
+        print(_summary(result))
+    return 0 if result.get("status", "succeeded") in ("succeeded", None) or "status" not in result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Datasets: validate JSONL in three formats, convert to chat messages, split, tokenize, preflight stats.
+
+The loss mask is computed from the chat template itself: each assistant turn's span is the text
+the template adds for that turn, which includes its end-of-turn token. EOS stays in the loss:
+without it the model never learns to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from forge.config import StageConfig
+from forge.errors import Codes, ForgeError
+from forge.workspace import sha256_file
+
+
+class Formats:
+    AUTO = "auto"
+    ALPACA = "alpaca"
+    MESSAGES = "messages"
+    PROMPT_COMPLETION = "prompt_completion"
+
+
+FormatName = Literal["auto", "alpaca", "messages", "prompt_completion"]
+ROLES = ("system", "user", "assistant")
+
+
+class DataConfig(StageConfig):
+    path: Path = Field(description="JSONL dataset, one record per line.")
+    format: FormatName = Field("auto", description="Record format; 'auto' detects it from the keys.")
+    system_prompt: str | None = Field(None, description="System message prepended to records without one.")
+    base_model: str | None = Field(None, description="Model dir or hub id whose tokenizer computes the stats.")
+    max_seq_length: int = Field(1024, gt=0, description="Tokens per record; longer records are truncated.")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of records held out for eval loss.")
+    seed: int = Field(42, description="Seed of the deterministic train/eval split.")
+
+
+@dataclass
+class Dataset:
+    """A validated dataset as chat conversations, with where each came from."""
+
+    path: Path
+    format: str
+    conversations: list[list[dict]]
+    line_numbers: list[int]
+    sha256: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def _detect(record: dict) -> str | None:
+    if "messages" in record:
+        return Formats.MESSAGES
+    if "instruction" in record or "output" in record:
+        return Formats.ALPACA
+    if "prompt" in record or "completion" in record:
+        return Formats.PROMPT_COMPLETION
+    return None
+
+
+def _text_problem(record: dict, key: str, required: bool = True) -> str | None:
+    if key not in record:
+        return f"missing field '{key}'" if required else None
+    value = record[key]
+    if not isinstance(value, str):
+        return f"field '{key}' must be a string, got {type(value).__name__}"
+    if required and not value.strip():
+        return f"field '{key}' is empty"
+    return None
+
+
+_FIX = {
+    Formats.ALPACA: "each alpaca record needs non-empty 'instruction' and 'output' strings ('input' optional)",
+    Formats.PROMPT_COMPLETION: "each record needs non-empty 'prompt' and 'completion' strings",
+    Formats.MESSAGES: ("'messages' must be a list of {role, content} with roles system/user/assistant "
+                       "and at least one non-empty assistant message"),
+}
+
+
+def _record_problems(record: dict, fmt: str) -> list[str]:
+    if fmt == Formats.ALPACA:
+        keys = [("instruction", True), ("input", False), ("output", True)]
+        return [p for k, req in keys if (p := _text_problem(record, k, req))]
+    if fmt == Formats.PROMPT_COMPLETION:
+        return [p for k in ("prompt", "completion") if (p := _text_problem(record, k))]
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return ["field 'messages' must be a non-empty list"]
+    problems = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            problems.append(f"messages[{i}] must be an object")
+            continue
+        if msg.get("role") not in ROLES:
+            problems.append(f"messages[{i}].role is {msg.get('role')!r}, expected one of {', '.join(ROLES)}")
+        content = msg.get("content")
+        if not isinstance(content, str) or not content.strip():
+            problems.append(f"messages[{i}].content is empty or not a string")
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        problems.append("no assistant message, so nothing would be trained")
+    return problems
+
+
+def _to_messages(record: dict, fmt: str, system_prompt: str | None) -> list[dict]:
+    if fmt == Formats.ALPACA:
+        user = record["instruction"].strip()
+        if record.get("input", "").strip():
+            user = f"{user}\n\n{record['input'].strip()}"
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"].strip()}]
+    elif fmt == Formats.PROMPT_COMPLETION:
+        messages = [{"role": "user", "content": record["prompt"]},
+                    {"role": "assistant", "content": record["completion"]}]
+    else:
+        messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def load_dataset(path: Path | str, fmt: str = Formats.AUTO, system_prompt: str | None = None) -> Dataset:
+    """Read and validate every line; raise one error listing every bad line, or return conversations."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ForgeError(Codes.DATASET_NOT_FOUND, f"dataset {path} does not exist",
+                         "pass the path of a JSONL file (one JSON object per line)")
+    problems: list[str] = []
+    parsed: list[tuple[int, dict]] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"line {lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                                "each line must be one JSON object")
+                continue
+            if not isinstance(record, dict):
+                problems.append(f"line {lineno}: expected a JSON object, got {type(record).__name__}")
+                continue
+            parsed.append((lineno, record))
+
+    if fmt == Formats.AUTO:
+        seen = [f for _, r in parsed if (f := _detect(r))]
+        if not seen and not problems:
+            raise ForgeError(Codes.DATASET_INVALID, f"{path}: no records found" if not parsed else
+                             f"{path}: cannot tell the format from the keys of line {parsed[0][0]}",
+                             "use alpaca (instruction/input/output), messages, or prompt/completion records")
+        fmt = max(set(seen), key=seen.count) if seen else Formats.ALPACA
+
+    conversations, line_numbers = [], []
+    for lineno, record in parsed:
+        detected = _detect(record)
+        if detected is not None and detected != fmt:
+            problems.append(f"line {lineno}: looks like a '{detected}' record but the file is '{fmt}'; "
+                            "use one format per file")
+            continue
+        record_problems = _record_problems(record, fmt)
+        if record_problems:
+            problems.extend(f"line {lineno}: {p}; {_FIX[fmt]}" for p in record_problems)
+            continue
+        conversations.append(_to_messages(record, fmt, system_prompt))
+        line_numbers.append(lineno)
+
+    if problems:
+        raise ForgeError(
+            Codes.DATASET_INVALID,
+            f"{path}: {len(problems)} problem(s) in {fmt} dataset: " + "; ".join(problems[:5])
+            + (f"; … and {len(problems) - 5} more" if len(problems) > 5 else ""),
+            "fix the lines listed (details has every one) and validate again",
+            details=problems,
+        )
+    if not conversations:
+        raise ForgeError(Codes.DATASET_INVALID, f"{path}: the file holds no records",
+                         "add one JSON object per line")
+    return Dataset(path=path, format=fmt, conversations=conversations, line_numbers=line_numbers,
+                   sha256=sha256_file(path))
+
+
+def split(conversations: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic split: the same seed and records give the same eval set on every machine."""
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(len(order) * eval_fraction))
+    if eval_fraction > 0 and len(order) >= 2:
+        n_eval = min(max(n_eval, 1), len(order) - 1)
+    eval_idx = set(order[:n_eval])
+    train = [c for i, c in enumerate(conversations) if i not in eval_idx]
+    evals = [c for i, c in enumerate(conversations) if i in eval_idx]
+    return train, evals
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja raises plain exceptions for roles a template refuses
+        raise ForgeError(Codes.UNSUPPORTED_TEMPLATE, f"the chat template could not render a conversation: {exc}",
+                         "check the roles your records use against the model's chat template "
+                         "(some templates refuse 'system' or require alternating user/assistant)") from exc
+
+
+def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids and an assistant mask (1 = in the loss) for one conversation.
+
+    Each assistant turn spans from the end of the prompt that precedes it (with the generation
+    prompt) to the end of the conversation rendered through that turn, so the turn's end-of-turn
+    token is inside its span.
+    """
+    text = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise ForgeError(
+                Codes.UNSUPPORTED_TEMPLATE,
+                "the chat template renders earlier turns differently once later turns follow, so the "
+                "assistant tokens cannot be located",
+                "train on single-turn records, or use a chat template whose output for a prefix of the "
+                "conversation is a prefix of the whole",
+            )
+        spans.append((len(before), len(through)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(a <= start < b for a, b in spans)) for start, _ in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
+
+
+@dataclass
+class TokenizedSet:
+    input_ids: list[list[int]]
+    assistant_masks: list[list[int]]
+
+    def as_records(self) -> list[dict]:
+        return [{"input_ids": i, "assistant_masks": m} for i, m in zip(self.input_ids, self.assistant_masks)]
+
+
+def tokenize_all(tokenizer, conversations: list[list[dict]]) -> TokenizedSet:
+    ids, masks = zip(*(tokenize_conversation(tokenizer, c) for c in conversations)) if conversations else ((), ())
+    return TokenizedSet(list(ids), list(masks))
+
+
+def _percentile(values: list[int], q: float) -> int:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def token_stats(tokens: TokenizedSet, max_seq_length: int) -> dict:
+    """Length spread, truncation and loss share — refusing when no token would be trained."""
+    lengths = [len(i) for i in tokens.input_ids]
+    kept = [m[:max_seq_length] for m in tokens.assistant_masks]
+    trained = sum(sum(m) for m in kept)
+    total = sum(min(n, max_seq_length) for n in lengths)
+    if trained == 0:
+        raise ForgeError(
+            Codes.EMPTY_LOSS_MASK,
+            "no token would be trained: every assistant mask is empty after truncation "
+            f"at max_seq_length={max_seq_length}",
+            "check that records have assistant answers and that max_seq_length leaves room for them",
+        )
+    return {
+        "records": len(lengths),
+        "tokens_min": min(lengths),
+        "tokens_median": int(statistics.median(lengths)),
+        "tokens_p95": _percentile(lengths, 0.95),
+        "tokens_max": max(lengths),
+        "tokens_total": total,
+        "truncated_share": round(sum(n > max_seq_length for n in lengths) / len(lengths), 4),
+        "records_without_trained_tokens": sum(1 for m in kept if not any(m)),
+        "loss_token_share": round(trained / total, 4),
+        "loss_tokens": trained,
+    }
+
+
+def load_tokenizer(base_model: str):
+    from transformers import AutoTokenizer
+
+    from forge.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(base_model))
+    if not getattr(tokenizer, "chat_template", None):
+        raise ForgeError(Codes.UNSUPPORTED_TEMPLATE, f"{base_model} has no chat template",
+                         "use an instruct model, or add a chat_template to its tokenizer_config.json")
+    if not tokenizer.is_fast:
+        raise ForgeError(Codes.UNSUPPORTED_TEMPLATE, f"{base_model} has only a slow tokenizer",
+                         "Forge needs a fast (tokenizer.json) tokenizer to locate assistant tokens")
+    return tokenizer
+
+
+def validate(config: DataConfig) -> dict:
+    """The dataset report: format, counts, split sizes, and token stats when a model is named."""
+    ds = load_dataset(config.path, config.format, config.system_prompt)
+    train, evals = split(ds.conversations, config.eval_fraction, config.seed)
+    report = {
+        "path": str(ds.path), "format": ds.format, "sha256": ds.sha256, "records": len(ds.conversations),
+        "train_records": len(train), "eval_records": len(evals), "warnings": list(ds.warnings),
+        "example": ds.conversations[0],
+    }
+    if config.base_model:
+        tokenizer = load_tokenizer(config.base_model)
+        stats = token_stats(tokenize_all(tokenizer, ds.conversations), config.max_seq_length)
+        stats["max_seq_length"] = config.max_seq_length
+        report["tokens"] = stats
+        if stats["truncated_share"] > 0:
+            report["warnings"].append(f"{stats['truncated_share']:.0%} of records exceed max_seq_length="
+                                      f"{config.max_seq_length} and will be truncated")
+        if stats["records_without_trained_tokens"]:
+            report["warnings"].append(f"{stats['records_without_trained_tokens']} record(s) keep no assistant "
+                                      "token after truncation and will be dropped")
+    return report

@@ -1,0 +1,52 @@
+"""Typed errors: a stable ``code`` an agent can branch on, a message naming the value, and a hint."""
+
+from __future__ import annotations
+
+
+class Codes:
+    """Stable error codes. Agents branch on these strings; never rename one."""
+
+    DATASET_INVALID = "dataset_invalid"
+    DATASET_NOT_FOUND = "dataset_not_found"
+    EMPTY_LOSS_MASK = "empty_loss_mask"
+    BASE_MODEL_NOT_FOUND = "base_model_not_found"
+    ADAPTER_NOT_FOUND = "adapter_not_found"
+    ADAPTER_INVALID = "adapter_invalid"
+    MODEL_NOT_FOUND = "model_not_found"
+    CONFIG_INVALID = "config_invalid"
+    CUDA_REQUIRED = "cuda_required"
+    CONVERTER_MISSING = "converter_missing"
+    CONVERSION_FAILED = "conversion_failed"
+    QUANTIZATION_FAILED = "quantization_failed"
+    VERIFICATION_FAILED = "verification_failed"
+    UNSUPPORTED_TEMPLATE = "unsupported_template"
+    UNKNOWN_PRE_TOKENIZER = "unknown_pre_tokenizer"
+    OUTPUT_EXISTS = "output_exists"
+    OUT_OF_MEMORY = "out_of_memory"
+    PARITY_FAILED = "merge_parity_failed"
+    NO_CHECKPOINT = "no_checkpoint"
+    MODELFILE_INVALID = "modelfile_invalid"
+    GGUF_NOT_FOUND = "gguf_not_found"
+    INTERNAL = "internal_error"
+
+
+class ForgeError(Exception):
+    """An error a user can cause or fix. ``str(err)`` is the message; ``hint`` says what to do."""
+
+    def __init__(self, code: str, message: str, hint: str = "", *, retryable: bool = False,
+                 details: list[str] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint
+        self.retryable = retryable
+        self.details = details or []
+
+    def to_dict(self) -> dict:
+        out = {"code": self.code, "message": self.message, "hint": self.hint, "retryable": self.retryable}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+    def __str__(self) -> str:
+        return self.message

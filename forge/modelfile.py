@@ -1,0 +1,311 @@
+"""Ollama Modelfiles: TEMPLATE in Ollama's Go-template syntax for the model's chat-template family,
+a stop for every end-of-turn and EOS token, sampling parameters, SYSTEM — and a parser/validator.
+
+The family is detected from the GGUF's own Jinja chat template, so the Modelfile always matches
+what was trained. Ollama renders TEMPLATE with Go's text/template over ``.Messages``; each
+template below renders a conversation ending in a user turn exactly as the Hugging Face Jinja
+template does with ``add_generation_prompt=True`` (tests compare the two strings). The BOS token
+is left out: llama.cpp adds it when it tokenizes the prompt.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import Field
+
+from forge.config import StageConfig
+from forge.errors import Codes, ForgeError
+from forge.seal import record_stage_near
+from forge.workspace import artifact, atomic_write_text, refuse_existing
+
+
+@dataclass(frozen=True)
+class TemplateFamily:
+    name: str
+    markers: tuple[str, ...]  # all must appear in the Jinja template
+    template: str  # Ollama TEMPLATE (Go text/template)
+    stops: tuple[str, ...]  # end-of-turn tokens
+    bos: str | None = None  # BOS text the Jinja template writes and llama.cpp adds itself
+
+
+_LAST = "{{- $last := eq (len (slice $.Messages $i)) 1 -}}"
+_SYSTEM = '{{- $system := "" }}{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}'
+
+FAMILIES: tuple[TemplateFamily, ...] = (
+    TemplateFamily(
+        name="chatml",
+        markers=("<|im_start|>", "<|im_end|>"),
+        template=(
+            "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
+            "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+            '{{ if and $last (ne .Role "assistant") }}<|im_start|>assistant\n{{ end }}\n'
+            "{{- end }}"
+        ),
+        stops=("<|im_end|>",),
+    ),
+    TemplateFamily(
+        name="llama3",
+        markers=("<|start_header_id|>", "<|eot_id|>"),
+        template=(
+            "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
+            "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n"
+            '{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ end }}\n'
+            "{{- end }}"
+        ),
+        stops=("<|eot_id|>", "<|eom_id|>"),
+        bos="<|begin_of_text|>",
+    ),
+    TemplateFamily(
+        name="gemma",
+        markers=("<start_of_turn>", "<end_of_turn>"),
+        template=(
+            _SYSTEM + "\n{{- $first := true }}\n"
+            "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
+            '{{- if ne .Role "system" }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
+            "{{ if $first }}{{ if $system }}{{ $system }}\n\n{{ end }}{{ $first = false }}{{ end }}"
+            "{{ .Content }}<end_of_turn>\n{{ end }}\n"
+            '{{- if and $last (ne .Role "assistant") }}<start_of_turn>model\n{{ end }}\n'
+            "{{- end }}"
+        ),
+        stops=("<end_of_turn>",),
+        bos="<bos>",
+    ),
+    TemplateFamily(
+        name="phi3",
+        markers=("<|user|>", "<|end|>", "<|assistant|>"),
+        template=(
+            "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
+            "<|{{ .Role }}|>\n{{ .Content }}<|end|>\n"
+            '{{ if and $last (ne .Role "assistant") }}<|assistant|>\n{{ end }}\n'
+            "{{- end }}"
+        ),
+        stops=("<|end|>", "<|endoftext|>"),
+    ),
+    TemplateFamily(
+        name="mistral",
+        markers=("[INST]", "[/INST]"),
+        template=(
+            _SYSTEM + "\n{{- $first := true }}\n"
+            "{{- range .Messages }}\n"
+            '{{- if eq .Role "user" }}[INST] {{ if $first }}{{ if $system }}{{ $system }}\n\n{{ end }}'
+            "{{ $first = false }}{{ end }}{{ .Content }} [/INST]\n"
+            '{{- else if eq .Role "assistant" }}{{ .Content }}</s>\n'
+            "{{- end }}\n"
+            "{{- end }}"
+        ),
+        stops=("[INST]", "</s>"),
+        bos="<s>",
+    ),
+)
+
+
+def detect_family(chat_template: str | None) -> TemplateFamily:
+    if not chat_template:
+        raise ForgeError(Codes.UNSUPPORTED_TEMPLATE, "the model has no chat template",
+                         "train from an instruct model, or add a chat_template to the tokenizer before merging")
+    for family in FAMILIES:
+        if all(m in chat_template for m in family.markers):
+            return family
+    seen = sorted(set(re.findall(r"<[|a-z_]{2,}[|]?>|\[/?INST\]", chat_template)))[:8]
+    raise ForgeError(
+        Codes.UNSUPPORTED_TEMPLATE,
+        f"unknown chat-template family: none of {', '.join(f.name for f in FAMILIES)} matches "
+        f"(tokens seen in the template: {', '.join(seen) or 'none'})",
+        "pass template= with an Ollama Go template you wrote for this model",
+    )
+
+
+class ModelfileConfig(StageConfig):
+    gguf: Path = Field(description="The GGUF file the Modelfile runs.")
+    output: Path | None = Field(None, description="Modelfile path; default 'Modelfile' beside the GGUF.")
+    model_name: str | None = Field(None, description="Name for `ollama create`; default the GGUF's stem.")
+    system_prompt: str | None = Field(None, description="SYSTEM message.")
+    template: str | None = Field(None, description="Override the TEMPLATE (Ollama Go template).")
+    temperature: float | None = Field(None, ge=0, description="Sampling temperature.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int | None = Field(None, gt=0, description="Top-k sampling.")
+    repeat_penalty: float | None = Field(None, gt=0, description="Repetition penalty.")
+    num_ctx: int | None = Field(None, gt=0, description="Context window in tokens.")
+    num_predict: int | None = Field(None, description="Max tokens to generate (-1: unlimited).")
+    force: bool = Field(False, description="Replace an existing Modelfile.")
+
+
+SAMPLING = ("temperature", "top_p", "top_k", "repeat_penalty", "num_ctx", "num_predict")
+
+
+def _quote(text: str) -> str:
+    if '"""' in text:
+        raise ForgeError(Codes.MODELFILE_INVALID, 'the text contains """, which a Modelfile cannot quote',
+                         'remove the triple quotes from the system prompt or template')
+    return f'"""{text}"""'
+
+
+def gguf_tokens(gguf_path: Path) -> dict:
+    """Chat template and EOS/EOT token strings from a GGUF's header."""
+    from forge.converter import gguf_module
+
+    gguf = gguf_module()
+    reader = gguf.GGUFReader(str(gguf_path))
+
+    def value(key):
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    tokens = value("tokenizer.ggml.tokens") or []
+    special = [value(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+    return {"chat_template": value("tokenizer.chat_template"),
+            "eos_tokens": [tokens[i] for i in special if i is not None and i < len(tokens)]}
+
+
+def write_modelfile(config: ModelfileConfig) -> dict:
+    gguf_path = Path(config.gguf)
+    check_gguf(gguf_path)
+    out = Path(config.output) if config.output else gguf_path.parent / "Modelfile"
+    refuse_existing(out, config.force)
+    info = gguf_tokens(gguf_path)
+    family = detect_family(info["chat_template"]) if config.template is None else None
+    stops = list(dict.fromkeys([*(family.stops if family else ()), *info["eos_tokens"]]))
+    try:
+        rel = Path(gguf_path.resolve()).relative_to(out.resolve().parent)
+        source = f"./{rel.as_posix()}"
+    except ValueError:
+        source = str(gguf_path.resolve())
+    lines = [f"# Modelfile written by Forge for {gguf_path.name}", f"FROM {source}", ""]
+    lines += [f"TEMPLATE {_quote(config.template or family.template)}", ""]
+    if config.system_prompt:
+        lines += [f"SYSTEM {_quote(config.system_prompt)}", ""]
+    lines += [f"PARAMETER stop {json_string(s)}" for s in stops]
+    params = {k: getattr(config, k) for k in SAMPLING if getattr(config, k) is not None}
+    lines += [f"PARAMETER {k} {v}" for k, v in params.items()]
+    content = "\n".join(lines) + "\n"
+    parse_modelfile(content, base_dir=out.parent)  # never write a Modelfile we would reject
+    atomic_write_text(out, content)
+    name = config.model_name or re.sub(r"[^a-z0-9._-]+", "-", gguf_path.stem.lower())
+    result = {"status": "succeeded", "path": str(out), "content": content,
+              "template_family": family.name if family else "custom", "stop_tokens": stops, "parameters": params,
+              "ollama_create": f"ollama create {name} -f {shlex.quote(str(out))}", "model_name": name,
+              "artifacts": [artifact(out, "modelfile")]}
+    record_stage_near(out, "modelfile", result)
+    return result
+
+
+def json_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# ---- parsing and validation ----
+
+INSTRUCTIONS = {"FROM", "TEMPLATE", "SYSTEM", "PARAMETER", "ADAPTER", "LICENSE", "MESSAGE", "REQUIRES"}
+PARAMETER_TYPES = {
+    "temperature": float, "top_p": float, "top_k": int, "min_p": float, "repeat_penalty": float,
+    "repeat_last_n": int, "num_ctx": int, "num_predict": int, "seed": int, "stop": str, "num_gpu": int,
+    "num_thread": int, "num_batch": int, "mirostat": int, "mirostat_eta": float, "mirostat_tau": float,
+    "typical_p": float, "presence_penalty": float, "frequency_penalty": float, "num_keep": int,
+}
+
+
+@dataclass
+class Modelfile:
+    from_: str = ""
+    template: str | None = None
+    system: str | None = None
+    parameters: list[tuple[str, object]] = field(default_factory=list)
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def stops(self) -> list[str]:
+        return [v for k, v in self.parameters if k == "stop"]
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if value.startswith('"') and value.endswith('"') and len(value) >= 2:
+        inner = value[1:-1]
+        return re.sub(r'\\(["\\])', r"\1", inner)
+    return value
+
+
+def parse_modelfile(text: str, base_dir: Path | None = None) -> Modelfile:
+    """Parse and validate; raise one error listing every problem (with line numbers)."""
+    problems: list[str] = []
+    mf = Modelfile()
+    froms = 0
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        lineno, line = i + 1, lines[i].strip()
+        i += 1
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, rest = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword not in INSTRUCTIONS:
+            problems.append(f"line {lineno}: unknown instruction {keyword!r}; known: {', '.join(sorted(INSTRUCTIONS))}")
+            continue
+        rest = rest.strip()
+        if rest.startswith('"""'):
+            body = rest[3:]
+            while '"""' not in body and i < len(lines):
+                body += "\n" + lines[i]
+                i += 1
+            if '"""' not in body:
+                problems.append(f"line {lineno}: {keyword} opens \"\"\" but never closes it")
+                break
+            value = body[: body.index('"""')]
+        else:
+            value = rest
+        mf.instructions.append((keyword, value))
+        if keyword == "FROM":
+            froms += 1
+            mf.from_ = value.strip()
+        elif keyword == "TEMPLATE":
+            mf.template = value
+        elif keyword == "SYSTEM":
+            mf.system = value
+        elif keyword == "PARAMETER":
+            name, _, raw = value.partition(" ")
+            expected = PARAMETER_TYPES.get(name)
+            if expected is None:
+                problems.append(f"line {lineno}: unknown parameter {name!r}")
+                continue
+            try:
+                mf.parameters.append((name, _unquote(raw) if expected is str else expected(raw.strip())))
+            except ValueError:
+                problems.append(f"line {lineno}: parameter {name} expects {expected.__name__}, got {raw.strip()!r}")
+    if froms != 1:
+        problems.append(f"expected exactly one FROM, found {froms}")
+    elif base_dir is not None:
+        target = Path(mf.from_) if Path(mf.from_).is_absolute() else Path(base_dir) / mf.from_
+        if not target.is_file():
+            problems.append(f"FROM {mf.from_}: no such file (resolved to {target})")
+        elif not _is_gguf(target):
+            problems.append(f"FROM {mf.from_}: {target} is not a GGUF file")
+    if problems:
+        raise ForgeError(Codes.MODELFILE_INVALID, "invalid Modelfile: " + "; ".join(problems),
+                         "fix the lines listed; see https://github.com/ollama/ollama/blob/main/docs/modelfile.md",
+                         details=problems)
+    return mf
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+def check_gguf(path: Path) -> None:
+    if not Path(path).is_file():
+        raise ForgeError(Codes.GGUF_NOT_FOUND, f"GGUF {path} does not exist", "pass a .gguf written by forge quantize")
+    if not _is_gguf(Path(path)):
+        raise ForgeError(Codes.GGUF_NOT_FOUND, f"{path} is not a GGUF file (bad magic)",
+                         "pass a .gguf written by forge quantize")
+
+
+def validate_modelfile(path: Path) -> dict:
+    path = Path(path)
+    mf = parse_modelfile(path.read_text(encoding="utf-8"), base_dir=path.parent)
+    return {"path": str(path), "from": mf.from_, "stops": mf.stops, "parameters": dict(mf.parameters),
+            "has_template": mf.template is not None, "system": mf.system}

@@ -1,0 +1,24 @@
+"""Resolving a model reference (local dir or hub id) with errors a user can act on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from forge.errors import Codes, ForgeError
+
+
+def resolve_model(ref: str | Path, code: str = Codes.BASE_MODEL_NOT_FOUND) -> str:
+    """A local dir with a config.json, or a hub id when the machine may reach the hub."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ForgeError(code, f"{path} has no config.json, so it is not a Hugging Face model dir",
+                             "point at the directory that holds config.json and the weights")
+        return str(path.resolve())
+    looks_like_hub_id = str(ref).count("/") == 1 and not str(ref).startswith((".", "/", "~"))
+    if looks_like_hub_id and os.environ.get("HF_HUB_OFFLINE") != "1":
+        return str(ref)
+    raise ForgeError(code, f"model {ref} was not found: no such directory"
+                     + ("" if looks_like_hub_id else " and it is not a hub id (owner/name)"),
+                     "pass a local model dir (with config.json) or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")

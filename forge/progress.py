@@ -1,0 +1,38 @@
+"""Progress as JSON lines in the run dir, plus an optional callback (the MCP worker hooks in here)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ProgressCallback = Callable[[dict], None]
+
+
+class ProgressWriter:
+    """Appends one JSON object per event to ``path`` and forwards it to ``callback``."""
+
+    def __init__(self, path: Path | None, callback: ProgressCallback | None = None):
+        self.path = Path(path) if path else None
+        self.callback = callback
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, event: dict) -> None:
+        event = {"ts": round(time.time(), 3), **event}
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(event, default=str) + "\n")
+        if self.callback:
+            self.callback(event)
+
+    def stage(self, stage: str, **extra) -> None:
+        self({"event": "stage", "stage": stage, **extra})
+
+
+def read_progress(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

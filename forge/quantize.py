@@ -1,0 +1,253 @@
+"""Merged HF model → GGUF (llama.cpp's converter) → quantized GGUFs (llama_model_quantize) → verified.
+
+Every output is checked: GGUF header (architecture, file type, chat template), loaded with
+llama_cpp.Llama, a few tokens generated through its chat template; the float GGUF's logits are
+compared with the HF model's on fixed token ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from forge._gguf_convert import FALLBACK_MARKER
+from forge.config import StageConfig
+from forge.converter import ensure_converter, gguf_module
+from forge.errors import Codes, ForgeError
+from forge.seal import record_stage_near
+from forge.progress import ProgressCallback, ProgressWriter
+from forge.workspace import artifact, refuse_existing
+
+# llama.cpp pre-tokenizer to assume for a model type when the converter does not know the
+# tokenizer's hash (e.g. a tokenizer trained locally). Used only when asked for or defaulted, and logged.
+PRE_TOKENIZER_BY_MODEL_TYPE = {
+    "qwen2": "qwen2", "qwen2_moe": "qwen2", "qwen3": "qwen2", "qwen3_moe": "qwen2",
+    "llama": "llama-bpe", "gpt2": "gpt-2", "olmo": "olmo", "starcoder2": "starcoder", "phi3": "llama-bpe",
+}
+VERIFY_PROMPT = [{"role": "user", "content": "Hello! What can you do?"}]
+LOGIT_IDS = [5, 17, 42, 99, 123, 7, 64, 200]  # fixed token ids: any valid ids do, every vocab has them
+
+
+def quant_ftype(name: str) -> int:
+    import llama_cpp
+
+    value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name.upper()}", None)
+    if value is None:
+        known = sorted(k.removeprefix("LLAMA_FTYPE_MOSTLY_") for k in dir(llama_cpp)
+                       if k.startswith("LLAMA_FTYPE_MOSTLY_"))
+        raise ForgeError(Codes.CONFIG_INVALID, f"unknown quantization type {name!r}",
+                         f"use one of: {', '.join(known)}")
+    return value
+
+
+class QuantizeConfig(StageConfig):
+    model_dir: Path = Field(description="Merged Hugging Face model dir (from forge merge).")
+    output_dir: Path | None = Field(None, description="Where the GGUFs go; default <model dir>/../gguf.")
+    name: str | None = Field(None, description="File name stem; default the run dir's name.")
+    outtype: Literal["f16", "bf16", "q8_0"] = Field("f16", description="Type of the converted (unquantized) GGUF.")
+    quantizations: list[str] = Field(["Q4_K_M"], description="llama.cpp quant types made from it, e.g. Q4_K_M, Q8_0.")
+    pre_tokenizer: str | None = Field(
+        None, description="llama.cpp pre-tokenizer to use when the tokenizer's hash is unknown; default from the "
+        "model type; 'none' turns the fallback off.")
+    verify: bool = Field(True, description="Check each GGUF's header, load it and generate a few tokens.")
+    force: bool = Field(False, description="Replace existing GGUF files.")
+
+    @field_validator("quantizations")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        for name in value:
+            quant_ftype(name)
+        return [v.upper() for v in value]
+
+    def gguf_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path(self.model_dir).resolve().parent / "gguf"
+
+    def stem(self) -> str:
+        return self.name or Path(self.model_dir).resolve().parent.name
+
+
+def _model_type(model_dir: Path) -> str:
+    cfg = model_dir / "config.json"
+    if not cfg.is_file():
+        raise ForgeError(Codes.MODEL_NOT_FOUND, f"{model_dir} has no config.json",
+                         "pass the merged model dir written by forge merge")
+    return json.loads(cfg.read_text(encoding="utf-8")).get("model_type", "")
+
+
+def convert(model_dir: Path, out_path: Path, outtype: str, pre_tokenizer: str | None, log_path: Path) -> dict:
+    """Run the converter in a subprocess; write to a temp name, rename on success."""
+    converter_dir = ensure_converter()
+    if pre_tokenizer == "none":
+        fallback = "-"  # no fallback: an unknown tokenizer hash is an error
+    else:
+        fallback = pre_tokenizer or PRE_TOKENIZER_BY_MODEL_TYPE.get(_model_type(model_dir)) or "-"
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    cmd = [sys.executable, "-m", "forge._gguf_convert", str(converter_dir), fallback, "--",
+           str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log_path.write_text(proc.stdout + proc.stderr, encoding="utf-8")
+    used = re.search(rf"^{FALLBACK_MARKER} (\S+)$", proc.stderr, re.M)
+    if proc.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        if "BPE pre-tokenizer was not recognized" in proc.stderr:
+            raise ForgeError(Codes.UNKNOWN_PRE_TOKENIZER,
+                             "llama.cpp's converter does not know this tokenizer's pre-tokenizer hash",
+                             "pass --pre-tokenizer NAME (e.g. qwen2, llama-bpe, gpt-2) naming the model family "
+                             "the tokenizer was built like")
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise ForgeError(Codes.CONVERSION_FAILED, f"GGUF conversion of {model_dir} failed: {tail}",
+                         f"see the converter log at {log_path}")
+    tmp.replace(out_path)
+    return {"pre_tokenizer_fallback": used.group(1) if used else None, "log": str(log_path)}
+
+
+@contextlib.contextmanager
+def _stderr_to(log_path: Path):
+    """llama.cpp's C code logs straight to fd 2: send it to the stage's log file instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def quantize_file(src: Path, dst: Path, quant: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = quant_ftype(quant)
+    params.nthread = 0  # all cores
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    with _stderr_to(dst.parent / "quantize.log"):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise ForgeError(Codes.QUANTIZATION_FAILED, f"llama_model_quantize to {quant} failed (code {rc})",
+                         "K-quants need row sizes (hidden and intermediate size) divisible by 256; try Q8_0")
+    tmp.replace(dst)
+
+
+def read_header(path: Path) -> dict:
+    """Architecture, file type, chat template and tensor types from a GGUF's header."""
+    gguf = gguf_module()
+    reader = gguf.GGUFReader(str(path))
+
+    def field(key):
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    tensor_types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        tensor_types[tensor.tensor_type.name] = tensor_types.get(tensor.tensor_type.name, 0) + 1
+    file_type = field("general.file_type")
+    return {
+        "architecture": field("general.architecture"),
+        "file_type": gguf.LlamaFileType(file_type).name if file_type is not None else None,
+        "chat_template": field("tokenizer.chat_template"),
+        "pre_tokenizer": field("tokenizer.ggml.pre"),
+        "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+        "tensor_types": tensor_types,
+        "tensor_count": len(reader.tensors),
+    }
+
+
+def load_llama(path: Path, **kwargs):
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=kwargs.pop("n_ctx", 512), verbose=False, **kwargs)
+
+
+def gguf_logits(path: Path, token_ids: list[int]):
+    """Logits for every position of ``token_ids`` from llama.cpp."""
+    import numpy as np
+
+    llm = load_llama(path, logits_all=True)
+    llm.eval(token_ids)
+    return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
+
+
+def hf_logits(model_dir: Path, token_ids: list[int]):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0].numpy()
+
+
+def verify_gguf(path: Path, messages: list[dict] | None = None, max_tokens: int = 8) -> dict:
+    header = read_header(path)
+    problems = []
+    if not header["architecture"]:
+        problems.append("general.architecture is missing")
+    if not header["chat_template"]:
+        problems.append("tokenizer.chat_template is missing, so chat clients cannot format prompts")
+    llm = load_llama(path)
+    reply = llm.create_chat_completion(messages=messages or VERIFY_PROMPT, max_tokens=max_tokens, temperature=0.0)
+    choice = reply["choices"][0]
+    if reply["usage"]["completion_tokens"] < 1:
+        problems.append("llama.cpp generated no token")
+    if problems:
+        raise ForgeError(Codes.VERIFICATION_FAILED, f"{path.name}: " + "; ".join(problems),
+                         "check the merged model dir has tokenizer files and a chat template, then quantize again")
+    header["chat_template_chars"] = len(header.pop("chat_template"))
+    return {"header": header, "generated": choice["message"]["content"], "finish_reason": choice["finish_reason"],
+            "completion_tokens": reply["usage"]["completion_tokens"]}
+
+
+def quantize(config: QuantizeConfig, on_progress: ProgressCallback | None = None) -> dict:
+    model_dir = Path(config.model_dir)
+    _model_type(model_dir)
+    out_dir = config.gguf_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = config.stem()
+    base_path = out_dir / f"{stem}-{config.outtype}.gguf"
+    quant_paths = {q: out_dir / f"{stem}-{q}.gguf" for q in config.quantizations}
+    for path in [base_path, *quant_paths.values()]:
+        refuse_existing(path, config.force)
+    writer = ProgressWriter(out_dir / "progress.jsonl", on_progress)
+    total = 1 + len(quant_paths)
+
+    writer.stage("converting", step=0, total_steps=total)
+    conv = convert(model_dir, base_path, config.outtype, config.pre_tokenizer, out_dir / "convert.log")
+    warnings = []
+    if conv["pre_tokenizer_fallback"]:
+        warnings.append(f"llama.cpp did not recognise the tokenizer's pre-tokenizer hash; used "
+                        f"'{conv['pre_tokenizer_fallback']}' (--pre-tokenizer / model type default)")
+        writer({"event": "warning", "message": warnings[-1]})
+    files = [{"quant": config.outtype, "path": base_path}]
+    for i, (quant, path) in enumerate(quant_paths.items(), start=1):
+        writer.stage("quantizing", quant=quant, step=i, total_steps=total)
+        quantize_file(base_path, path, quant)
+        files.append({"quant": quant, "path": path})
+
+    outputs = []
+    for entry in files:
+        out = {"quant": entry["quant"], **artifact(entry["path"], "gguf")}
+        if config.verify:
+            writer.stage("verifying", file=entry["path"].name)
+            out["verification"] = verify_gguf(entry["path"])
+        outputs.append(out)
+    if config.verify:
+        import numpy as np
+
+        ref, got = hf_logits(model_dir, LOGIT_IDS), gguf_logits(base_path, LOGIT_IDS)
+        outputs[0]["verification"]["logits_max_abs_diff_vs_hf"] = float(np.abs(ref - got).max())
+    writer({"event": "done", "files": [o["path"] for o in outputs]})
+    result = {"status": "succeeded", "gguf_dir": str(out_dir), "outputs": outputs, "warnings": warnings,
+              "pre_tokenizer_fallback": conv["pre_tokenizer_fallback"], "convert_log": conv["log"],
+              "artifacts": [{k: o[k] for k in ("kind", "path", "bytes", "sha256")} for o in outputs]}
+    record_stage_near(base_path, "quantize", result)
+    return result

@@ -1,0 +1,319 @@
+"""Train a LoRA or QLoRA adapter with TRL's SFTTrainer + PEFT.
+
+Reads top to bottom: config → tokenizer → data → model → trainer → run → save.
+Run dir layout: ``checkpoints/checkpoint-N``, ``adapter/``, ``progress.jsonl``, ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from forge.config import StageConfig
+from forge.errors import Codes, ForgeError
+from forge.seal import record_stage
+from forge.progress import ProgressCallback, ProgressWriter
+from forge.workspace import atomic_dir, atomic_write_json, dir_artifacts, forge_home
+
+
+class TrainConfig(StageConfig):
+    """Training config. Field names follow TRL's SFTConfig / PEFT's LoraConfig where they exist."""
+
+    base_model: str = Field(description="Local model dir or hub id to fine-tune.")
+    dataset: Path = Field(description="JSONL dataset (alpaca, messages or prompt/completion).")
+    output_dir: Path | None = Field(None, description="Run dir; default $FORGE_HOME/runs/<output_name>.")
+    output_name: str | None = Field(None, description="Name of the run dir under $FORGE_HOME/runs.")
+    method: Literal["lora", "qlora"] = Field("lora", description="lora, or qlora (4-bit NF4 base, bitsandbytes).")
+    dataset_format: Literal["auto", "alpaca", "messages", "prompt_completion"] = Field(
+        "auto", description="Dataset record format.")
+    system_prompt: str | None = Field(None, description="System message added to records without one.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the adapter.")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
+    warmup_steps: float = Field(0.03, ge=0, description="Warm-up: steps, or a fraction of all steps if < 1.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    per_device_train_batch_size: int = Field(4, gt=0, description="Records per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_length: int = Field(1024, gt=0, description="Tokens per record (TRL's max_length); longer ones are truncated.")
+    lora_r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] | str = Field("all-linear", description="Modules to adapt; all-linear = every linear layer but the head.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    assistant_only_loss: bool = Field(True, description="Loss on assistant turns only (their end-of-turn token included).")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of records held out for eval loss.")
+    save_steps: int = Field(50, gt=0, description="Save a checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, gt=0, description="Keep at most K checkpoints.")
+    logging_steps: int = Field(1, gt=0, description="Log loss every N steps.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    seed: int = Field(42, description="Seed for the split, init and shuffling.")
+    resume: bool = Field(False, description="Continue from the highest-numbered checkpoint in the run dir.")
+
+    def run_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        name = self.output_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+        return forge_home() / "runs" / name
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The highest-numbered checkpoint, in numeric order (checkpoint-1000 after checkpoint-200)."""
+    found = []
+    for path in Path(checkpoints_dir).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir() and (path / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+class _StopFlag:
+    """Set by SIGTERM; the callback then saves a checkpoint and ends training cleanly."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+
+
+def _progress_callback(writer: ProgressWriter, stop: _StopFlag, counter: dict):
+    from transformers import TrainerCallback
+
+    class ForgeProgress(TrainerCallback):
+        """Progress every step (no device syncs: token counts come from CPU-side batches)."""
+
+        def __init__(self):
+            self.last_loss = None
+            self.start_time = None
+            self.start_step = 0
+            self.last_write = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_time = time.time()
+            self.start_step = state.global_step
+            writer({"event": "train_begin", "step": state.global_step, "total_steps": state.max_steps})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" in logs:
+                self.last_loss = logs["loss"]
+            if "eval_loss" in logs:
+                writer({"event": "eval", "step": state.global_step, "eval_loss": logs["eval_loss"],
+                        "epoch": state.epoch})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.time()
+            elapsed = max(now - self.start_time, 1e-9)
+            done = state.global_step - self.start_step
+            last = state.global_step >= state.max_steps
+            if stop.requested:
+                control.should_save = True
+                control.should_training_stop = True
+            if now - self.last_write < 1.0 and not last and done > 1 and not stop.requested:
+                return
+            self.last_write = now
+            lr = state.log_history[-1].get("learning_rate") if state.log_history else None
+            writer({
+                "event": "progress", "step": state.global_step, "total_steps": state.max_steps,
+                "epoch": round(state.epoch or 0.0, 4), "loss": self.last_loss, "learning_rate": lr,
+                "tokens_per_s": round(counter["tokens"] / elapsed, 2),
+                "eta_s": round((state.max_steps - state.global_step) * elapsed / max(done, 1), 1),
+                "percent": round(100.0 * state.global_step / max(state.max_steps, 1), 1),
+            })
+
+    return ForgeProgress()
+
+
+def _load_model(config: TrainConfig, model_ref: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from forge.hardware import train_dtype
+
+    dtype = train_dtype()
+    kwargs: dict = {"dtype": dtype}
+    if config.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
+        )
+        kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_compute_dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
+    except torch.OutOfMemoryError as exc:
+        raise ForgeError(Codes.OUT_OF_MEMORY, f"loading {model_ref} ran out of GPU memory",
+                         "use method=qlora, or a smaller model", retryable=True) from exc
+    if config.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    return model
+
+
+def _trainer_class():
+    from trl import SFTTrainer
+
+    class ForgeSFTTrainer(SFTTrainer):
+        """Counts real (non-pad) training tokens on the CPU-side batch, before it moves to the device."""
+
+        real_tokens = {"tokens": 0}
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs.get("attention_mask")
+            self.real_tokens["tokens"] += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return ForgeSFTTrainer
+
+
+def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> dict:
+    """Train an adapter; return the result (paths, metrics, artifacts). Raises ForgeError."""
+    import torch
+    from datasets import Dataset as HFDataset
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    from forge import data
+    from forge.hardware import device_kind, peak_memory_bytes
+    from forge.models import resolve_model
+
+    # Config and run dir
+    run_dir = config.run_dir()
+    checkpoints_dir = run_dir / "checkpoints"
+    adapter_dir = run_dir / "adapter"
+    resume_from = None
+    if config.resume:
+        resume_from = latest_checkpoint(checkpoints_dir)
+        if resume_from is None:
+            raise ForgeError(Codes.NO_CHECKPOINT, f"no checkpoint to resume from in {checkpoints_dir}",
+                             "train without resume, or point output_dir at the run that was interrupted")
+    elif adapter_dir.exists() or latest_checkpoint(checkpoints_dir):
+        raise ForgeError(Codes.OUTPUT_EXISTS, f"run dir {run_dir} already holds a training run",
+                         "pass resume=true (--resume) to continue it, or choose another output_name")
+    if config.method == "qlora" and device_kind() == "cpu":
+        import bitsandbytes  # noqa: F401  (0.50 runs NF4 on CPU too; fail early if it is missing)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "train_config.json", config.model_dump(mode="json"))
+    writer = ProgressWriter(run_dir / "progress.jsonl", on_progress)
+
+    # Tokenizer and data (datasets' own progress bars are noise next to progress.jsonl)
+    import datasets
+
+    datasets.disable_progress_bars()
+    writer.stage("preparing_data")
+    model_ref = resolve_model(config.base_model)
+    tokenizer = data.load_tokenizer(model_ref)
+    ds = data.load_dataset(config.dataset, config.dataset_format, config.system_prompt)
+    train_convs, eval_convs = data.split(ds.conversations, config.eval_fraction, config.seed)
+    train_tokens = data.tokenize_all(tokenizer, train_convs)
+    stats = data.token_stats(train_tokens, config.max_length)
+    if not config.assistant_only_loss:
+        train_tokens.assistant_masks = [[1] * len(m) for m in train_tokens.assistant_masks]
+    train_set = HFDataset.from_list(train_tokens.as_records())
+    eval_set = HFDataset.from_list(data.tokenize_all(tokenizer, eval_convs).as_records()) if eval_convs else None
+
+    # Model
+    writer.stage("loading_model")
+    torch.manual_seed(config.seed)
+    model = _load_model(config, model_ref)
+    peft_config = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules, use_rslora=config.use_rslora, task_type="CAUSAL_LM",
+    )
+    on_cuda = device_kind() == "cuda"
+    dtype = model.dtype
+    args = SFTConfig(
+        output_dir=str(checkpoints_dir), num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, max_length=config.max_length,
+        logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit, eval_strategy="epoch" if eval_set is not None else "no",
+        gradient_checkpointing=config.gradient_checkpointing, seed=config.seed, data_seed=config.seed,
+        bf16=on_cuda and dtype == torch.bfloat16, fp16=on_cuda and dtype == torch.float16,
+        optim="adamw_torch_fused" if on_cuda else "adamw_torch", report_to="none", disable_tqdm=True,
+        dataloader_pin_memory=on_cuda, use_cpu=not on_cuda,
+    )
+    stop = _StopFlag()
+    trainer_cls = _trainer_class()
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                          processing_class=tokenizer, peft_config=peft_config)
+    trainer.real_tokens = {"tokens": 0}
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # progress.jsonl replaces its printed dicts
+    trainer.add_callback(_progress_callback(writer, stop, trainer.real_tokens))
+
+    # Run
+    writer.stage("training", resume_from=str(resume_from) if resume_from else None)
+    stop.install()
+    started = time.time()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError as exc:
+        raise ForgeError(Codes.OUT_OF_MEMORY, "training ran out of GPU memory",
+                         "lower per_device_train_batch_size or max_length, turn on gradient_checkpointing, "
+                         "or use method=qlora; resume=true continues from the last checkpoint",
+                         retryable=True) from exc
+    duration = time.time() - started
+    if stop.requested:
+        writer.stage("cancelled", checkpoint=str(latest_checkpoint(checkpoints_dir)))
+        return {"status": "cancelled", "run_dir": str(run_dir),
+                "checkpoint": str(latest_checkpoint(checkpoints_dir)), "step": trainer.state.global_step}
+
+    # Save adapter, tokenizer and chat template together
+    writer.stage("saving")
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if eval_set is not None and not (evals and evals[-1]["step"] == trainer.state.global_step):
+        trainer.evaluate()  # the last epoch-end eval did not land on the final step
+        evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    with atomic_dir(adapter_dir, force=True) as tmp:
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    peak = peak_memory_bytes()
+    metrics = {
+        "final_epoch": round(trainer.state.epoch or 0.0, 4),
+        "global_step": trainer.state.global_step,
+        "duration_s": round(duration, 2),
+        "train_loss": result.training_loss,
+        "last_logged_loss": train_losses[-1] if train_losses else None,
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "samples_per_s": result.metrics.get("train_samples_per_second"),
+        "steps_per_s": result.metrics.get("train_steps_per_second"),
+        "tokens_per_s": round(trainer.real_tokens["tokens"] / max(duration, 1e-9), 2),
+        "real_tokens": trainer.real_tokens["tokens"],
+        "peak_memory_bytes": peak["bytes"], "peak_memory_kind": peak["kind"],
+        "resumed_from": str(resume_from) if resume_from else None,
+        "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        "eval_curve": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in evals],
+    }
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    writer({"event": "done", "step": trainer.state.global_step, "total_steps": trainer.state.max_steps,
+            "percent": 100.0, "train_loss": metrics["train_loss"], "eval_loss": metrics["eval_loss"]})
+    result = {
+        "status": "succeeded", "run_dir": str(run_dir), "adapter_dir": str(adapter_dir),
+        "base_model": config.base_model, "method": config.method, "metrics": metrics,
+        "dataset": {"path": str(ds.path), "sha256": ds.sha256, "format": ds.format,
+                    "train_records": len(train_convs), "eval_records": len(eval_convs), "tokens": stats},
+        "artifacts": dir_artifacts(adapter_dir, "adapter"),
+    }
+    record_stage(run_dir, "train", result)
+    return result
+
+
+def load_metrics(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text(encoding="utf-8"))

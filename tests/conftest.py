@@ -1,0 +1,63 @@
+"""Shared fixtures: one tiny demo model and dataset per session, trained, merged and quantized once,
+so the stage tests assert on real outputs without repeating the whole chain."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def forge_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("forge_home")
+    os.environ["FORGE_HOME"] = str(home)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return home
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict:
+    from forge.demo import DemoAssetsConfig, write_demo_assets
+
+    return write_demo_assets(DemoAssetsConfig(dir=tmp_path_factory.mktemp("demo")))
+
+
+@pytest.fixture(scope="session")
+def trained(assets, tmp_path_factory) -> dict:
+    from forge.train import TrainConfig, train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "lora"
+    return train(TrainConfig(base_model=assets["model_dir"], dataset=assets["dataset"], output_dir=run_dir,
+                             num_train_epochs=2, learning_rate=2e-3, save_steps=10))
+
+
+@pytest.fixture(scope="session")
+def merged(trained) -> dict:
+    from forge.merge import MergeConfig, merge
+
+    return merge(MergeConfig(adapter_dir=trained["adapter_dir"]))
+
+
+@pytest.fixture(scope="session")
+def quantized(merged) -> dict:
+    from forge.quantize import QuantizeConfig, quantize
+
+    return quantize(QuantizeConfig(model_dir=merged["merged_dir"], quantizations=["Q4_K_M"]))
+
+
+@pytest.fixture(scope="session")
+def go_render(tmp_path_factory) -> Path:
+    """Go's text/template, the engine Ollama renders TEMPLATE with (`make test` installs golang-go)."""
+    go = shutil.which("go") or "/usr/lib/go/bin/go"
+    assert Path(go).exists(), "Go is not installed: run `make test`, which installs golang-go"
+    out = tmp_path_factory.mktemp("go") / "render"
+    env = {**os.environ, "GOCACHE": str(out.parent / "cache"), "GOFLAGS": "-mod=mod", "GOPATH": str(out.parent)}
+    subprocess.run([go, "build", "-o", str(out), "."], cwd=ROOT / "tests" / "gotemplate", check=True, env=env)
+    return out

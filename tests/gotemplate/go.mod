@@ -1,0 +1,3 @@
+module forge/gotemplate
+
+go 1.19

@@ -1,0 +1,108 @@
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fixtures.chat_templates import FAMILY_TEMPLATES
+from forge.errors import Codes, ForgeError
+from forge.modelfile import FAMILIES, ModelfileConfig, detect_family, parse_modelfile, write_modelfile
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "One"}, {"role": "assistant", "content": "Two"}, {"role": "user", "content": "Three"}],
+]
+
+
+def _family_tokenizer(assets, name):
+    from transformers import AutoTokenizer
+
+    template, specials, added = FAMILY_TEMPLATES[name]
+    tok = AutoTokenizer.from_pretrained(assets["model_dir"])
+    tok.add_special_tokens({"additional_special_tokens": added})
+    tok.eos_token = specials["eos_token"]
+    if specials["bos_token"]:
+        tok.bos_token = specials["bos_token"]
+    tok.chat_template = template
+    return tok
+
+
+def render_with_go(render: Path, template: str, messages: list[dict]) -> str:
+    proc = subprocess.run([str(render)], input=json.dumps({"template": template, "messages": messages}),
+                          capture_output=True, text=True, check=True)
+    return proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_TEMPLATES))
+def test_ollama_template_renders_exactly_like_hf_apply_chat_template(assets, go_render, name):
+    tok = _family_tokenizer(assets, name)
+    family = detect_family(tok.chat_template)
+    assert family.name == name
+    for messages in CONVERSATIONS:
+        hf = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if family.bos:  # llama.cpp prepends BOS itself when it tokenizes the prompt
+            assert hf.startswith(family.bos)
+            hf = hf[len(family.bos):]
+        assert render_with_go(go_render, family.template, messages) == hf
+
+
+def test_unknown_template_family_is_a_clear_error():
+    with pytest.raises(ForgeError) as info:
+        detect_family("{% for m in messages %}<<{{ m.role }}>>{{ m.content }}{% endfor %}")
+    assert info.value.code == Codes.UNSUPPORTED_TEMPLATE
+    assert "chatml" in info.value.message and "template=" in info.value.hint
+
+
+def test_modelfile_for_the_demo_gguf(quantized, tmp_path):
+    gguf = Path(next(o["path"] for o in quantized["outputs"] if o["quant"] == "Q4_K_M"))
+    out = tmp_path / "Modelfile"
+    result = write_modelfile(ModelfileConfig(gguf=gguf, output=out, system_prompt="Be brief.", temperature=0.2,
+                                             top_p=0.9, top_k=40, repeat_penalty=1.1, num_ctx=2048, num_predict=128))
+    text = out.read_text(encoding="utf-8")
+    assert result["template_family"] == "chatml"
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    for line in ("PARAMETER temperature 0.2", "PARAMETER top_p 0.9", "PARAMETER top_k 40",
+                 "PARAMETER repeat_penalty 1.1", "PARAMETER num_ctx 2048", "PARAMETER num_predict 128",
+                 'SYSTEM """Be brief."""'):
+        assert line in text
+    mf = parse_modelfile(text, base_dir=out.parent)
+    assert Path(mf.from_).resolve() == gguf.resolve()
+    assert mf.template == FAMILIES[0].template
+    assert result["ollama_create"].startswith("ollama create ")
+
+
+def test_modelfile_beside_the_gguf_uses_a_relative_from(quantized):
+    gguf = Path(quantized["outputs"][-1]["path"])
+    result = write_modelfile(ModelfileConfig(gguf=gguf, force=True))
+    assert f"FROM ./{gguf.name}" in result["content"]
+    with pytest.raises(ForgeError) as info:
+        write_modelfile(ModelfileConfig(gguf=gguf))
+    assert info.value.code == Codes.OUTPUT_EXISTS
+
+
+def test_parser_reports_every_problem(tmp_path):
+    (tmp_path / "fake.gguf").write_bytes(b"NOTGGUF")
+    text = "\n".join([
+        "FROM ./fake.gguf", "FROM ./other.gguf", "PARAMETER temperature warm", "PARAMETER colour red",
+        "SHOUT hello", 'TEMPLATE """{{ .Prompt }}',
+    ])
+    with pytest.raises(ForgeError) as info:
+        parse_modelfile(text, base_dir=tmp_path)
+    details = "\n".join(info.value.details)
+    assert "line 3: parameter temperature expects float" in details
+    assert "line 4: unknown parameter 'colour'" in details
+    assert "line 5: unknown instruction 'SHOUT'" in details
+    assert 'line 6: TEMPLATE opens """ but never closes it' in details
+    assert "expected exactly one FROM, found 2" in details
+
+
+def test_parser_checks_the_from_file_is_a_gguf(tmp_path):
+    (tmp_path / "fake.gguf").write_bytes(b"NOTGGUF")
+    with pytest.raises(ForgeError) as info:
+        parse_modelfile("FROM ./fake.gguf\n", base_dir=tmp_path)
+    assert "is not a GGUF file" in info.value.message
+    with pytest.raises(ForgeError) as info:
+        parse_modelfile("FROM ./missing.gguf\n", base_dir=tmp_path)
+    assert "no such file" in info.value.message
