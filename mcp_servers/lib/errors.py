@@ -1,0 +1,16 @@
+"""Error codes the job system adds to forge's own (forge.errors.Codes)."""
+
+from forge.errors import ForgeError
+
+
+class JobCodes:
+    JOB_NOT_FOUND = "job_not_found"
+    JOB_NOT_FINISHED = "job_not_finished"
+    WORKER_LOST = "worker_lost"
+    WORKER_CRASHED = "worker_crashed"
+    PATH_NOT_ALLOWED = "path_not_allowed"
+    INVALID_TRANSITION = "invalid_transition"
+    WRONG_JOB_KIND = "wrong_job_kind"
+
+
+__all__ = ["ForgeError", "JobCodes"]

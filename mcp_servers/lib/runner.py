@@ -1,0 +1,189 @@
+"""Runs jobs: a queue behind a concurrency limit, one worker subprocess per job in its own session,
+cancel (SIGTERM, or SIGKILL of the process group when forced), and reconciliation after restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from forge.workspace import forge_home
+from mcp_servers.lib.errors import ForgeError, JobCodes
+from mcp_servers.lib.jobs import HEAVY_KINDS
+from mcp_servers.lib.store import TERMINAL, JobStore, Status
+
+HEARTBEAT_STALE_S = 30.0
+PUMP_INTERVAL_S = 0.5
+
+
+def default_concurrency() -> int:
+    if os.environ.get("FORGE_MAX_CONCURRENT_JOBS"):
+        return max(1, int(os.environ["FORGE_MAX_CONCURRENT_JOBS"]))
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+        gpus = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    except (OSError, subprocess.TimeoutExpired):
+        gpus = 0
+    return max(1, gpus)  # one per GPU; one on a CPU-only machine
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Runner:
+    def __init__(self, home: Path | None = None, max_concurrent: int | None = None):
+        self.home = Path(home) if home else forge_home()
+        self.store = JobStore(self.home / "forge.db")
+        self.max_concurrent = max_concurrent or default_concurrency()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        if self._thread is None:
+            self.reconcile()
+            self._thread = threading.Thread(target=self._loop, name="forge-runner", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(PUMP_INTERVAL_S):
+            try:
+                self.pump()
+            except Exception:  # the loop must outlive one bad pass; the next pass retries
+                pass
+
+    # ---- submit and schedule ----
+
+    def run_dir(self, job_id: str) -> Path:
+        return self.home / "runs" / job_id
+
+    def submit(self, kind: str, params: dict, client_request_id: str | None = None) -> tuple[dict, bool]:
+        job, created = self.store.create(kind, params, client_request_id)
+        if created:
+            run_dir = self.run_dir(job["id"])
+            if kind in ("train", "pipeline") and not params.get("output_dir"):
+                params = {**params, "output_dir": str(run_dir)}  # runs/<job_id>/ is the run dir
+            self.store.update(job["id"], run_dir=str(run_dir), params=params)
+        self.pump()
+        return self.store.get(job["id"]), created
+
+    def queue_position(self, job_id: str) -> int | None:
+        ids = [j["id"] for j in self.store.queued()]
+        return ids.index(job_id) + 1 if job_id in ids else None
+
+    def pump(self) -> None:
+        with self._lock:
+            self.reconcile()
+            running = sum(1 for j in self.store.active() if j["kind"] in HEAVY_KINDS)
+            for job in self.store.queued():
+                if job["kind"] in HEAVY_KINDS and running >= self.max_concurrent:
+                    break
+                self._spawn(job)
+                running += job["kind"] in HEAVY_KINDS
+
+    def _spawn(self, job: dict) -> None:
+        run_dir = self.run_dir(job["id"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = open(run_dir / "job.log", "ab")  # noqa: SIM115 (the child owns it from here)
+        env = {k: v for k, v in os.environ.items() if k != "FORGE_MCP_TOKEN"}
+        env["FORGE_HOME"] = str(self.home)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mcp_servers.lib.worker", str(self.store.path), job["id"]],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,  # its own process group: a server restart does not kill it
+        )
+        log.close()
+        self.procs[job["id"]] = proc
+        self.store.transition(job["id"], Status.RUNNING, pid=proc.pid, heartbeat_at=time.time())
+
+    # ---- restart and crash handling ----
+
+    def reconcile(self) -> None:
+        for job in self.store.active():
+            proc = self.procs.get(job["id"])
+            if proc is not None:
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                self.procs.pop(job["id"], None)
+                job = self.store.get(job["id"])
+                if Status(job["status"]) in TERMINAL:
+                    continue
+                self._worker_gone(job, rc)
+            elif not _alive(job["pid"]) or time.time() - (job["heartbeat_at"] or 0) > HEARTBEAT_STALE_S:
+                self._worker_gone(job, None)
+
+    def _worker_gone(self, job: dict, rc: int | None) -> None:
+        if job["status"] == Status.CANCELLING.value:
+            self.store.transition(job["id"], Status.CANCELLED)
+            return
+        if rc is not None and rc < 0:
+            sig = signal.Signals(-rc).name
+            hint = ("killed by SIGKILL, most often the out-of-memory killer: lower the batch size or max_length, "
+                    "or use qlora" if rc == -signal.SIGKILL else "the worker crashed; see the job log")
+            error = {"code": JobCodes.WORKER_CRASHED if rc != -signal.SIGKILL else "out_of_memory",
+                     "message": f"the worker process died from {sig}", "hint": hint, "retryable": True}
+        else:
+            error = {"code": JobCodes.WORKER_LOST, "retryable": True,
+                     "message": "the worker process ended without recording a final state",
+                     "hint": "start the job again; a train job continues from its last checkpoint with "
+                             "resume_from_job"}
+        self.store.transition(job["id"], Status.FAILED, error=error)
+
+    # ---- cancel ----
+
+    def cancel(self, job_id: str, force: bool = False) -> dict:
+        job = self.store.get(job_id)
+        status = Status(job["status"])
+        if status in TERMINAL:
+            return job
+        if status == Status.QUEUED:
+            return self.store.transition(job_id, Status.CANCELLED)
+        if status == Status.RUNNING:
+            self.store.transition(job_id, Status.CANCELLING, cancel_requested_at=time.time())
+        pid = job["pid"]
+        try:
+            if force:
+                os.killpg(pid, signal.SIGKILL)  # the worker leads its own process group
+            else:
+                os.kill(pid, signal.SIGTERM)  # the trainer saves a checkpoint and exits
+        except ProcessLookupError:
+            pass
+        if force:
+            proc = self.procs.pop(job_id, None)
+            if proc is not None:
+                proc.wait(timeout=30)
+            if self.store.get(job_id)["status"] == Status.CANCELLING.value:
+                self.store.transition(job_id, Status.CANCELLED)
+        return self.store.get(job_id)
+
+    def require(self, job_id: str, kind: str | tuple[str, ...], finished: bool = True) -> dict:
+        job = self.store.get(job_id)
+        kinds = (kind,) if isinstance(kind, str) else kind
+        if job["kind"] not in kinds:
+            raise ForgeError(JobCodes.WRONG_JOB_KIND, f"job {job_id} is a {job['kind']} job, expected {' or '.join(kinds)}",
+                             "pass the id of the right kind of job, or a path")
+        if finished and job["status"] != Status.SUCCEEDED.value:
+            raise ForgeError(JobCodes.JOB_NOT_FINISHED, f"job {job_id} is {job['status']}, not succeeded",
+                             "wait for it with forge_job_wait, or pass a path")
+        return job

@@ -1,0 +1,224 @@
+"""The SQLite job store: the one place job state lives. WAL, a busy timeout, and append-only
+named migrations recorded in a table (add a migration, never edit one)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from enum import Enum
+from pathlib import Path
+
+from mcp_servers.lib.errors import ForgeError, JobCodes
+
+
+class Status(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED}
+TRANSITIONS = {
+    Status.QUEUED: {Status.RUNNING, Status.CANCELLED, Status.FAILED},
+    Status.RUNNING: {Status.CANCELLING, Status.SUCCEEDED, Status.FAILED, Status.CANCELLED},
+    Status.CANCELLING: {Status.CANCELLED, Status.FAILED, Status.SUCCEEDED},
+}
+
+MIGRATIONS: list[tuple[str, str]] = [
+    ("0001_jobs_and_events", """
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            status TEXT NOT NULL,
+            stage TEXT,
+            params TEXT NOT NULL,
+            client_request_id TEXT UNIQUE,
+            parent_id TEXT,
+            run_dir TEXT,
+            pid INTEGER,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            heartbeat_at REAL,
+            progress TEXT NOT NULL DEFAULT '{}',
+            result TEXT,
+            error TEXT
+        );
+        CREATE INDEX jobs_status ON jobs(status, created_at);
+        CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            job_id TEXT NOT NULL REFERENCES jobs(id),
+            ts REAL NOT NULL,
+            type TEXT NOT NULL,
+            data TEXT NOT NULL
+        );
+        CREATE INDEX events_job ON events(job_id, seq);
+    """),
+    ("0002_job_cancel_force", "ALTER TABLE jobs ADD COLUMN cancel_requested_at REAL;"),
+]
+
+JSON_COLUMNS = ("params", "progress", "result", "error")
+
+
+class JobStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.migrate()
+
+    def connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def migrate(self) -> list[str]:
+        """Apply the migrations not yet recorded; return their names."""
+        applied = []
+        with self._conn() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+            done = {r["name"] for r in conn.execute("SELECT name FROM _migrations")}
+            for name, sql in MIGRATIONS:
+                if name in done:
+                    continue
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in filter(str.strip, sql.split(";")):
+                        conn.execute(statement)
+                    conn.execute("INSERT INTO _migrations VALUES (?, ?)", (name, time.time()))
+                    conn.execute("COMMIT")
+                except Exception:
+                    conn.execute("ROLLBACK")
+                    raise
+                applied.append(name)
+        return applied
+
+    def _conn(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def managed():
+            conn = self.connect()
+            try:
+                yield conn
+            finally:
+                conn.close()
+
+        return managed()
+
+    # ---- jobs ----
+
+    def create(self, kind: str, params: dict, client_request_id: str | None = None,
+               parent_id: str | None = None, run_dir: str | None = None) -> tuple[dict, bool]:
+        """Insert a queued job; the same client_request_id returns the existing job (created=False)."""
+        with self._conn() as conn:
+            if client_request_id:
+                row = conn.execute("SELECT * FROM jobs WHERE client_request_id = ?", (client_request_id,)).fetchone()
+                if row:
+                    return self._row(row), False
+            job_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            conn.execute(
+                "INSERT INTO jobs (id, kind, status, params, client_request_id, parent_id, run_dir, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, kind, Status.QUEUED.value, json.dumps(params, default=str), client_request_id, parent_id,
+                 run_dir, time.time()))
+            self._event(conn, job_id, "status", {"status": "queued"})
+        return self.get(job_id), True
+
+    def get(self, job_id: str) -> dict:
+        with self._conn() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise ForgeError(JobCodes.JOB_NOT_FOUND, f"no job with id {job_id!r}",
+                             "list jobs with forge_job_list to find the id")
+        return self._row(row)
+
+    def list(self, status: str | None = None, kind: str | None = None, limit: int = 20,
+             before: float | None = None) -> list[dict]:
+        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        if status:
+            sql, args = sql + " AND status = ?", args + [status]
+        if kind:
+            sql, args = sql + " AND kind = ?", args + [kind]
+        if before is not None:
+            sql, args = sql + " AND created_at < ?", args + [before]
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        with self._conn() as conn:
+            return [self._row(r) for r in conn.execute(sql, args + [limit])]
+
+    def queued(self) -> list[dict]:
+        with self._conn() as conn:
+            return [self._row(r) for r in conn.execute(
+                "SELECT * FROM jobs WHERE status = 'queued' ORDER BY created_at")]
+
+    def active(self) -> list[dict]:
+        with self._conn() as conn:
+            return [self._row(r) for r in conn.execute(
+                "SELECT * FROM jobs WHERE status IN ('running', 'cancelling') ORDER BY created_at")]
+
+    def transition(self, job_id: str, new: Status, **fields) -> dict:
+        """Move a job to ``new``; a move the state machine does not allow raises 'expected X, got Y'."""
+        with self._conn() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                conn.execute("ROLLBACK")
+                raise ForgeError(JobCodes.JOB_NOT_FOUND, f"no job with id {job_id!r}", "check the job id")
+            current = Status(row["status"])
+            if new not in TRANSITIONS.get(current, set()):
+                conn.execute("ROLLBACK")
+                allowed = sorted(s.value for s in TRANSITIONS.get(current, set())) or ["nothing (it is final)"]
+                raise ForgeError(JobCodes.INVALID_TRANSITION,
+                                 f"job {job_id}: expected a move to {', '.join(allowed)}, got {new.value}",
+                                 "the job already moved on; read its status")
+            fields["status"] = new.value
+            if new == Status.RUNNING:
+                fields.setdefault("started_at", time.time())
+            if new in TERMINAL:
+                fields.setdefault("finished_at", time.time())
+            self._update(conn, job_id, fields)
+            self._event(conn, job_id, "status", {"status": new.value, **({"error": fields["error"]}
+                                                                        if fields.get("error") else {})})
+            conn.execute("COMMIT")
+        return self.get(job_id)
+
+    def update(self, job_id: str, **fields) -> None:
+        with self._conn() as conn:
+            self._update(conn, job_id, fields)
+
+    def _update(self, conn, job_id: str, fields: dict) -> None:
+        if not fields:
+            return
+        values = [json.dumps(v, default=str) if k in JSON_COLUMNS and v is not None else v for k, v in fields.items()]
+        conn.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", values + [job_id])
+
+    # ---- events ----
+
+    def add_event(self, job_id: str, type_: str, data: dict) -> None:
+        with self._conn() as conn:
+            self._event(conn, job_id, type_, data)
+
+    @staticmethod
+    def _event(conn, job_id: str, type_: str, data: dict) -> None:
+        conn.execute("INSERT INTO events (job_id, ts, type, data) VALUES (?, ?, ?, ?)",
+                     (job_id, time.time(), type_, json.dumps(data, default=str)))
+
+    def events(self, job_id: str, after: int = 0, limit: int = 50) -> list[dict]:
+        with self._conn() as conn:
+            rows = conn.execute("SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                                (job_id, after, limit)).fetchall()
+        return [{"seq": r["seq"], "ts": r["ts"], "type": r["type"], "data": json.loads(r["data"])} for r in rows]
+
+    @staticmethod
+    def _row(row: sqlite3.Row) -> dict:
+        out = dict(row)
+        for key in JSON_COLUMNS:
+            if out.get(key) is not None:
+                out[key] = json.loads(out[key])
+        return out

@@ -1,0 +1,91 @@
+"""A job's worker process: ``python -m mcp_servers.lib.worker FORGE_DB JOB_ID``.
+
+Started in its own session by the runner, so a server restart does not kill it. It writes status,
+stage, progress, events and a heartbeat to the store; tracebacks go to the job log only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+HEARTBEAT_S = 2.0
+
+
+def _error_from(exc: BaseException) -> dict:
+    from forge.errors import ForgeError
+
+    if isinstance(exc, ForgeError):
+        return exc.to_dict()
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return {"code": "out_of_memory", "message": f"{type(exc).__name__}: {exc}"[:500],
+                "hint": "lower the batch size or max_length, use qlora, or free memory; resume continues",
+                "retryable": True}
+    return {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"[:500],
+            "hint": "see the job log (forge://jobs/{id}/log) for the traceback", "retryable": False}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mcp_servers.lib.store import JobStore, Status
+
+    db_path, job_id = (argv if argv is not None else sys.argv[1:])[:2]
+    store = JobStore(Path(db_path))
+    job = store.get(job_id)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("forge.worker")
+    os.environ.pop("FORGE_MCP_TOKEN", None)  # jobs never need the server's bearer token
+
+    stop = threading.Event()
+
+    def heartbeat():
+        while not stop.wait(HEARTBEAT_S):
+            store.update(job_id, heartbeat_at=time.time())
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    if job["status"] == Status.QUEUED.value:
+        store.transition(job_id, Status.RUNNING, pid=os.getpid(), heartbeat_at=time.time())
+
+    progress: dict = {}
+
+    def on_progress(event: dict) -> None:
+        kind = event.get("event")
+        if kind == "stage":
+            stage = event["stage"] if "pipeline_stage" not in event else f"{event['pipeline_stage']}:{event['stage']}"
+            store.update(job_id, stage=stage)
+            store.add_event(job_id, "stage", event)
+        elif kind == "progress":
+            progress.update({k: event.get(k) for k in ("step", "total_steps", "epoch", "percent", "eta_s",
+                                                      "tokens_per_s", "loss")})
+            store.update(job_id, progress=progress, heartbeat_at=time.time())
+        else:
+            store.add_event(job_id, kind or "event", event)
+
+    from forge.cli import _quiet_libraries
+    from mcp_servers.lib.jobs import run_job
+
+    _quiet_libraries()
+    log.info("job %s (%s) starting: %s", job_id, job["kind"], job["params"])
+    try:
+        result = run_job(job["kind"], job["params"], on_progress)
+    except BaseException as exc:  # everything: the job must end in a final state, never silently
+        log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+        stop.set()
+        store.transition(job_id, Status.FAILED, error=_error_from(exc))
+        return 1
+    stop.set()
+    final = Status.CANCELLED if result.get("status") == "cancelled" else Status.SUCCEEDED
+    if final == Status.SUCCEEDED and progress.get("total_steps"):
+        progress.update(percent=100.0, step=progress["total_steps"], eta_s=0)
+    store.transition(job_id, final, result=result, progress=progress,
+                     run_dir=result.get("run_dir") or job.get("run_dir"))
+    log.info("job %s %s", job_id, final.value)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
