@@ -9,7 +9,7 @@ STAMP := $(VENV)/.forge-installed
 TORCH_CPU := torch==2.13.0
 export FORGE_HOME ?= $(CURDIR)/.forge
 
-.PHONY: demo test install go clean
+.PHONY: demo test install go inspector clean
 
 install: $(STAMP)
 
@@ -32,11 +32,18 @@ go:
 		(apt-get update -qq && apt-get install -y -qq golang-go) >/dev/null || \
 		(sudo apt-get update -qq && sudo apt-get install -y -qq golang-go) >/dev/null; }
 
-demo: $(STAMP)
-	$(BIN)/forge demo --dir demo_run
+inspector:
+	@test -x .inspector/node_modules/.bin/mcp-inspector || { \
+		echo "installing the MCP Inspector CLI 0.15.x (npm)"; \
+		mkdir -p .inspector && cd .inspector && \
+		npm install --silent --no-audit --no-fund @modelcontextprotocol/inspector@0.15; }
 
-test: $(STAMP) go
+# The product as an agent meets it: forge-mcp over stdio, driven through its tools.
+demo: $(STAMP)
+	$(BIN)/python -m mcp_servers.forge.demo_agent demo_run
+
+test: $(STAMP) go inspector
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf demo_run .forge .pytest_cache
+	rm -rf demo_run .forge .pytest_cache .inspector

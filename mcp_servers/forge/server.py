@@ -335,8 +335,12 @@ def create_server(home: Path | None = None) -> MCPServer:
             marker = (job["status"], job.get("stage"), progress.get("step"))
             if ctx is not None and marker != last:
                 last = marker
-                message = f"{job['status']} {job.get('stage') or ''} step {progress.get('step')}/{progress.get('total_steps')}"
-                await ctx.report_progress(progress.get("percent") or 0.0, 100.0, message.strip())
+                message = " ".join(filter(None, [job["status"], job.get("stage")]))
+                if progress.get("total_steps"):
+                    message += f" step {progress.get('step')}/{progress['total_steps']}"
+                    if progress.get("loss") is not None:
+                        message += f" loss {progress['loss']:.4f}"
+                await ctx.report_progress(progress.get("percent") or 0.0, 100.0, message)
             if Status(job["status"]) in TERMINAL or time.monotonic() >= deadline:
                 return status_of(job)
             await anyio.sleep(0.5)

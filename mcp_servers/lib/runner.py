@@ -62,7 +62,15 @@ class Runner:
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop scheduling. Running workers carry on: they outlive the server by design."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        active = {j["id"] for j in self.store.active()}
+        for job_id, proc in list(self.procs.items()):
+            if job_id not in active:  # its final state is written; the process is only exiting
+                proc.wait(timeout=60)
+                self.procs.pop(job_id)
 
     def _loop(self) -> None:
         while not self._stop.wait(PUMP_INTERVAL_S):
@@ -118,7 +126,15 @@ class Runner:
 
     # ---- restart and crash handling ----
 
+    def _reap(self) -> None:
+        """Wait for workers that already ended (no zombies); active jobs among them are reconciled."""
+        active = {j["id"] for j in self.store.active()}
+        for job_id, proc in list(self.procs.items()):
+            if proc.poll() is not None and job_id not in active:
+                self.procs.pop(job_id)
+
     def reconcile(self) -> None:
+        self._reap()
         for job in self.store.active():
             proc = self.procs.get(job["id"])
             if proc is not None:

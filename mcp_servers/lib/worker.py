@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     final = Status.CANCELLED if result.get("status") == "cancelled" else Status.SUCCEEDED
     if final == Status.SUCCEEDED and progress.get("total_steps"):
         progress.update(percent=100.0, step=progress["total_steps"], eta_s=0)
-    store.transition(job_id, final, result=result, progress=progress,
+    store.transition(job_id, final, result=result, progress=progress, stage="done" if final == Status.SUCCEEDED else None,
                      run_dir=result.get("run_dir") or job.get("run_dir"))
     log.info("job %s %s", job_id, final.value)
     return 0

@@ -1,0 +1,194 @@
+"""The MCP server through the SDK's in-process client: every tool, jobs end to end, error paths."""
+
+import json
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client
+
+from mcp_servers.forge.server import create_server
+
+pytestmark = pytest.mark.anyio
+
+TOOLS = {
+    "forge_environment", "forge_demo_assets", "forge_validate_dataset", "forge_train", "forge_merge",
+    "forge_quantize", "forge_modelfile", "forge_query_model", "forge_seal_snapshot", "forge_pipeline",
+    "forge_job_status", "forge_job_list", "forge_job_events", "forge_job_cancel", "forge_job_wait",
+}
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FORGE_MAX_CONCURRENT_JOBS", "1")
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def server(home):
+    srv = create_server()
+    yield srv
+    srv.runner.stop()
+    for job in srv.runner.store.active():
+        srv.runner.cancel(job["id"], force=True)
+
+
+async def call(client, name, args=None):
+    result = await client.call_tool(name, args or {})
+    if result.is_error:
+        text = result.content[0].text
+        return {"error": json.loads(text[text.index("{"):])}
+    return result.structured_content
+
+
+async def test_tools_are_listed_with_descriptions_and_annotations(server):
+    async with Client(server) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert set(tools) == TOOLS
+    for tool in tools.values():
+        assert tool.description and len(tool.description) > 40
+        assert tool.annotations is not None
+    assert tools["forge_job_status"].annotations.read_only_hint is True
+    assert tools["forge_job_cancel"].annotations.destructive_hint is True
+    assert tools["forge_train"].annotations.read_only_hint is False
+
+
+async def test_environment_and_demo_assets(server, home):
+    async with Client(server) as client:
+        env = await call(client, "forge_environment")
+        assets = await call(client, "forge_demo_assets")
+    assert env["forge_home"] == str(home.resolve()) and "versions" in env
+    assert Path(assets["model_dir"], "config.json").is_file() and assets["reused"] is False
+
+
+async def test_validate_dataset_reports_every_bad_line(server, home):
+    bad = home / "bad.jsonl"
+    bad.write_text('{"instruction": "x"}\nnot json\n', encoding="utf-8")
+    async with Client(server) as client:
+        out = await call(client, "forge_validate_dataset", {"path": str(bad)})
+        assets = await call(client, "forge_demo_assets")
+        good = await call(client, "forge_validate_dataset", {"path": assets["dataset"], "base_model": assets["model_dir"]})
+    assert out["error"]["code"] == "dataset_invalid" and len(out["error"]["message"]) > 20
+    assert good["records"] == 60 and 0 < good["tokens"]["loss_token_share"] < 1
+
+
+async def test_paths_outside_allowed_roots_are_refused(server, tmp_path, monkeypatch):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n', encoding="utf-8")
+    link = Path(os.environ["FORGE_HOME"]) / "sneaky.jsonl"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside / "d.jsonl")
+    async with Client(server) as client:
+        direct = await call(client, "forge_validate_dataset", {"path": str(outside / "d.jsonl")})
+        via_link = await call(client, "forge_validate_dataset", {"path": str(link)})
+        monkeypatch.setenv("FORGE_ALLOWED_ROOTS", str(outside))
+        allowed = await call(client, "forge_validate_dataset", {"path": str(outside / "d.jsonl")})
+    assert direct["error"]["code"] == "path_not_allowed" and "FORGE_ALLOWED_ROOTS" in direct["error"]["hint"]
+    assert via_link["error"]["code"] == "path_not_allowed"  # symlinks are followed before the check
+    assert allowed["records"] == 1
+
+
+async def test_unknown_job_and_bad_hyperparameters_are_clear_errors(server):
+    async with Client(server) as client:
+        missing = await call(client, "forge_job_status", {"job_id": "train-nope"})
+        assets = await call(client, "forge_demo_assets")
+        bad = await client.call_tool("forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
+                                                     "hyperparameters": {"epochz": 3}})
+    assert missing["error"]["code"] == "job_not_found"
+    assert bad.is_error and "epochz" in bad.content[0].text
+
+
+async def test_stage_tools_one_by_one_from_train_to_seal(server):
+    async with Client(server) as client:
+        assets = await call(client, "forge_demo_assets")
+        handle = await call(client, "forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
+                                                    "hyperparameters": {"max_steps": 4, "learning_rate": 0.002},
+                                                    "client_request_id": "req-1"})
+        assert handle["status"] in ("queued", "running") and handle["poll_after_s"] > 0
+        again = await call(client, "forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
+                                                   "client_request_id": "req-1"})
+        assert again["job_id"] == handle["job_id"]  # idempotent by client_request_id
+        progress = []
+        result = await client.call_tool("forge_job_wait", {"job_id": handle["job_id"], "timeout_s": 300},
+                                        progress_callback=lambda p, t, m: progress.append((p, m)))
+        train = result.structured_content
+        assert train["status"] == "succeeded", train
+        assert progress, "no progress notification while waiting"
+        assert train["progress"]["step"] == 4 and train["progress"]["percent"] == 100.0
+        assert train["metrics"]["train_loss"] > 0 and train["artifacts"]
+        assert train["next_actions"][0].startswith("forge_merge")
+
+        merge = await call(client, "forge_merge", {"adapter": handle["job_id"]})
+        merged = await call(client, "forge_job_wait", {"job_id": merge["job_id"], "timeout_s": 300})
+        assert merged["status"] == "succeeded", merged
+        quant = await call(client, "forge_quantize", {"model": merge["job_id"], "quantizations": ["Q4_K_M"]})
+        quantized = await call(client, "forge_job_wait", {"job_id": quant["job_id"], "timeout_s": 300})
+        assert quantized["status"] == "succeeded", quantized
+        assert {a["path"].rsplit("-", 1)[-1] for a in quantized["artifacts"]} == {"f16.gguf", "Q4_K_M.gguf"}
+
+        mf = await call(client, "forge_modelfile", {"gguf": quant["job_id"], "system_prompt": "Be brief.",
+                                                    "parameters": {"temperature": 0.2}})
+        assert mf["template_family"] == "chatml" and "<|im_end|>" in mf["stop_tokens"]
+        reply = await call(client, "forge_query_model", {"model": quant["job_id"], "prompt": "What is LoRA?",
+                                                         "max_tokens": 8})
+        assert reply["completion_tokens"] >= 1 and reply["backend"] == "llama-cpp-python"
+        sealed = await call(client, "forge_seal_snapshot", {"job_ids": [handle["job_id"]], "note": "stage by stage"})
+        assert sealed["seal_id"].startswith("sha256:")
+        record = await client.read_resource(f"forge://seals/{sealed['seal_id']}")
+        assert json.loads(record.contents[0].text)["note"] == "stage by stage"
+
+        listed = await call(client, "forge_job_list", {"kind": "train"})
+        assert [j["job_id"] for j in listed["jobs"]] == [handle["job_id"]]
+        events = await call(client, "forge_job_events", {"job_id": handle["job_id"], "limit": 2})
+        assert len(events["events"]) == 2 and events["next_after"] == events["events"][-1]["seq"]
+        log = await client.read_resource(f"forge://jobs/{handle['job_id']}/log")
+        assert "starting" in log.contents[0].text and "Traceback" not in log.contents[0].text
+        status = await client.read_resource(f"forge://jobs/{handle['job_id']}")
+        assert json.loads(status.contents[0].text)["status"] == "succeeded"
+
+
+async def test_cancel_mid_train_leaves_a_checkpoint_and_resume_continues(server):
+    async with Client(server) as client:
+        assets = await call(client, "forge_demo_assets")
+        handle = await call(client, "forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
+                                                    "hyperparameters": {"max_steps": 5000, "save_steps": 1000}})
+        with anyio.fail_after(120):
+            while ((await call(client, "forge_job_status", {"job_id": handle["job_id"]}))["progress"].get("step")
+                   or 0) < 3:
+                await anyio.sleep(0.2)
+        cancelling = await call(client, "forge_job_cancel", {"job_id": handle["job_id"]})
+        assert cancelling["status"] in ("cancelling", "cancelled")
+        done = await call(client, "forge_job_wait", {"job_id": handle["job_id"], "timeout_s": 120})
+        assert done["status"] == "cancelled", done
+        run_dir = Path(done["run_dir"])
+        checkpoints = sorted(run_dir.glob("checkpoints/checkpoint-*"))
+        assert checkpoints, "cancel did not leave a checkpoint"
+        saved_step = int(checkpoints[-1].name.split("-")[1])
+        resumed = await call(client, "forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
+                                                     "resume_from_job": handle["job_id"],
+                                                     "hyperparameters": {"max_steps": saved_step + 3}})
+        final = await call(client, "forge_job_wait", {"job_id": resumed["job_id"], "timeout_s": 300})
+    assert final["status"] == "succeeded", final
+    assert final["metrics"]["global_step"] == saved_step + 3
+    assert final["metrics"]["resumed_from"].endswith(f"checkpoint-{saved_step}")
+
+
+async def test_queued_jobs_wait_behind_the_concurrency_limit_and_cancel_cleanly(server):
+    async with Client(server) as client:
+        assets = await call(client, "forge_demo_assets")
+        args = {"base_model": assets["model_dir"], "dataset": assets["dataset"], "hyperparameters": {"max_steps": 5000}}
+        first = await call(client, "forge_train", args)
+        second = await call(client, "forge_train", args)
+        assert second["status"] == "queued" and second["queue_position"] == 1
+        cancelled = await call(client, "forge_job_cancel", {"job_id": second["job_id"]})
+        assert cancelled["status"] == "cancelled"
+        killed = await call(client, "forge_job_cancel", {"job_id": first["job_id"], "force": True})
+        assert killed["status"] == "cancelled"

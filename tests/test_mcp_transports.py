@@ -1,0 +1,155 @@
+"""The server as a real process: stdio through the SDK's stdio client, streamable HTTP, a kill -9
+mid-train, and the MCP Inspector CLI."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import httpx2 as httpx
+import pytest
+from mcp import Client, StdioServerParameters
+
+from mcp_servers.forge.server import create_server, main as server_main
+
+pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def server_env(home) -> dict:
+    return {**os.environ, "FORGE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+
+
+def stdio_params(home) -> StdioServerParameters:
+    return StdioServerParameters(command=sys.executable, args=["-m", "mcp_servers.forge.server"],
+                                 env=server_env(home), cwd=str(ROOT))
+
+
+async def call(client, name, args=None):
+    result = await client.call_tool(name, args or {})
+    assert not result.is_error, result.content[0].text
+    return result.structured_content
+
+
+async def test_stdio_server_takes_the_demo_from_dataset_to_seal_with_forge_pipeline(home):
+    async with Client(stdio_params(home), read_timeout_seconds=600) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert {"forge_pipeline", "forge_job_wait", "forge_seal_snapshot"} <= names
+        assets = await call(client, "forge_demo_assets")
+        report = await call(client, "forge_validate_dataset", {"path": assets["dataset"]})
+        assert report["records"] == 60
+        handle = await call(client, "forge_pipeline", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
+                                                       "system_prompt": "Answer briefly.",
+                                                       "hyperparameters": {"max_steps": 6}})
+        status = await call(client, "forge_job_wait", {"job_id": handle["job_id"], "timeout_s": 600})
+        assert status["status"] == "succeeded", status
+        kinds = {a["kind"] for a in status["artifacts"]}
+        assert {"adapter", "merged", "gguf", "modelfile", "seal"} <= kinds
+        sealed = await call(client, "forge_seal_snapshot", {"note": "via stdio"})
+        assert sealed["seal_id"].startswith("sha256:")
+    run_dir = Path(status["run_dir"])
+    assert (run_dir / "gguf" / "Modelfile").is_file() and list(run_dir.glob("gguf/*-Q4_K_M.gguf"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_http(url: str, proc) -> None:
+    with anyio.fail_after(60):
+        while True:
+            assert proc.poll() is None, "server exited"
+            try:
+                async with httpx.AsyncClient() as http:
+                    await http.get(url)
+                return
+            except httpx.HTTPError:
+                await anyio.sleep(0.2)
+
+
+async def test_http_server_killed_mid_train_then_a_new_server_sees_the_job_finish(home):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mcp_servers.forge.server", "--transport", "http",
+                             "--port", str(port)], env=server_env(home), cwd=str(ROOT))
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        await wait_http(url, proc)
+        async with Client(url) as client:
+            assets = await call(client, "forge_demo_assets")
+            handle = await call(client, "forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
+                                                        "hyperparameters": {"max_steps": 150, "save_steps": 50}})
+            with anyio.fail_after(120):
+                while ((await call(client, "forge_job_status", {"job_id": handle["job_id"]}))["progress"].get("step")
+                       or 0) < 2:
+                    await anyio.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    server = create_server()
+    try:
+        async with Client(server) as client:
+            status = await call(client, "forge_job_wait", {"job_id": handle["job_id"], "timeout_s": 300})
+    finally:
+        server.runner.stop()
+    assert status["status"] == "succeeded", status
+    assert status["progress"]["step"] == 150
+
+
+async def test_http_bearer_token_is_required_off_loopback_and_checked(home, monkeypatch, capsys):
+    monkeypatch.delenv("FORGE_MCP_TOKEN", raising=False)
+    assert server_main(["--transport", "http", "--host", "0.0.0.0", "--port", "1"]) == 2
+    assert "FORGE_MCP_TOKEN" in capsys.readouterr().err
+    port = free_port()
+    env = {**server_env(home), "FORGE_MCP_TOKEN": "s3cret-token"}
+    proc = subprocess.Popen([sys.executable, "-m", "mcp_servers.forge.server", "--transport", "http",
+                             "--port", str(port)], env=env, cwd=str(ROOT))
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        await wait_http(url, proc)
+        async with httpx.AsyncClient() as http:
+            denied = await http.post(url, json={})
+            assert denied.status_code == 401
+        from mcp.client.streamable_http import streamable_http_client
+
+        auth = httpx.AsyncClient(headers={"Authorization": "Bearer s3cret-token"})
+        async with auth, Client(streamable_http_client(url, http_client=auth)) as client:
+            env_report = await call(client, "forge_environment")
+            assert env_report["python"]
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_mcp_inspector_cli_lists_tools_and_calls_environment(home):
+    inspector = ROOT / ".inspector" / "node_modules" / ".bin" / "mcp-inspector"
+    assert inspector.exists(), "the MCP Inspector is not installed: run `make test`, which installs it"
+    base = [str(inspector), "--cli", sys.executable, "-m", "mcp_servers.forge.server"]
+    env = server_env(home)
+    listed = subprocess.run([*base, "--method", "tools/list"], capture_output=True, text=True, env=env,
+                            cwd=str(ROOT), timeout=180)
+    assert listed.returncode == 0, listed.stderr
+    names = {t["name"] for t in json.loads(listed.stdout)["tools"]}
+    assert {"forge_environment", "forge_train", "forge_job_wait"} <= names
+    called = subprocess.run([*base, "--method", "tools/call", "--tool-name", "forge_environment"],
+                            capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=180)
+    assert called.returncode == 0, called.stderr
+    report = json.loads(json.loads(called.stdout)["content"][0]["text"])
+    assert report["forge_home"] == str(Path(home).resolve())
