@@ -107,7 +107,7 @@ def merge(config: MergeConfig, on_progress: ProgressCallback | None = None) -> d
     dtype = _base_dtype(base_ref) if config.dtype == "auto" else config.dtype
 
     with atomic_dir(merged_dir, force=config.force) as tmp:
-        writer.stage("loading_model", base_model=base_ref, dtype=dtype)
+        writer.stage("loading_model", base_model=base_ref, dtype=dtype, step=0, total_steps=4)
         base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=getattr(torch, dtype), device_map=config.device)
         try:
             model = PeftModel.from_pretrained(base, str(adapter_dir))
@@ -115,9 +115,9 @@ def merge(config: MergeConfig, on_progress: ProgressCallback | None = None) -> d
             raise ForgeError(Codes.ADAPTER_INVALID, f"cannot load the adapter in {adapter_dir} onto {base_ref}: {exc}",
                              "check the adapter files are complete and base_model is the model it was trained on"
                              ) from exc
-        writer.stage("merging")
+        writer.stage("merging", step=1, total_steps=4)
         merged = model.merge_and_unload()
-        writer.stage("saving")
+        writer.stage("saving", step=2, total_steps=4)
         merged.save_pretrained(tmp)
         # The adapter dir holds the tokenizer and chat template used in training: they come along.
         tokenizer_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_ref
@@ -130,7 +130,7 @@ def merge(config: MergeConfig, on_progress: ProgressCallback | None = None) -> d
         del merged, model, base
         report = None
         if config.parity_check:
-            writer.stage("verifying")
+            writer.stage("verifying", step=3, total_steps=4)
             report = parity(tmp, adapter_dir, base_ref, dtype)
             if not report["passed"]:
                 raise ForgeError(

@@ -47,7 +47,10 @@ def run_pipeline(config: PipelineConfig, on_progress: ProgressCallback | None = 
         return result
 
     def progress(stage: str):
-        return (lambda event: on_progress({"pipeline_stage": stage, **event})) if on_progress else None
+        if on_progress is None:
+            return None
+        on_progress({"event": "stage", "stage": "starting", "pipeline_stage": stage})
+        return lambda event: on_progress({"pipeline_stage": stage, **event})
 
     train_cfg = TrainConfig.build(
         **{**config.train, "base_model": config.base_model, "dataset": config.dataset, "method": config.method,
@@ -62,7 +65,9 @@ def run_pipeline(config: PipelineConfig, on_progress: ProgressCallback | None = 
     quantized = done("quantize", quantize(QuantizeConfig(model_dir=Path(merged["merged_dir"]),
                                                          quantizations=config.quantizations,
                                                          pre_tokenizer=config.pre_tokenizer), progress("quantize")))
+    progress("modelfile")
     done("modelfile", write_modelfile(ModelfileConfig(gguf=Path(quantized["outputs"][-1]["path"]),
                                                       system_prompt=config.system_prompt)))
+    progress("seal")
     done("seal", seal(SealConfig(run_dir=run_dir, note=config.note)))
     return {"status": "succeeded", "run_dir": str(run_dir), "stages": results}

@@ -218,9 +218,9 @@ def quantize(config: QuantizeConfig, on_progress: ProgressCallback | None = None
     for path in [base_path, *quant_paths.values()]:
         refuse_existing(path, config.force)
     writer = ProgressWriter(out_dir / "progress.jsonl", on_progress)
-    total = 1 + len(quant_paths)
+    total = 1 + len(quant_paths)  # steps: convert, each quantization, then verify
 
-    writer.stage("converting", step=0, total_steps=total)
+    writer.stage("converting", step=0, total_steps=total + 1)
     conv = convert(model_dir, base_path, config.outtype, config.pre_tokenizer, out_dir / "convert.log")
     warnings = []
     if conv["pre_tokenizer_fallback"]:
@@ -229,7 +229,7 @@ def quantize(config: QuantizeConfig, on_progress: ProgressCallback | None = None
         writer({"event": "warning", "message": warnings[-1]})
     files = [{"quant": config.outtype, "path": base_path}]
     for i, (quant, path) in enumerate(quant_paths.items(), start=1):
-        writer.stage("quantizing", quant=quant, step=i, total_steps=total)
+        writer.stage("quantizing", quant=quant, step=i, total_steps=total + 1)
         quantize_file(base_path, path, quant)
         files.append({"quant": quant, "path": path})
 
@@ -237,7 +237,7 @@ def quantize(config: QuantizeConfig, on_progress: ProgressCallback | None = None
     for entry in files:
         out = {"quant": entry["quant"], **artifact(entry["path"], "gguf")}
         if config.verify:
-            writer.stage("verifying", file=entry["path"].name)
+            writer.stage("verifying", file=entry["path"].name, step=total, total_steps=total + 1)
             out["verification"] = verify_gguf(entry["path"])
         outputs.append(out)
     if config.verify:

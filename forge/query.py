@@ -1,21 +1,25 @@
-"""Ask a GGUF something through its chat template: llama-cpp-python, or a running Ollama when
-OLLAMA_HOST is set and the model is there."""
+"""Ask a model something through its chat template: llama-cpp-python on a GGUF, or a running Ollama
+when OLLAMA_HOST is set and Ollama has the model."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from forge.errors import Codes, ForgeError
 from forge.modelfile import check_gguf
 
 
-def query(gguf: Path, messages: list[dict], max_tokens: int = 64, temperature: float = 0.0,
+def query(gguf: Path | None, messages: list[dict], max_tokens: int = 64, temperature: float = 0.0,
           ollama_model: str | None = None) -> dict:
     host = os.environ.get("OLLAMA_HOST")
-    if host and ollama_model:
-        reply = _ollama(host, ollama_model, messages, max_tokens, temperature)
-        if reply is not None:
-            return reply
+    if host and ollama_model and ollama_has(host, ollama_model):
+        return _ollama_chat(host, ollama_model, messages, max_tokens, temperature)
+    if gguf is None:
+        raise ForgeError(Codes.MODEL_NOT_FOUND,
+                         f"{ollama_model!r} is neither a GGUF path, a job id, nor a model Ollama has"
+                         + ("" if host else " (OLLAMA_HOST is not set)"),
+                         "pass a .gguf path or a quantize/pipeline job id, or `ollama create` the model first")
     check_gguf(gguf)
     from forge.quantize import load_llama
 
@@ -27,18 +31,28 @@ def query(gguf: Path, messages: list[dict], max_tokens: int = 64, temperature: f
             "backend": "llama-cpp-python"}
 
 
-def _ollama(host: str, model: str, messages: list[dict], max_tokens: int, temperature: float) -> dict | None:
+def _base(host: str) -> str:
+    return host.rstrip("/") if host.startswith("http") else f"http://{host.rstrip('/')}"
+
+
+def ollama_has(host: str, model: str) -> bool:
     import requests
 
-    base = host if host.startswith("http") else f"http://{host}"
     try:
-        resp = requests.post(f"{base}/api/chat", timeout=120, json={
-            "model": model, "messages": messages, "stream": False,
-            "options": {"num_predict": max_tokens, "temperature": temperature}})
+        return requests.post(f"{_base(host)}/api/show", json={"model": model}, timeout=10).status_code == 200
     except requests.RequestException:
-        return None
+        return False
+
+
+def _ollama_chat(host: str, model: str, messages: list[dict], max_tokens: int, temperature: float) -> dict:
+    import requests
+
+    resp = requests.post(f"{_base(host)}/api/chat", timeout=300, json={
+        "model": model, "messages": messages, "stream": False,
+        "options": {"num_predict": max_tokens, "temperature": temperature}})
     if resp.status_code != 200:
-        return None
+        raise ForgeError(Codes.MODEL_NOT_FOUND, f"Ollama at {host} answered {resp.status_code}: {resp.text[:200]}",
+                         "check the model name with `ollama list`")
     data = resp.json()
     return {"reply": data["message"]["content"], "finish_reason": data.get("done_reason"),
             "prompt_tokens": data.get("prompt_eval_count", 0), "completion_tokens": data.get("eval_count", 0),

@@ -192,3 +192,107 @@ async def test_queued_jobs_wait_behind_the_concurrency_limit_and_cancel_cleanly(
         assert cancelled["status"] == "cancelled"
         killed = await call(client, "forge_job_cancel", {"job_id": first["job_id"], "force": True})
         assert killed["status"] == "cancelled"
+
+
+async def test_a_crashing_worker_fails_its_job_with_a_code_and_the_server_stays_up(server):
+    import signal
+
+    async with Client(server) as client:
+        assets = await call(client, "forge_demo_assets")
+        handle = await call(client, "forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
+                                                    "hyperparameters": {"max_steps": 5000}})
+        with anyio.fail_after(120):
+            while (await call(client, "forge_job_status", {"job_id": handle["job_id"]}))["stage"] != "training":
+                await anyio.sleep(0.2)
+        os.kill(server.runner.store.get(handle["job_id"])["pid"], signal.SIGSEGV)
+        status = await call(client, "forge_job_wait", {"job_id": handle["job_id"], "timeout_s": 60})
+        assert status["status"] == "failed"
+        assert status["error"]["code"] == "worker_crashed" and "SIGSEGV" in status["error"]["message"]
+        assert status["error"]["retryable"] is True
+        env = await call(client, "forge_environment")  # the server still answers
+        assert env["python"]
+
+
+async def test_pipeline_status_shows_each_child_stage_and_the_token_never_leaks(server, home, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_NEVER_SHOW_THIS_TOKEN")
+    async with Client(server) as client:
+        assets = await call(client, "forge_demo_assets")
+        handle = await call(client, "forge_pipeline", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
+                                                       "hyperparameters": {"max_steps": 3}})
+        seen_percents = []
+        with anyio.fail_after(300):
+            while True:
+                status = await call(client, "forge_job_status", {"job_id": handle["job_id"]})
+                seen_percents.append(status["progress"]["percent"] or 0)
+                if status["status"] not in ("queued", "running"):
+                    break
+                await anyio.sleep(0.3)
+        assert status["status"] == "succeeded", status
+        assert [(s["stage"], s["status"]) for s in status["stages"]] == [
+            (name, "succeeded") for name in ("train", "merge", "quantize", "modelfile", "seal")]
+        assert status["progress"]["percent"] == 100.0 and seen_percents == sorted(seen_percents)
+        texts = [status_text := json.dumps(status)]
+        events = await call(client, "forge_job_events", {"job_id": handle["job_id"], "limit": 200})
+        texts.append(json.dumps(events))
+        texts.append((await client.read_resource(f"forge://jobs/{handle['job_id']}/log")).contents[0].text)
+    run_dir = Path(status["run_dir"])
+    texts += [p.read_text(encoding="utf-8", errors="replace") for p in run_dir.rglob("*")
+              if p.is_file() and p.suffix in (".json", ".jsonl", ".md", ".log", "")]
+    texts.append((home / "forge.db").read_bytes().decode("utf-8", errors="replace"))
+    assert status_text and not any("hf_NEVER_SHOW_THIS_TOKEN" in t for t in texts)
+
+
+class _FakeOllama:
+    """A stand-in for a running Ollama (an outside service that cannot be installed here): the two
+    endpoints forge_query_model uses, on 127.0.0.1, recording what it received."""
+
+    def __init__(self, models):
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                received.append((self.path, body))
+                if body.get("model") not in models:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                reply = {"model": body["model"]} if self.path == "/api/show" else {
+                    "message": {"role": "assistant", "content": "Hi from Ollama."}, "done_reason": "stop",
+                    "prompt_eval_count": 9, "eval_count": 4}
+                data = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+async def test_query_model_uses_a_running_ollama_when_it_has_the_model(server, monkeypatch):
+    ollama = _FakeOllama(models={"my-tuned-model"})
+    monkeypatch.setenv("OLLAMA_HOST", ollama.host)
+    try:
+        async with Client(server) as client:
+            reply = await call(client, "forge_query_model", {"model": "my-tuned-model", "prompt": "Hi"})
+            missing = await call(client, "forge_query_model", {"model": "not-there", "prompt": "Hi"})
+    finally:
+        ollama.close()
+    assert reply == {"reply": "Hi from Ollama.", "finish_reason": "stop", "prompt_tokens": 9,
+                     "completion_tokens": 4, "backend": "ollama"}
+    chat = [body for path, body in ollama.received if path == "/api/chat"][0]
+    assert chat["messages"] == [{"role": "user", "content": "Hi"}] and chat["stream"] is False
+    assert missing["error"]["code"] == "model_not_found"

@@ -40,6 +40,11 @@ class JobHandle(BaseModel):
     how_to_follow: str
 
 
+class StageState(BaseModel):
+    stage: str
+    status: str
+
+
 class JobStatus(BaseModel):
     job_id: str
     kind: str
@@ -51,6 +56,7 @@ class JobStatus(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
+    stages: list[StageState] = Field(default_factory=list, description="A pipeline's child stages, in order.")
     run_dir: str | None = None
     artifacts: list[Artifact] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)

@@ -22,7 +22,7 @@ import forge
 from forge.errors import ForgeError
 from mcp_servers.forge.models import (
     Artifact, DemoAssets, ErrorInfo, JobEvent, JobEvents, JobHandle, JobList, JobStatus, ModelfileResult,
-    Progress, QueryResult, Report, SealResult,
+    Progress, QueryResult, Report, SealResult, StageState,
 )
 from mcp_servers.lib.paths import check_model_ref, check_path
 from mcp_servers.lib.runner import Runner
@@ -114,6 +114,27 @@ def create_server(home: Path | None = None) -> MCPServer:
     server = MCPServer(name="forge", title="Forge", version=forge.__version__, instructions=INSTRUCTIONS)
     server.runner = runner  # tests and the CLI reach the runner through the server
 
+    def child_stages(job: dict) -> list[StageState]:
+        if job["kind"] != "pipeline":
+            return []
+        from forge.pipeline import STAGES
+
+        done = {e["data"]["pipeline_stage"]: e["data"].get("status") or "succeeded"
+                for e in runner.store.events(job["id"], limit=10_000) if e["type"] == "stage_done"}
+        current = (job.get("stage") or "").split(":")[0]
+        states = []
+        for stage in STAGES:
+            if stage in done:
+                state = done[stage]
+            elif stage == current and job["status"] in ("running", "cancelling"):
+                state = "running"
+            elif job["status"] in ("failed", "cancelled") and stage == current:
+                state = job["status"]
+            else:
+                state = "pending"
+            states.append(StageState(stage=stage, status=state))
+        return states
+
     def status_of(job: dict) -> JobStatus:
         err = job.get("error")
         return JobStatus(
@@ -121,6 +142,7 @@ def create_server(home: Path | None = None) -> MCPServer:
             queue_position=runner.queue_position(job["id"]) if job["status"] == "queued" else None,
             progress=Progress(**(job.get("progress") or {})), created_at=job["created_at"],
             started_at=job.get("started_at"), finished_at=job.get("finished_at"), inputs=job["params"],
+            stages=child_stages(job),
             run_dir=job.get("run_dir"), artifacts=_artifacts(job.get("result")), metrics=_metrics(job.get("result")),
             error=ErrorInfo(**{k: err.get(k) for k in ("code", "message", "hint", "retryable") if k in err})
             if err else None, next_actions=_next_actions(job))
@@ -190,13 +212,28 @@ def create_server(home: Path | None = None) -> MCPServer:
     @_tool_errors
     async def forge_query_model(model: str, messages: list[dict[str, str]] | None = None, prompt: str | None = None,
                                 max_tokens: int = 64, temperature: float = 0.0) -> QueryResult:
-        """Ask a GGUF (path, or quantize/pipeline job id) something through its chat template with
-        llama-cpp-python — the quick "does it talk like it should" check after quantizing."""
+        """Ask a model something through its chat template — the quick "does it talk like it should"
+        check after quantizing. model: a GGUF path or quantize/pipeline job id (llama-cpp-python), or,
+        when OLLAMA_HOST is set, a model Ollama has (a job's Modelfile name is tried there first)."""
         from forge.query import query
 
-        path = job_output(model, ("quantize", "pipeline"), _last_gguf)
+        gguf, ollama_name = None, None
+        if Path(model).expanduser().exists() or model.startswith(("/", ".", "~")):
+            gguf = check_path(model, "model")
+        else:
+            try:
+                job = runner.require(model, ("quantize", "pipeline"))
+            except ForgeError as err:
+                if err.code != "job_not_found":
+                    raise
+                ollama_name = model
+            else:
+                gguf = Path(_last_gguf(job["result"]))
+                modelfile_record = gguf.parent.parent / "stages" / "modelfile.json"
+                if modelfile_record.is_file():
+                    ollama_name = json.loads(modelfile_record.read_text(encoding="utf-8")).get("model_name")
         msgs = messages or [{"role": "user", "content": prompt or "Hello"}]
-        out = await anyio.to_thread.run_sync(lambda: query(Path(path), msgs, max_tokens, temperature))
+        out = await anyio.to_thread.run_sync(lambda: query(gguf, msgs, max_tokens, temperature, ollama_name))
         return QueryResult(**out)
 
     @server.tool(annotations=WRITES)
@@ -295,7 +332,9 @@ def create_server(home: Path | None = None) -> MCPServer:
 
     @server.tool(annotations=READ_ONLY)
     @_tool_errors
-    async def forge_job_list(status: str | None = None, kind: str | None = None, limit: int = 20,
+    async def forge_job_list(status: Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+                             | None = None,
+                             kind: Literal["train", "merge", "quantize", "pipeline"] | None = None, limit: int = 20,
                              cursor: str | None = None) -> JobList:
         """Jobs, newest first, optionally filtered by status and kind; page with cursor."""
         limit = max(1, min(limit, 100))

@@ -89,7 +89,9 @@ class Runner:
         if created:
             run_dir = self.run_dir(job["id"])
             if kind in ("train", "pipeline") and not params.get("output_dir"):
-                params = {**params, "output_dir": str(run_dir)}  # runs/<job_id>/ is the run dir
+                # runs/<job_id>/ is the run dir, or runs/<output_name>/ when the caller named it
+                name = params.pop("output_name", None)
+                params = {**params, "output_dir": str(self.home / "runs" / name if name else run_dir)}
             self.store.update(job["id"], run_dir=str(run_dir), params=params)
         self.pump()
         return self.store.get(job["id"]), created

@@ -15,6 +15,9 @@ import traceback
 from pathlib import Path
 
 HEARTBEAT_S = 2.0
+PROGRESS_KEYS = ("step", "total_steps", "epoch", "percent", "eta_s", "tokens_per_s", "loss")
+# Share of a pipeline's percent each stage covers (training dominates the wall time).
+PIPELINE_SPANS = {"train": (0, 70), "merge": (70, 80), "quantize": (80, 95), "modelfile": (95, 97), "seal": (97, 100)}
 
 
 def _error_from(exc: BaseException) -> dict:
@@ -54,13 +57,21 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_progress(event: dict) -> None:
         kind = event.get("event")
+        child = event.get("pipeline_stage")
+        if kind == "progress":
+            progress.update({k: event.get(k) for k in PROGRESS_KEYS})
+        elif kind == "stage" and event.get("total_steps"):
+            # stages without a step loop (merge, quantize) still move: step = sub-stages done
+            progress.update(step=event["step"], total_steps=event["total_steps"], eta_s=None,
+                            percent=round(100.0 * event["step"] / event["total_steps"], 1))
+        if child and progress.get("percent") is not None and kind in ("progress", "stage"):
+            # a pipeline's percent spans all its stages, not only the one running
+            low, high = PIPELINE_SPANS[child]
+            progress["percent"] = round(low + (high - low) * progress["percent"] / 100.0, 1)
         if kind == "stage":
-            stage = event["stage"] if "pipeline_stage" not in event else f"{event['pipeline_stage']}:{event['stage']}"
-            store.update(job_id, stage=stage)
+            store.update(job_id, stage=f"{child}:{event['stage']}" if child else event["stage"], progress=progress)
             store.add_event(job_id, "stage", event)
         elif kind == "progress":
-            progress.update({k: event.get(k) for k in ("step", "total_steps", "epoch", "percent", "eta_s",
-                                                      "tokens_per_s", "loss")})
             store.update(job_id, progress=progress, heartbeat_at=time.time())
         else:
             store.add_event(job_id, kind or "event", event)
@@ -79,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     stop.set()
     final = Status.CANCELLED if result.get("status") == "cancelled" else Status.SUCCEEDED
-    if final == Status.SUCCEEDED and progress.get("total_steps"):
-        progress.update(percent=100.0, step=progress["total_steps"], eta_s=0)
+    if final == Status.SUCCEEDED:
+        progress.update(percent=100.0, eta_s=0)
+        if progress.get("total_steps"):
+            progress["step"] = progress["total_steps"]
     store.transition(job_id, final, result=result, progress=progress, stage="done" if final == Status.SUCCEEDED else None,
                      run_dir=result.get("run_dir") or job.get("run_dir"))
     log.info("job %s %s", job_id, final.value)
