@@ -109,3 +109,14 @@ def gguf_module(converter_dir: Path | None = None):
     import gguf
 
     return gguf
+
+
+def gguf_fields(path: Path, keys: tuple[str, ...]) -> tuple[dict, list]:
+    """Values of the header ``keys`` (None when absent) and the tensor list of a GGUF file."""
+    gguf = gguf_module()
+    reader = gguf.GGUFReader(str(path))
+    values = {}
+    for key in keys:
+        field = reader.fields.get(key)
+        values[key] = field.contents() if field is not None else None
+    return values, list(reader.tensors)

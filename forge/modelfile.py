@@ -146,18 +146,13 @@ def _quote(text: str) -> str:
 
 def gguf_tokens(gguf_path: Path) -> dict:
     """Chat template and EOS/EOT token strings from a GGUF's header."""
-    from forge.converter import gguf_module
+    from forge.converter import gguf_fields
 
-    gguf = gguf_module()
-    reader = gguf.GGUFReader(str(gguf_path))
-
-    def value(key):
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else None
-
-    tokens = value("tokenizer.ggml.tokens") or []
-    special = [value(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
-    return {"chat_template": value("tokenizer.chat_template"),
+    fields, _ = gguf_fields(gguf_path, ("tokenizer.chat_template", "tokenizer.ggml.tokens",
+                                        "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"))
+    tokens = fields["tokenizer.ggml.tokens"] or []
+    special = [fields["tokenizer.ggml.eos_token_id"], fields["tokenizer.ggml.eot_token_id"]]
+    return {"chat_template": fields["tokenizer.chat_template"],
             "eos_tokens": [tokens[i] for i in special if i is not None and i < len(tokens)]}
 
 

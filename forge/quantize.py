@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 
 from forge._gguf_convert import FALLBACK_MARKER
 from forge.config import StageConfig
-from forge.converter import ensure_converter, gguf_module
+from forge.converter import ensure_converter, gguf_fields, gguf_module
 from forge.errors import Codes, ForgeError
 from forge.seal import record_stage_near
 from forge.progress import ProgressCallback, ProgressWriter
@@ -141,25 +141,20 @@ def quantize_file(src: Path, dst: Path, quant: str) -> None:
 
 def read_header(path: Path) -> dict:
     """Architecture, file type, chat template and tensor types from a GGUF's header."""
-    gguf = gguf_module()
-    reader = gguf.GGUFReader(str(path))
-
-    def field(key):
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else None
-
+    fields, tensors = gguf_fields(path, ("general.architecture", "general.file_type", "tokenizer.chat_template",
+                                         "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id"))
     tensor_types: dict[str, int] = {}
-    for tensor in reader.tensors:
+    for tensor in tensors:
         tensor_types[tensor.tensor_type.name] = tensor_types.get(tensor.tensor_type.name, 0) + 1
-    file_type = field("general.file_type")
+    file_type = fields["general.file_type"]
     return {
-        "architecture": field("general.architecture"),
-        "file_type": gguf.LlamaFileType(file_type).name if file_type is not None else None,
-        "chat_template": field("tokenizer.chat_template"),
-        "pre_tokenizer": field("tokenizer.ggml.pre"),
-        "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+        "architecture": fields["general.architecture"],
+        "file_type": gguf_module().LlamaFileType(file_type).name if file_type is not None else None,
+        "chat_template": fields["tokenizer.chat_template"],
+        "pre_tokenizer": fields["tokenizer.ggml.pre"],
+        "eos_token_id": fields["tokenizer.ggml.eos_token_id"],
         "tensor_types": tensor_types,
-        "tensor_count": len(reader.tensors),
+        "tensor_count": len(tensors),
     }
 
 

@@ -61,3 +61,16 @@ def go_render(tmp_path_factory) -> Path:
     env = {**os.environ, "GOCACHE": str(out.parent / "cache"), "GOFLAGS": "-mod=mod", "GOPATH": str(out.parent)}
     subprocess.run([go, "build", "-o", str(out), "."], cwd=ROOT / "tests" / "gotemplate", check=True, env=env)
     return out
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A FORGE_HOME of the test's own, with one job at a time (as on a CPU-only machine)."""
+    monkeypatch.setenv("FORGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FORGE_MAX_CONCURRENT_JOBS", "1")
+    return tmp_path / "home"

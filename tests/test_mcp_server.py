@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import anyio
@@ -18,17 +19,6 @@ TOOLS = {
     "forge_job_status", "forge_job_list", "forge_job_events", "forge_job_cancel", "forge_job_wait",
 }
 
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("FORGE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("FORGE_MAX_CONCURRENT_JOBS", "1")
-    return tmp_path / "home"
 
 
 @pytest.fixture
@@ -106,8 +96,21 @@ async def test_unknown_job_and_bad_hyperparameters_are_clear_errors(server):
     assert bad.is_error and "epochz" in bad.content[0].text
 
 
-async def test_stage_tools_one_by_one_from_train_to_seal(server):
-    async with Client(server) as client:
+@pytest.fixture(params=["in-process", "stdio"])
+def connect(request, server, home):
+    """A client of the in-process server, or of a second server process over stdio on the same FORGE_HOME."""
+    if request.param == "in-process":
+        return lambda: Client(server)
+    from mcp import StdioServerParameters
+
+    root = Path(__file__).resolve().parent.parent
+    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_servers.forge.server"],
+                                   env={**os.environ, "FORGE_HOME": str(home)}, cwd=str(root))
+    return lambda: Client(params, read_timeout_seconds=600)
+
+
+async def test_stage_tools_one_by_one_from_train_to_seal(connect):
+    async with connect() as client:
         assets = await call(client, "forge_demo_assets")
         handle = await call(client, "forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
                                                     "hyperparameters": {"max_steps": 4, "learning_rate": 0.002},

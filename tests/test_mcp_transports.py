@@ -3,7 +3,6 @@ mid-train, and the MCP Inspector CLI."""
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,16 +19,6 @@ from mcp_servers.forge.server import create_server, main as server_main
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("FORGE_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
 
 
 def server_env(home) -> dict:

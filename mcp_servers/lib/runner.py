@@ -111,20 +111,27 @@ class Runner:
                 running += job["kind"] in HEAVY_KINDS
 
     def _spawn(self, job: dict) -> None:
+        # Claim the job before starting a worker: two servers on one FORGE_HOME (say Claude Desktop
+        # and Claude Code) pump the same queue, and only one claim can succeed.
+        try:
+            self.store.transition(job["id"], Status.RUNNING, heartbeat_at=time.time())
+        except ForgeError as err:
+            if err.code == JobCodes.INVALID_TRANSITION:
+                return
+            raise
         run_dir = self.run_dir(job["id"])
         run_dir.mkdir(parents=True, exist_ok=True)
-        log = open(run_dir / "job.log", "ab")  # noqa: SIM115 (the child owns it from here)
         env = {k: v for k, v in os.environ.items() if k != "FORGE_MCP_TOKEN"}
         env["FORGE_HOME"] = str(self.home)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mcp_servers.lib.worker", str(self.store.path), job["id"]],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True,  # its own process group: a server restart does not kill it
-        )
-        log.close()
+        with open(run_dir / "job.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "mcp_servers.lib.worker", str(self.store.path), job["id"]],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,  # its own process group: a server restart does not kill it
+            )
         self.procs[job["id"]] = proc
-        self.store.transition(job["id"], Status.RUNNING, pid=proc.pid, heartbeat_at=time.time())
+        self.store.update(job["id"], pid=proc.pid)
 
     # ---- restart and crash handling ----
 
@@ -148,6 +155,8 @@ class Runner:
                 if Status(job["status"]) in TERMINAL:
                     continue
                 self._worker_gone(job, rc)
+            elif job["pid"] is None and time.time() - (job["started_at"] or 0) < HEARTBEAT_STALE_S:
+                continue  # claimed by another server a moment ago; its worker is starting
             elif not _alive(job["pid"]) or time.time() - (job["heartbeat_at"] or 0) > HEARTBEAT_STALE_S:
                 self._worker_gone(job, None)
 
@@ -180,6 +189,8 @@ class Runner:
         if status == Status.RUNNING:
             self.store.transition(job_id, Status.CANCELLING, cancel_requested_at=time.time())
         pid = job["pid"]
+        if pid is None:  # claimed, worker not started yet: it sees 'cancelling' and stops at once
+            return self.store.get(job_id)
         try:
             if force:
                 os.killpg(pid, signal.SIGKILL)  # the worker leads its own process group

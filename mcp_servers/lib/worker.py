@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=heartbeat, daemon=True).start()
     if job["status"] == Status.QUEUED.value:
         store.transition(job_id, Status.RUNNING, pid=os.getpid(), heartbeat_at=time.time())
+    elif job["status"] == Status.CANCELLING.value:  # cancelled between the claim and this start
+        store.transition(job_id, Status.CANCELLED)
+        return 0
+    else:
+        store.update(job_id, pid=os.getpid(), heartbeat_at=time.time())
 
     progress: dict = {}
 
