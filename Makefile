@@ -7,7 +7,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.forge-installed
 TORCH_CPU := torch==2.13.0
-export FORGE_HOME ?= $(CURDIR)/.forge
 
 .PHONY: demo test install go inspector clean
 
@@ -40,10 +39,10 @@ inspector:
 
 # The product as an agent meets it: forge-mcp over stdio, driven through its tools.
 demo: $(STAMP)
-	$(BIN)/python -m mcp_servers.forge.demo_agent demo_run
+	$(BIN)/python -m mcp_servers.forge.demo_agent
 
 test: $(STAMP) go inspector
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf demo_run .forge .pytest_cache .inspector
+	rm -rf .pytest_cache .inspector

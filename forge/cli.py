@@ -32,8 +32,11 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], positional: str | None = None):
+def _add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], positional: str | None = None,
+                      exclude: tuple[str, ...] = ()):
     for name, field in model.model_fields.items():
+        if name in exclude:
+            continue
         flag = "--" + name.replace("_", "-")
         ann = field.annotation
         origin, args = typing.get_origin(ann), typing.get_args(ann)
@@ -60,9 +63,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], p
 
 
 def _stage(sub, name: str, model: type[BaseModel], help_text: str, positional: str | None = None,
-           yaml: bool = False):
+           yaml: bool = False, exclude: tuple[str, ...] = ()):
     parser = sub.add_parser(name, help=help_text, description=help_text)
-    _add_config_flags(parser, model, positional)
+    _add_config_flags(parser, model, positional, exclude)
     if yaml:
         parser.add_argument("--config", dest="_config", help="YAML config file; flags override its fields")
     parser.add_argument("--json", dest="_json", action="store_true", help="print the result as JSON")
@@ -78,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     from forge.modelfile import ModelfileConfig
     from forge.pipeline import PipelineConfig
     from forge.quantize import QuantizeConfig
+    from forge.publish import PublishConfig
     from forge.seal import SealConfig
+    from forge.snapshot import SnapshotConfig
     from forge.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="forge", description="Fine-tune an open model end to end.")
@@ -94,7 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     _stage(sub, "quantize", QuantizeConfig, "Convert a merged model to GGUF and quantize it (llama.cpp).")
     mf = _stage(sub, "modelfile", ModelfileConfig, "Write an Ollama Modelfile for a GGUF.")
     mf.add_argument("--check", dest="_check", metavar="MODELFILE", help="validate an existing Modelfile instead")
-    _stage(sub, "seal", SealConfig, "Seal a run: hash-verified record and retrospective.")
+    seal = sub.add_parser("seal", help="Seal runs (hash-verified record + retrospective), or verify a seal.")
+    seal_sub = seal.add_subparsers(dest="seal_command", required=True)
+    _stage(seal_sub, "create", SealConfig, "Seal run dirs: canonical-JSON record, retrospective, loss curve.",
+           exclude=("jobs",))
+    verify = seal_sub.add_parser("verify", help="Re-hash a seal (default: the newest) and its artifacts; walk the chain.")
+    verify.add_argument("seal_ref", nargs="?", default=None, help="seal id (sha256:…) or a prefix of it")
+    verify.add_argument("--json", dest="_json", action="store_true", help="print the result as JSON")
+    _stage(sub, "snapshot", SnapshotConfig, "Seal the newest run, or bundle a manifest's files for an agent (audit).")
+    _stage(sub, "publish", PublishConfig, "Publish an adapter, merged model or GGUFs to the Hugging Face Hub.")
     _stage(sub, "pipeline", PipelineConfig, "Run train → merge → quantize → modelfile → seal.", yaml=True)
     _stage(sub, "demo-assets", DemoAssetsConfig, "Write the tiny demo model and sample dataset.", positional="dir")
     demo = sub.add_parser("demo", help="Build the demo assets and run every stage on them.")
@@ -112,8 +125,10 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> dict:
-    from forge import data, demo, env, merge, modelfile, pipeline, quantize, seal, train
+    from forge import data, demo, env, merge, modelfile, pipeline, publish, quantize, seal, snapshot, train
 
+    if args.command == "seal" and args.seal_command == "verify":
+        return seal.verify(args.seal_ref)
     if args.command == "demo":
         return run_demo(args.dir, echo=not args._json)
     if args.command == "modelfile" and args._check:
@@ -127,6 +142,7 @@ def _run(args: argparse.Namespace) -> dict:
     runners = {
         "env": env.environment, "train": train.train, "merge": merge.merge, "quantize": quantize.quantize,
         "modelfile": modelfile.write_modelfile, "seal": seal.seal, "pipeline": pipeline.run_pipeline,
+        "snapshot": snapshot.snapshot, "publish": publish.publish,
         "demo-assets": demo.write_demo_assets,
     }
     if args.command in ("train", "pipeline") and not args._json:
@@ -149,6 +165,12 @@ def _print_progress(event: dict) -> None:
 
 
 def _summary(result: dict) -> str:
+    if "mismatches" in result:  # seal verify
+        lines = [f"seal {result['seal_id']}: {'OK' if result['ok'] else 'MISMATCH'} "
+                 f"(chain of {result['chain_length']})"]
+        lines += [f"  mismatch {m['file']}: expected {m['expected']}, found {m['found']}" for m in result["mismatches"]]
+        lines += [f"  missing (not checked) {p}" for p in result["missing"]]
+        return "\n".join(lines)
     keep = {k: v for k, v in result.items() if k not in ("artifacts", "content", "stages", "outputs", "example")}
     lines = [f"{k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}" for k, v in keep.items()]
     for out in result.get("outputs", []):
@@ -229,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2, default=str))
     elif args.command != "demo":
         print(_summary(result))
+    if result.get("ok") is False:  # seal verify found a mismatch
+        return 1
     return 0 if result.get("status", "succeeded") in ("succeeded", None) or "status" not in result else 1
 
 

@@ -27,6 +27,10 @@ class Codes:
     NO_CHECKPOINT = "no_checkpoint"
     MODELFILE_INVALID = "modelfile_invalid"
     GGUF_NOT_FOUND = "gguf_not_found"
+    PATH_NOT_ALLOWED = "path_not_allowed"
+    SEAL_NOT_FOUND = "seal_not_found"
+    HUB_AUTH_MISSING = "hub_auth_missing"
+    HUB_ERROR = "hub_error"
     INTERNAL = "internal_error"
 
 

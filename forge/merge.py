@@ -141,6 +141,7 @@ def merge(config: MergeConfig, on_progress: ProgressCallback | None = None) -> d
                 )
     writer({"event": "done", "merged_dir": str(merged_dir)})
     result = {"status": "succeeded", "merged_dir": str(merged_dir), "base_model": base_ref, "dtype": dtype,
-              "parity": report, "stripped_config_keys": removed, "artifacts": dir_artifacts(merged_dir, "merged")}
+              "parity": report, "stripped_config_keys": removed, "artifacts": dir_artifacts(merged_dir, "merged"),
+              "config": config.model_dump(mode="json")}
     record_stage_near(merged_dir, "merge", result)
     return result

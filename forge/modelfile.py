@@ -183,7 +183,7 @@ def write_modelfile(config: ModelfileConfig) -> dict:
     result = {"status": "succeeded", "path": str(out), "content": content,
               "template_family": family.name if family else "custom", "stop_tokens": stops, "parameters": params,
               "ollama_create": f"ollama create {name} -f {shlex.quote(str(out))}", "model_name": name,
-              "artifacts": [artifact(out, "modelfile")]}
+              "artifacts": [artifact(out, "modelfile")], "config": config.model_dump(mode="json")}
     record_stage_near(out, "modelfile", result)
     return result
 

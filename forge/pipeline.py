@@ -69,5 +69,5 @@ def run_pipeline(config: PipelineConfig, on_progress: ProgressCallback | None = 
     done("modelfile", write_modelfile(ModelfileConfig(gguf=Path(quantized["outputs"][-1]["path"]),
                                                       system_prompt=config.system_prompt)))
     progress("seal")
-    done("seal", seal(SealConfig(run_dir=run_dir, note=config.note)))
+    done("seal", seal(SealConfig(run_dirs=[run_dir], note=config.note)))
     return {"status": "succeeded", "run_dir": str(run_dir), "stages": results}

@@ -243,6 +243,7 @@ def quantize(config: QuantizeConfig, on_progress: ProgressCallback | None = None
     writer({"event": "done", "files": [o["path"] for o in outputs]})
     result = {"status": "succeeded", "gguf_dir": str(out_dir), "outputs": outputs, "warnings": warnings,
               "pre_tokenizer_fallback": conv["pre_tokenizer_fallback"], "convert_log": conv["log"],
-              "artifacts": [{k: o[k] for k in ("kind", "path", "bytes", "sha256")} for o in outputs]}
+              "artifacts": [{k: o[k] for k in ("kind", "path", "bytes", "sha256")} for o in outputs],
+              "config": config.model_dump(mode="json")}
     record_stage_near(base_path, "quantize", result)
     return result

@@ -1,14 +1,21 @@
-"""Seal a run: a canonical-JSON record (configs, dataset and artifact hashes, metrics, versions,
-hardware, warnings) whose sha256 is its id, and a Markdown retrospective rendered from it alone.
+"""Seals: what an agent or a person reads next week to know exactly what was trained, from what, how
+it went and where every artifact is — and to prove none of it changed since.
 
-Stages leave their results in ``<run dir>/stages/<stage>.json``; the seal re-hashes every artifact
-when it is made rather than trusting those records.
+A seal covers one or more run dirs. Its record is canonical JSON (sorted keys, compact, UTF-8);
+its id is the sha256 of those bytes, tagged ``sha256:…``. Seals chain through ``previous`` and live
+in ``$FORGE_HOME/seals/<time>-<short id>/`` (seal.json, retrospective.md, loss_curve.png); nothing is
+ever overwritten. Stages leave their results in ``<run dir>/stages/<stage>.json``; the seal re-hashes
+every artifact when it is made rather than trusting those records.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,17 +23,22 @@ from pydantic import Field
 
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
-from forge.workspace import artifact, atomic_write_text, sha256_file
+from forge.workspace import artifact, atomic_write_text, forge_home, sha256_file
 
-SCHEMA = "forge.seal/1"
+SCHEMA = "forge.seal/2"
 STAGE_ORDER = ("train", "merge", "quantize", "modelfile")
 ARTIFACT_GLOBS = {"adapter": "adapter/*", "merged": "merged/*", "gguf": "gguf/*.gguf", "modelfile": "gguf/Modelfile"}
+ID_FILE = "seal.sha256"
 
 
 class SealConfig(StageConfig):
-    run_dir: Path = Field(description="Run dir to seal (holds stages/*.json).")
+    run_dirs: list[Path] = Field(description="Run dirs the seal covers (each holds stages/*.json).")
     note: str | None = Field(None, description="A note kept in the record.")
+    project_dir: Path | None = Field(None, description="A git repo whose commit and dirty state are recorded.")
+    jobs: list[dict] = Field(default_factory=list, description="Job records (from the MCP job store) to keep.")
 
+
+# ---- stage records ----
 
 def record_stage(run_dir: Path, stage: str, result: dict) -> None:
     """Keep a stage's result in the run dir, so a seal (or an agent) can read it later."""
@@ -47,6 +59,8 @@ def record_stage_near(output: Path, stage: str, result: dict) -> None:
         record_stage(run_dir, stage, result)
 
 
+# ---- hashing ----
+
 def canonical_json(record: dict) -> bytes:
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
 
@@ -54,6 +68,8 @@ def canonical_json(record: dict) -> bytes:
 def seal_id(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
+
+# ---- building the record ----
 
 def _load_stages(run_dir: Path) -> dict:
     stages = {}
@@ -64,66 +80,233 @@ def _load_stages(run_dir: Path) -> dict:
     return stages
 
 
-def build_record(run_dir: Path, note: str | None = None) -> dict:
-    from forge.env import versions
-    from forge.hardware import hardware_summary
+def hub_revision(ref: str | None) -> str | None:
+    """The commit a hub model was loaded at, when the local HF cache knows it."""
+    if not ref:
+        return None
+    path = Path(ref)
+    if path.is_dir():
+        return path.name if path.parent.name == "snapshots" else None
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return None
+    refs = Path(constants.HF_HUB_CACHE) / f"models--{ref.replace('/', '--')}" / "refs" / "main"
+    return refs.read_text(encoding="utf-8").strip() if refs.is_file() else None
 
+
+def _progress_warnings(run_dir: Path) -> list[str]:
+    found = []
+    for path in sorted(run_dir.rglob("progress.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if '"warning"' in line:
+                event = json.loads(line)
+                if event.get("event") == "warning":
+                    found.append(event.get("message", ""))
+    return found
+
+
+def run_record(run_dir: Path) -> dict:
     run_dir = Path(run_dir).resolve()
     stages = _load_stages(run_dir)
     if not stages:
-        raise ForgeError(Codes.MODEL_NOT_FOUND, f"{run_dir} holds no stage results (stages/*.json)",
+        raise ForgeError(Codes.SEAL_NOT_FOUND, f"{run_dir} holds no stage results (stages/*.json)",
                          "seal a run dir written by forge train / forge pipeline")
     train = stages.get("train", {})
+    base_ref = train.get("base_model") or stages.get("merge", {}).get("base_model")
     artifacts = []
     for kind, pattern in ARTIFACT_GLOBS.items():
         artifacts += [artifact(p, kind) for p in sorted(run_dir.glob(pattern)) if p.is_file()]
     template = next((run_dir / d / "chat_template.jinja" for d in ("merged", "adapter")
                      if (run_dir / d / "chat_template.jinja").is_file()), None)
-    warnings = [w for s in stages.values() for w in s.get("warnings", [])]
+    configs = {s: r["config"] for s, r in stages.items() if "config" in r}
+    if (run_dir / "train_config.json").is_file():
+        configs["train"] = json.loads((run_dir / "train_config.json").read_text(encoding="utf-8"))
+    warnings = list(dict.fromkeys([w for s in stages.values() for w in s.get("warnings", [])]
+                                  + _progress_warnings(run_dir)))
     quant = stages.get("quantize", {})
+    metrics = train.get("metrics", {})
     return {
-        "schema": SCHEMA,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run_dir": str(run_dir),
-        "note": note,
-        "base_model": train.get("base_model") or stages.get("merge", {}).get("base_model"),
+        "base_model": {"ref": base_ref, "revision": hub_revision(base_ref)},
         "method": train.get("method"),
         "dataset": train.get("dataset"),
-        "configs": {s: json.loads((run_dir / "train_config.json").read_text(encoding="utf-8"))
-                    for s in ("train",) if (run_dir / "train_config.json").is_file()},
-        "stages": {s: {"status": r.get("status", "succeeded")} for s, r in stages.items()},
-        "metrics": {k: v for k, v in train.get("metrics", {}).items() if k not in ("loss_curve", "eval_curve")},
-        "loss_curve": train.get("metrics", {}).get("loss_curve", []),
-        "eval_curve": train.get("metrics", {}).get("eval_curve", []),
+        "configs": configs,
+        "stages": {s: {"status": r.get("status", "succeeded"), "error": r.get("error")} for s, r in stages.items()},
+        "metrics": {k: v for k, v in metrics.items() if k not in ("loss_curve", "eval_curve")},
+        "loss_curve": metrics.get("loss_curve", []),
+        "eval_curve": metrics.get("eval_curve", []),
         "merge_parity": stages.get("merge", {}).get("parity"),
-        "gguf": [{"quant": o["quant"], "path": o["path"],
-                  "generated": o.get("verification", {}).get("generated")} for o in quant.get("outputs", [])],
+        "gguf": [{"quant": o["quant"], "path": o["path"], "generated": o.get("verification", {}).get("generated")}
+                 for o in quant.get("outputs", [])],
         "modelfile": {k: stages["modelfile"].get(k) for k in ("path", "template_family", "stop_tokens",
                                                               "ollama_create", "model_name")}
         if "modelfile" in stages else None,
         "chat_template_sha256": sha256_file(template) if template else None,
         "artifacts": artifacts,
-        "versions": versions(),
-        "hardware": hardware_summary(),
         "warnings": warnings,
     }
 
 
+def git_state(project_dir: Path | None) -> dict | None:
+    if project_dir is None:
+        return None
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(project_dir), *args], capture_output=True, text=True)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return {"project_dir": str(project_dir), "git": False}
+    return {"project_dir": str(Path(project_dir).resolve()), "git": True, "commit": head.stdout.strip(),
+            "dirty": bool(git("status", "--porcelain").stdout.strip())}
+
+
+def seals_dir() -> Path:
+    path = forge_home() / "seals"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _chain_lock():
+    """One seal at a time per workspace, so two seals never claim the same ``previous``."""
+    with open(seals_dir() / ".lock", "w", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def head_id() -> str | None:
+    head = seals_dir() / "HEAD"
+    return head.read_text(encoding="utf-8").strip() or None if head.is_file() else None
+
+
 def seal(config: SealConfig) -> dict:
-    record = build_record(config.run_dir, config.note)
-    data = canonical_json(record)
-    sid = seal_id(data)
-    run_dir = Path(record["run_dir"])
-    seal_path, retro_path = run_dir / "seal.json", run_dir / "retrospective.md"
-    atomic_write_text(seal_path, data.decode("utf-8"))
-    retro = render_retrospective(record, sid)
-    atomic_write_text(retro_path, retro)
-    return {"status": "succeeded", "seal_id": sid, "seal_path": str(seal_path),
-            "retrospective_path": str(retro_path), "results_table": results_table(record),
-            "artifacts": [artifact(seal_path, "seal"), artifact(retro_path, "retrospective")]}
+    from forge.env import versions
+    from forge.hardware import hardware_summary
+
+    runs = [run_record(d) for d in config.run_dirs]
+    if not runs:
+        raise ForgeError(Codes.SEAL_NOT_FOUND, "nothing to seal: no run dir given", "pass --run-dir RUN")
+    with _chain_lock():
+        record = {
+            "schema": SCHEMA,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "note": config.note,
+            "previous": head_id(),
+            "runs": runs,
+            "jobs": config.jobs,
+            "git": git_state(config.project_dir),
+            "versions": versions(),
+            "hardware": hardware_summary(),
+            "warnings": list(dict.fromkeys(w for r in runs for w in r["warnings"])),
+        }
+        data = canonical_json(record)
+        sid = seal_id(data)
+        target = seals_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{sid.removeprefix('sha256:')[:12]}"
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.mkdir(parents=True)
+        (tmp / "seal.json").write_bytes(data)
+        (tmp / ID_FILE).write_text(sid + "\n", encoding="utf-8")
+        retro = render_retrospective(record, sid, plot=plot_loss_curve(record, tmp / "loss_curve.png"))
+        (tmp / "retrospective.md").write_text(retro, encoding="utf-8")
+        tmp.rename(target)  # nothing is ever overwritten: each seal gets a dir of its own
+        atomic_write_text(seals_dir() / "HEAD", sid + "\n")
+    for run in runs:  # a convenience copy beside each run; the seal dir holds the sealed one
+        atomic_write_text(Path(run["run_dir"]) / "retrospective.md", retro)
+    return {"status": "succeeded", "seal_id": sid, "seal_dir": str(target), "seal_path": str(target / "seal.json"),
+            "retrospective_path": str(target / "retrospective.md"), "previous": record["previous"],
+            "results_table": results_table(runs[0], record["hardware"]),
+            "artifacts": [artifact(target / "seal.json", "seal"), artifact(target / "retrospective.md", "retrospective")]}
 
 
-# ---- the retrospective, rendered from the record alone ----
+# ---- finding and verifying ----
+
+def find_seal(ref: str | None = None) -> Path:
+    """A seal dir by id (sha256:…, its hex, or a prefix of it); the newest seal when ref is None."""
+    ref = ref or head_id()
+    if not ref:
+        raise ForgeError(Codes.SEAL_NOT_FOUND, f"no seal yet in {seals_dir()}", "make one with forge seal create")
+    want = ref.removeprefix("sha256:")
+    matches = [d for d in seals_dir().iterdir() if d.is_dir() and (d / ID_FILE).is_file()
+               and (d / ID_FILE).read_text(encoding="utf-8").strip().removeprefix("sha256:").startswith(want)]
+    if len(matches) != 1:
+        raise ForgeError(Codes.SEAL_NOT_FOUND,
+                         f"{'no' if not matches else len(matches)} seal(s) match {ref!r} in {seals_dir()}",
+                         "pass the full id (sha256:…) printed when the seal was made")
+    return matches[0]
+
+
+def verify(ref: str | None = None) -> dict:
+    """Re-hash the record and every artifact that still exists, and walk the chain back."""
+    mismatches: list[dict] = []
+    missing: list[str] = []
+    chain: list[str] = []
+    seal_dir = find_seal(ref)
+    expected = (seal_dir / ID_FILE).read_text(encoding="utf-8").strip()
+    first = True
+    while True:
+        data = (seal_dir / "seal.json").read_bytes()
+        found = seal_id(data)
+        if found != expected:
+            mismatches.append({"file": str(seal_dir / "seal.json"), "expected": expected, "found": found})
+        chain.append(expected)
+        record = json.loads(data)
+        if first:
+            for run in record.get("runs", []):
+                for art in run.get("artifacts", []):
+                    path = Path(art["path"])
+                    if not path.is_file():
+                        missing.append(str(path))
+                        continue
+                    digest = sha256_file(path)
+                    if digest != art["sha256"]:
+                        mismatches.append({"file": str(path), "expected": art["sha256"], "found": digest})
+            first = False
+        previous = record.get("previous")
+        if not previous:
+            break
+        try:
+            seal_dir = find_seal(previous)
+        except ForgeError:
+            mismatches.append({"file": f"previous seal {previous}", "expected": previous, "found": "missing"})
+            break
+        expected = previous
+    return {"seal_id": chain[0], "ok": not mismatches, "mismatches": mismatches, "missing": missing,
+            "chain": chain, "chain_length": len(chain)}
+
+
+# ---- the retrospective and the loss curve, rendered from the record alone ----
+
+def plot_loss_curve(record: dict, path: Path) -> str | None:
+    points = [(r, r.get("loss_curve") or []) for r in record["runs"]]
+    if not any(curve for _, curve in points):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for run, curve in points:
+        name = Path(run["run_dir"]).name
+        ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], label=f"{name} train")
+        evals = run.get("eval_curve") or []
+        if evals:
+            ax.plot([p["step"] for p in evals], [p["eval_loss"] for p in evals], "o--", label=f"{name} eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
 
 def _fmt(value, unit: str = "", digits: int = 4) -> str:
     if value is None:
@@ -137,12 +320,10 @@ def _gib(n) -> str:
     return "—" if n is None else f"{n / 1024**3:.2f} GiB"
 
 
-def results_table(record: dict) -> str:
-    m = record.get("metrics", {})
-    gguf = record.get("gguf") or []
-    output = ", ".join(Path(g["path"]).name for g in gguf) or (record.get("run_dir") or "—")
-    hw = record.get("hardware", {})
-    hardware = ", ".join(hw.get("gpus", [])) or f"CPU ({hw.get('cpu_count', '?')} cores)"
+def results_table(run: dict, hardware: dict) -> str:
+    m = run.get("metrics", {})
+    output = ", ".join(Path(g["path"]).name for g in run.get("gguf") or []) or run.get("run_dir") or "—"
+    hw = ", ".join(hardware.get("gpus", [])) or f"CPU ({hardware.get('cpu_count', '?')} cores)"
     rows = [
         ("Final epoch", _fmt(m.get("final_epoch"))),
         ("Total duration", _fmt(m.get("duration_s"), " s")),
@@ -153,46 +334,68 @@ def results_table(record: dict) -> str:
         ("Steps/s", _fmt(m.get("steps_per_s"))),
         ("Tokens/s", _fmt(m.get("tokens_per_s"))),
         ("Peak memory", _gib(m.get("peak_memory_bytes"))),
-        ("Hardware", hardware),
+        ("Hardware", hw),
     ]
     return "| Metric | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
 
 
-def next_steps(record: dict) -> list[str]:
-    stages, run_dir = record.get("stages", {}), record.get("run_dir", ".")
+def next_steps(run: dict) -> list[str]:
+    stages, run_dir = run.get("stages", {}), run.get("run_dir", ".")
     steps = []
+    if "train" in stages and stages["train"]["status"] != "succeeded":
+        steps.append(f"forge train --output-dir {run_dir} --resume")
     if "merge" not in stages:
         steps.append(f"forge merge --adapter-dir {run_dir}/adapter")
     if "quantize" not in stages:
         steps.append(f"forge quantize --model-dir {run_dir}/merged --quantizations Q4_K_M")
-    if "modelfile" not in stages and record.get("gguf"):
-        steps.append(f"forge modelfile --gguf {record['gguf'][-1]['path']}")
-    if record.get("modelfile"):
-        mf = record["modelfile"]
+    if "modelfile" not in stages and run.get("gguf"):
+        steps.append(f"forge modelfile --gguf {run['gguf'][-1]['path']}")
+    if run.get("modelfile"):
+        mf = run["modelfile"]
         steps += [mf["ollama_create"], f"ollama run {mf['model_name']}"]
+    if run.get("gguf"):
+        steps.append(f"forge publish --source {Path(run['gguf'][-1]['path']).parent} --kind gguf "
+                     "--repo-id YOUR_NAME/MODEL_NAME --dry-run")
     return steps
 
 
-def render_retrospective(record: dict, sid: str) -> str:
-    out = [f"# Retrospective — {Path(record['run_dir']).name}", "",
-           f"Seal `{sid}`, made {record['created_at']}. Base model `{record.get('base_model')}`, "
-           f"method {record.get('method') or '—'}.", ""]
+def render_retrospective(record: dict, sid: str, plot: str | None = None) -> str:
+    out = [f"# Retrospective — {', '.join(Path(r['run_dir']).name for r in record['runs'])}", "",
+           f"Seal `{sid}`, made {record['created_at']}; previous seal "
+           f"{'`' + record['previous'] + '`' if record.get('previous') else 'none (first in the chain)'}.", ""]
     if record.get("note"):
         out += [f"> {record['note']}", ""]
-    ds = record.get("dataset") or {}
-    if ds:
-        out += [f"Dataset `{ds.get('path')}` ({ds.get('format')}, sha256 `{str(ds.get('sha256'))[:16]}…`): "
-                f"{ds.get('train_records')} train / {ds.get('eval_records')} eval records.", ""]
-    out += ["## Results", "", results_table(record)]
-    parity = record.get("merge_parity")
-    if parity:
-        out += [f"Merge parity: max |Δlogit| {parity['max_abs_diff']:.3g} (bound {parity['bound']:.3g}, "
-                f"{parity['dtype']}).", ""]
-    out += ["## Artifacts", "", "| Kind | File | Bytes | sha256 |", "|---|---|---|---|"]
-    out += [f"| {a['kind']} | {Path(a['path']).relative_to(record['run_dir']) if a['path'].startswith(record['run_dir']) else a['path']}"
-            f" | {a['bytes']} | `{a['sha256'][:16]}…` |" for a in record.get("artifacts", [])]
-    out += ["", "## Friction", ""]
-    out += [f"- {w}" for w in record.get("warnings", [])] or ["- none recorded"]
-    out += ["", "## Next steps", ""]
-    out += [f"- `{s}`" for s in next_steps(record)] or ["- nothing left to run"]
+    if record.get("git") and record["git"].get("git"):
+        g = record["git"]
+        out += [f"Project `{g['project_dir']}` at commit `{g['commit'][:12]}`{' (dirty)' if g['dirty'] else ''}.", ""]
+    for run in record["runs"]:
+        base = run.get("base_model") or {}
+        out += [f"## Run {Path(run['run_dir']).name}", "",
+                f"Base model `{base.get('ref')}`" + (f" at `{base['revision'][:12]}`" if base.get("revision") else "")
+                + f", method {run.get('method') or '—'}.", ""]
+        ds = run.get("dataset") or {}
+        if ds:
+            out += [f"Dataset `{ds.get('path')}` ({ds.get('format')}, sha256 `{str(ds.get('sha256'))[:16]}…`): "
+                    f"{ds.get('train_records')} train / {ds.get('eval_records')} eval records.", ""]
+        out += ["### Results", "", results_table(run, record.get("hardware", {}))]
+        parity = run.get("merge_parity")
+        if parity:
+            out += [f"Merge parity: max |Δlogit| {parity['max_abs_diff']:.3g} (bound {parity['bound']:.3g}, "
+                    f"{parity['dtype']}).", ""]
+        out += ["### Artifacts", "", "| Kind | File | Bytes | sha256 |", "|---|---|---|---|"]
+        for a in run.get("artifacts", []):
+            rel = os.path.relpath(a["path"], run["run_dir"])
+            out.append(f"| {a['kind']} | {rel} | {a['bytes']} | `{a['sha256'][:16]}…` |")
+        out += ["", "### Next steps", ""]
+        out += [f"- `{s}`" for s in next_steps(run)] or ["- nothing left to run"]
+        out.append("")
+    if plot:
+        out += ["## Loss curve", "", f"![loss curve]({plot})", ""]
+    out += ["## Friction", ""]
+    friction = list(record.get("warnings", []))
+    friction += [f"{s} failed: {st['error'].get('code')}: {st['error'].get('message')}"
+                 for r in record["runs"] for s, st in r["stages"].items() if st.get("error")]
+    friction += [f"job {j.get('id')} ({j.get('kind')}) {j.get('status')}: {(j.get('error') or {}).get('code')}"
+                 for j in record.get("jobs", []) if j.get("status") not in ("succeeded", None)]
+    out += [f"- {w}" for w in friction] or ["- none recorded"]
     return "\n".join(out) + "\n"

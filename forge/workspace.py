@@ -21,6 +21,26 @@ def forge_home() -> Path:
     return home
 
 
+def allowed_roots() -> list[Path]:
+    """FORGE_HOME plus the roots listed in FORGE_ALLOWED_ROOTS (os.pathsep-separated)."""
+    roots = [forge_home()]
+    extra = os.environ.get("FORGE_ALLOWED_ROOTS", "")
+    roots += [Path(p).expanduser().resolve() for p in extra.split(os.pathsep) if p.strip()]
+    return roots
+
+
+def check_path(value: str | Path, what: str = "path") -> Path:
+    """Resolve (symlinks followed) and refuse anything outside the allowed roots."""
+    resolved = Path(value).expanduser().resolve()
+    roots = allowed_roots()
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        raise ForgeError(Codes.PATH_NOT_ALLOWED,
+                         f"{what} {value} resolves to {resolved}, outside the allowed roots",
+                         f"use a path under {', '.join(str(r) for r in roots)}, or add its root to "
+                         "FORGE_ALLOWED_ROOTS (os.pathsep-separated) where Forge runs")
+    return resolved
+
+
 def cache_dir() -> Path:
     path = forge_home() / "cache"
     path.mkdir(parents=True, exist_ok=True)

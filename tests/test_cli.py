@@ -72,9 +72,11 @@ def test_train_merge_quantize_modelfile_seal_json(capsys, assets, tmp_path):
     code, out = run_json(capsys, "modelfile", "--check", out["path"])
     assert code == 0 and out["stops"] == ["<|im_end|>"]
 
-    code, out = run_json(capsys, "seal", "--run-dir", str(run))
+    code, out = run_json(capsys, "seal", "create", "--run-dirs", str(run), "--note", "from the CLI")
     assert code == 0 and out["seal_id"].startswith("sha256:")
-    assert Path(out["retrospective_path"]).is_file()
+    assert Path(out["retrospective_path"]).is_file() and (run / "retrospective.md").is_file()
+    code, verified = run_json(capsys, "seal", "verify", out["seal_id"])
+    assert code == 0 and verified["ok"] and verified["mismatches"] == []
 
 
 def test_train_with_unknown_yaml_key_fails_with_the_key_named(capsys, tmp_path):

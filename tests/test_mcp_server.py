@@ -17,6 +17,7 @@ TOOLS = {
     "forge_environment", "forge_demo_assets", "forge_validate_dataset", "forge_train", "forge_merge",
     "forge_quantize", "forge_modelfile", "forge_query_model", "forge_seal_snapshot", "forge_pipeline",
     "forge_job_status", "forge_job_list", "forge_job_events", "forge_job_cancel", "forge_job_wait",
+    "forge_seal_verify", "forge_publish",
 }
 
 
@@ -299,3 +300,50 @@ async def test_query_model_uses_a_running_ollama_when_it_has_the_model(server, m
     chat = [body for path, body in ollama.received if path == "/api/chat"][0]
     assert chat["messages"] == [{"role": "user", "content": "Hi"}] and chat["stream"] is False
     assert missing["error"]["code"] == "model_not_found"
+
+
+async def test_seal_verify_resources_and_publish_through_mcp(server, home, monkeypatch):
+    import huggingface_hub.constants
+
+    from fake_hub import FakeHub
+
+    hub = FakeHub("hf_mcp_publish_token_42")
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("HF_TOKEN", "hf_mcp_publish_token_42")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    try:
+        async with Client(server) as client:
+            assets = await call(client, "forge_demo_assets")
+            handle = await call(client, "forge_pipeline", {"base_model": assets["model_dir"],
+                                                           "dataset": assets["dataset"],
+                                                           "hyperparameters": {"max_steps": 3}})
+            done = await call(client, "forge_job_wait", {"job_id": handle["job_id"], "timeout_s": 300})
+            assert done["status"] == "succeeded", done
+            sealed = await call(client, "forge_seal_snapshot", {"job_ids": [handle["job_id"]], "note": "mcp"})
+            assert sealed["previous"]  # the pipeline sealed once already: this one chains to it
+            verified = await call(client, "forge_seal_verify", {"seal_id": sealed["seal_id"]})
+            assert verified["ok"] and verified["chain_length"] == 2
+            retro = await client.read_resource(f"forge://seals/{sealed['seal_id']}/retrospective")
+            assert retro.contents[0].text.startswith("# Retrospective")
+            record = json.loads((await client.read_resource(f"forge://seals/{sealed['seal_id']}")).contents[0].text)
+            assert record["jobs"][0]["id"] == handle["job_id"] and record["note"] == "mcp"
+
+            gguf_dir = str(Path(done["run_dir"]) / "gguf")
+            plan_job = await call(client, "forge_publish", {"source": gguf_dir, "repo_id": "me/tiny", "kind": "gguf",
+                                                            "dry_run": True})
+            plan = await call(client, "forge_job_wait", {"job_id": plan_job["job_id"], "timeout_s": 120})
+            assert plan["status"] == "succeeded" and plan["result"]["plan"]["repo_id"] == "me/tiny"
+            assert hub.requests == []
+            pub_job = await call(client, "forge_publish", {"source": gguf_dir, "repo_id": "me/tiny", "kind": "gguf"})
+            pub = await call(client, "forge_job_wait", {"job_id": pub_job["job_id"], "timeout_s": 120})
+            assert pub["status"] == "succeeded", pub
+            assert "README.md" in hub.commits[0]["files"]
+            log = (await client.read_resource(f"forge://jobs/{pub_job['job_id']}/log")).contents[0].text
+            events = await call(client, "forge_job_events", {"job_id": pub_job["job_id"], "limit": 200})
+        leaks = [json.dumps(pub), json.dumps(plan), log, json.dumps(events),
+                 (home / "forge.db").read_bytes().decode("utf-8", errors="replace")]
+        leaks += [p.read_text(encoding="utf-8", errors="replace") for p in (home / "seals").rglob("*.json")]
+        assert not any("hf_mcp_publish_token_42" in text for text in leaks)
+    finally:
+        hub.close()

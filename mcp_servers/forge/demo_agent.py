@@ -76,11 +76,14 @@ async def run(home: Path) -> int:
     retro = Path(sealed["retrospective_path"]).read_text(encoding="utf-8")
     table = retro.split("## Results", 1)[1].split("\n\n", 2)[1]
     print(f"\nRun dir: {train['run_dir']}\n\n{table}")
+    print(f"Check the seal any time:  FORGE_HOME={home} .venv/bin/forge seal verify")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    home = Path(argv[0] if argv else os.environ.get("FORGE_HOME", "demo_run")).resolve()
+    from forge.workspace import forge_home
+
+    home = Path(argv[0]).resolve() if argv else forge_home()
     return anyio.run(run, home)
 
 

@@ -61,6 +61,7 @@ class JobStatus(BaseModel):
     artifacts: list[Artifact] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     error: ErrorInfo | None = None
+    result: dict[str, Any] | None = Field(None, description="A publish job's result (its plan on a dry run).")
     next_actions: list[str] = Field(default_factory=list)
 
 
@@ -112,6 +113,22 @@ class QueryResult(BaseModel):
 
 class SealResult(BaseModel):
     seal_id: str
+    previous: str | None = Field(None, description="The seal before this one in the chain.")
     seal_path: str
     retrospective_path: str
     summary: str
+
+
+class Mismatch(BaseModel):
+    file: str
+    expected: str
+    found: str
+
+
+class SealVerification(BaseModel):
+    seal_id: str
+    ok: bool
+    mismatches: list[Mismatch]
+    missing: list[str] = Field(description="Artifacts no longer on disk (not checked).")
+    chain: list[str] = Field(description="This seal, then each previous one.")
+    chain_length: int

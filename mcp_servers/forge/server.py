@@ -22,7 +22,7 @@ import forge
 from forge.errors import ForgeError
 from mcp_servers.forge.models import (
     Artifact, DemoAssets, ErrorInfo, JobEvent, JobEvents, JobHandle, JobList, JobStatus, ModelfileResult,
-    Progress, QueryResult, Report, SealResult, StageState,
+    Progress, QueryResult, Report, SealResult, SealVerification, StageState,
 )
 from mcp_servers.lib.paths import check_model_ref, check_path
 from mcp_servers.lib.runner import Runner
@@ -145,7 +145,8 @@ def create_server(home: Path | None = None) -> MCPServer:
             stages=child_stages(job),
             run_dir=job.get("run_dir"), artifacts=_artifacts(job.get("result")), metrics=_metrics(job.get("result")),
             error=ErrorInfo(**{k: err.get(k) for k in ("code", "message", "hint", "retryable") if k in err})
-            if err else None, next_actions=_next_actions(job))
+            if err else None, next_actions=_next_actions(job),
+            result=job.get("result") if job["kind"] == "publish" else None)
 
     def handle(job: dict) -> JobHandle:
         position = runner.queue_position(job["id"])
@@ -236,26 +237,67 @@ def create_server(home: Path | None = None) -> MCPServer:
         out = await anyio.to_thread.run_sync(lambda: query(gguf, msgs, max_tokens, temperature, ollama_name))
         return QueryResult(**out)
 
+    def job_record(job: dict) -> dict:
+        """What a seal keeps of a job: identity, inputs, outcome, and the warnings it met."""
+        warnings = [e["data"].get("message") for e in runner.store.events(job["id"], limit=10_000)
+                    if e["type"] == "warning"]
+        return {"id": job["id"], "kind": job["kind"], "status": job["status"], "params": job["params"],
+                "created_at": job["created_at"], "finished_at": job.get("finished_at"), "error": job.get("error"),
+                "warnings": warnings}
+
     @server.tool(annotations=WRITES)
     @_tool_errors
     async def forge_seal_snapshot(job_ids: list[str] | None = None, note: str | None = None) -> SealResult:
-        """Seal a run: a canonical-JSON record (configs, dataset and artifact sha256s, metrics, versions,
-        hardware, warnings) whose hash is its id, plus a Markdown retrospective. Default: the latest
-        succeeded pipeline job."""
+        """Seal one or more jobs' runs: a canonical-JSON record (configs, base model, dataset and artifact
+        sha256s, metrics and loss curve, versions, hardware, job outcomes, warnings) whose hash is its id,
+        chained to the previous seal, plus a Markdown retrospective and a loss-curve PNG. Default: the
+        latest succeeded pipeline job."""
         from forge.seal import SealConfig, seal
 
         if job_ids:
-            job = runner.store.get(job_ids[0])
+            jobs = [runner.store.get(j) for j in job_ids]
         else:
-            done = runner.store.list(status="succeeded", kind="pipeline", limit=1)
-            if not done:
+            jobs = runner.store.list(status="succeeded", kind="pipeline", limit=1)
+            if not jobs:
                 raise ForgeError("job_not_found", "no succeeded pipeline job to seal", "pass job_ids")
-            job = done[0]
-        run_dir = (job.get("result") or {}).get("run_dir") or job.get("run_dir")
-        out = await anyio.to_thread.run_sync(lambda: seal(SealConfig(run_dir=Path(run_dir), note=note)))
+        run_dirs = []
+        for job in jobs:  # merge and quantize jobs write into their train run's dir
+            result = job.get("result") or {}
+            candidate = result.get("run_dir") or next(
+                (str(Path(p).parent) for p in (result.get("merged_dir"), result.get("gguf_dir")) if p),
+                job["params"].get("output_dir") or job.get("run_dir"))
+            if candidate and candidate not in run_dirs and (Path(candidate) / "stages").is_dir():
+                run_dirs.append(candidate)
+        config = SealConfig(run_dirs=[Path(d) for d in run_dirs], note=note, jobs=[job_record(j) for j in jobs])
+        out = await anyio.to_thread.run_sync(seal, config)
         first_rows = "\n".join(out["results_table"].splitlines()[2:6])
-        return SealResult(seal_id=out["seal_id"], seal_path=out["seal_path"],
+        return SealResult(seal_id=out["seal_id"], seal_path=out["seal_path"], previous=out["previous"],
                           retrospective_path=out["retrospective_path"], summary=first_rows)
+
+    @server.tool(annotations=READ_ONLY)
+    @_tool_errors
+    async def forge_seal_verify(seal_id: str | None = None) -> SealVerification:
+        """Re-hash a seal's record (default: the newest) and every artifact it lists that still exists,
+        and walk the chain of previous seals; each mismatch names the file, the expected and the found hash."""
+        from forge.seal import verify
+
+        return SealVerification(**await anyio.to_thread.run_sync(verify, seal_id))
+
+    @server.tool(annotations=STARTS_JOB)
+    @_tool_errors
+    async def forge_publish(source: str, repo_id: str, private: bool = True,
+                            kind: Literal["adapter", "merged", "gguf"] = "adapter", dry_run: bool = False,
+                            client_request_id: str | None = None) -> JobHandle:
+        """Start publishing to the Hugging Face Hub (repo created if missing, one commit, a model card written
+        from the run's seal). source: a path, or a train (adapter), merge (merged) or quantize (gguf) job
+        id. dry_run returns the exact plan (files, bytes, card) in the job's result. Needs HF_TOKEN."""
+        pickers = {"adapter": ("train", lambda r: r["adapter_dir"]), "merged": ("merge", lambda r: r["merged_dir"]),
+                   "gguf": ("quantize", lambda r: r["gguf_dir"])}
+        job_kind, pick = pickers[kind]
+        path = job_output(source, job_kind, pick)
+        job, _ = runner.submit("publish", {"source": path, "repo_id": repo_id, "private": private, "kind": kind,
+                                           "dry_run": dry_run}, client_request_id)
+        return handle(job)
 
     # ---- jobs ----
 
@@ -334,7 +376,8 @@ def create_server(home: Path | None = None) -> MCPServer:
     @_tool_errors
     async def forge_job_list(status: Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
                              | None = None,
-                             kind: Literal["train", "merge", "quantize", "pipeline"] | None = None, limit: int = 20,
+                             kind: Literal["train", "merge", "quantize", "pipeline", "publish"] | None = None,
+                             limit: int = 20,
                              cursor: str | None = None) -> JobList:
         """Jobs, newest first, optionally filtered by status and kind; page with cursor."""
         limit = max(1, min(limit, 100))
@@ -405,17 +448,23 @@ def create_server(home: Path | None = None) -> MCPServer:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
         return "\n".join(lines[-200:])
 
+    def seal_file(seal_id: str, name: str) -> str:
+        from forge.seal import find_seal
+
+        try:
+            return (find_seal(seal_id) / name).read_text(encoding="utf-8")
+        except ForgeError as err:
+            raise ResourceNotFoundError(err.message) from None
+
     @server.resource("forge://seals/{seal_id}", mime_type="application/json")
     def seal_resource(seal_id: str) -> str:
-        """A seal record by id (sha256:… or its hex)."""
-        want = seal_id.removeprefix("sha256:")
-        import hashlib
+        """A seal's record (canonical JSON) by id (sha256:… or a prefix of its hex)."""
+        return seal_file(seal_id, "seal.json")
 
-        for path in (runner.home / "runs").glob("*/seal.json"):
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() == want:
-                return data.decode("utf-8")
-        raise ResourceNotFoundError(f"no seal {seal_id}")
+    @server.resource("forge://seals/{seal_id}/retrospective", mime_type="text/markdown")
+    def seal_retrospective(seal_id: str) -> str:
+        """A seal's retrospective (Markdown, rendered from the record alone)."""
+        return seal_file(seal_id, "retrospective.md")
 
     return server
 

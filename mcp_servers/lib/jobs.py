@@ -25,5 +25,9 @@ def run_job(kind: str, params: dict, on_progress) -> dict:
             on_progress({"event": "stage_done", "pipeline_stage": stage, "status": result.get("status")})
 
         return run_pipeline(PipelineConfig.build(**params), on_progress, stage_done)
+    if kind == "publish":
+        from forge.publish import PublishConfig, publish
+
+        return publish(PublishConfig.build(**params), on_progress)
     raise ValueError(f"unknown job kind {kind!r}")
 

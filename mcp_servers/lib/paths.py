@@ -1,31 +1,14 @@
-"""Path policy: paths from tool inputs are untrusted and must resolve inside an allowed root."""
+"""Path policy: paths from tool inputs are untrusted and must resolve inside an allowed root.
+
+The policy itself lives in forge.workspace (the CLI's audit bundles use it too)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from forge.workspace import forge_home
-from mcp_servers.lib.errors import ForgeError, JobCodes
+from forge.workspace import allowed_roots, check_path
 
-
-def allowed_roots() -> list[Path]:
-    roots = [forge_home()]
-    extra = os.environ.get("FORGE_ALLOWED_ROOTS", "")
-    roots += [Path(p).expanduser().resolve() for p in extra.split(os.pathsep) if p.strip()]
-    return roots
-
-
-def check_path(value: str | Path, what: str = "path") -> Path:
-    """Resolve (symlinks followed) and refuse anything outside the allowed roots."""
-    resolved = Path(value).expanduser().resolve()
-    roots = allowed_roots()
-    if not any(resolved == root or root in resolved.parents for root in roots):
-        raise ForgeError(JobCodes.PATH_NOT_ALLOWED,
-                         f"{what} {value} resolves to {resolved}, outside the allowed roots",
-                         f"use a path under {', '.join(str(r) for r in roots)}, or add its root to "
-                         "FORGE_ALLOWED_ROOTS (os.pathsep-separated) where the server is configured")
-    return resolved
+__all__ = ["allowed_roots", "check_path", "check_model_ref"]
 
 
 def check_model_ref(value: str, what: str = "model") -> str:

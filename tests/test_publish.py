@@ -1,0 +1,90 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from fake_hub import FakeHub
+from forge.errors import ForgeError
+from forge.publish import PublishConfig, publish
+
+TOKEN = "hf_test_token_0123456789"
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    server = FakeHub(TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored login leaks in
+    import huggingface_hub.constants
+
+    # the suite runs offline for model loading; the publish tests talk to the local stand-in only
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def sealed(quantized, trained):
+    from forge.seal import SealConfig, seal
+
+    return seal(SealConfig(run_dirs=[trained["run_dir"]]))
+
+
+def test_gguf_publish_uploads_files_and_a_card_from_the_seal_in_one_commit(hub, quantized, sealed):
+    gguf_dir = Path(quantized["gguf_dir"])
+    result = publish(PublishConfig(source=gguf_dir, repo_id="someone/tiny-demo", kind="gguf"))
+    assert result["status"] == "succeeded" and result["commit_oid"] == f"{1:040x}"
+    assert hub.repos["someone/tiny-demo"]["private"] is True
+    [commit] = hub.commits
+    names = set(commit["files"])
+    assert {p.name for p in gguf_dir.glob("*.gguf")} | {"README.md"} <= names
+    for path in gguf_dir.glob("*.gguf"):
+        assert commit["files"][path.name] == path.read_bytes()
+    card = commit["files"]["README.md"].decode()
+    assert card.startswith("---\n") and "library_name: gguf" in card and "license: other" in card
+    assert sealed["seal_id"] in card and "| Eval loss |" in card and "ollama create tiny-demo" in card
+    assert commit["summary"].startswith("Upload gguf")
+    assert all(auth == f"Bearer {TOKEN}" for _, _, auth in hub.requests)  # the real client sent the token
+    assert TOKEN not in json.dumps(result)
+
+
+def test_adapter_publish_names_peft_and_skips_peft_readme(hub, trained):
+    publish(PublishConfig(source=trained["adapter_dir"], repo_id="someone/tiny-adapter", kind="adapter",
+                          private=False))
+    files = hub.commits[-1]["files"]
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+    assert "library_name: peft" in files["README.md"].decode()
+    assert hub.repos["someone/tiny-adapter"]["private"] is False
+
+
+def test_dry_run_returns_the_exact_plan_and_contacts_nothing(hub, quantized):
+    result = publish(PublishConfig(source=quantized["gguf_dir"], repo_id="someone/plan", kind="gguf", dry_run=True))
+    plan = result["plan"]
+    assert result["dry_run"] and hub.requests == []
+    sizes = {f["path_in_repo"]: f["bytes"] for f in plan["files"]}
+    for path in Path(quantized["gguf_dir"]).glob("*.gguf"):
+        assert sizes[path.name] == path.stat().st_size
+    assert sizes["README.md"] == len(plan["model_card"].encode()) and plan["total_bytes"] == sum(sizes.values())
+
+
+def test_missing_token_is_hub_auth_missing_with_the_fix(hub, quantized, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(ForgeError) as info:
+        publish(PublishConfig(source=quantized["gguf_dir"], repo_id="someone/x", kind="gguf"))
+    assert info.value.code == "hub_auth_missing" and "HF_TOKEN" in info.value.hint
+    assert hub.requests == []
+
+
+def test_a_wrong_token_is_refused_without_echoing_it(hub, quantized, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_secret_value")
+    with pytest.raises(ForgeError) as info:
+        publish(PublishConfig(source=quantized["gguf_dir"], repo_id="someone/x", kind="gguf"))
+    assert info.value.code == "hub_auth_missing"
+    assert "hf_wrong_secret_value" not in info.value.message
+
+
+def test_bad_repo_id_is_a_config_error():
+    with pytest.raises(ForgeError) as info:
+        PublishConfig.build(source=".", repo_id="no-owner")
+    assert "owner/name" in info.value.message
