@@ -201,7 +201,8 @@ def run_demo(directory: str | None = None, echo: bool = True) -> dict:
     config = PipelineConfig(
         base_model=assets["model_dir"], dataset=Path(assets["dataset"]), system_prompt=SYSTEM_PROMPT,
         output_dir=root / "runs" / time.strftime("demo-%Y%m%d-%H%M%S"),
-        train={"num_train_epochs": 8, "learning_rate": 3e-3, "save_steps": 20, "per_device_train_batch_size": 4},
+        train={"num_train_epochs": 8, "learning_rate": 3e-3, "save_steps": 20, "per_device_train_batch_size": 1,
+               "max_length": 128},
         note="make demo: tiny Qwen2-shaped model, random weights, trained on CPU",
     )
 

@@ -19,6 +19,9 @@ from pydantic import Field
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
 from forge.seal import record_stage
+from forge.packing import (
+    ROW_LENGTHS_KEY, PackedCollator, labels_from_mask, pack, single_rows, truncate_records,
+)
 from forge.progress import ProgressCallback, ProgressWriter
 from forge.workspace import atomic_dir, atomic_write_json, dir_artifacts, forge_home
 
@@ -54,6 +57,15 @@ class TrainConfig(StageConfig):
     save_total_limit: int = Field(2, gt=0, description="Keep at most K checkpoints.")
     logging_steps: int = Field(1, gt=0, description="Log loss every N steps.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    packing: Literal["padding_free", "bfd", "none"] = Field("padding_free", description=(
+        "padding_free: each micro-batch's records joined into one row, positions restarting per record "
+        "(the same records and loss as padded batches, without computing pads). bfd: records packed "
+        "best-fit into rows of max_length, per_device_train_batch_size rows a step (fewer, fuller "
+        "steps). none: padded batches. Records never attend to each other."))
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto = flex_attention on CUDA (sdpa if unavailable), sdpa on CPU.")
+    use_liger_kernel: bool | None = Field(
+        None, description="liger-kernel fused CE/RMSNorm/RoPE/SwiGLU; default on when on CUDA and installed.")
     seed: int = Field(42, description="Seed for the split, init and shuffling.")
     resume: bool = Field(False, description="Continue from the highest-numbered checkpoint in the run dir.")
 
@@ -133,6 +145,46 @@ def _progress_callback(writer: ProgressWriter, stop: _StopFlag, counter: dict):
     return ForgeProgress()
 
 
+def _rows(tokens, config: TrainConfig) -> list[dict]:
+    records = truncate_records([{"input_ids": ids, "labels": labels_from_mask(ids, mask)}
+                                for ids, mask in zip(tokens.input_ids, tokens.assistant_masks)], config.max_length)
+    return pack(records, row_length=config.max_length) if config.packing == "bfd" else single_rows(records)
+
+
+def _attn_implementation(config: TrainConfig, on_cuda: bool) -> str:
+    """Kernels that honour packed-record boundaries: sdpa, eager and flex_attention all build the
+    block-diagonal mask from position ids; flex_attention has no backward on CPU."""
+    if config.attn_implementation != "auto":
+        return config.attn_implementation
+    if on_cuda:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+            return "flex_attention"
+        except ImportError:
+            return "sdpa"
+    return "sdpa"
+
+
+def _eval_strategy(config: TrainConfig, eval_set, on_cuda: bool) -> str:
+    if eval_set is None:
+        return "no"
+    if config.method == "qlora" and not on_cuda:
+        # bitsandbytes (0.50, CPU) repacks 4-bit weights for inference on eval and training then
+        # fails on them; evaluate once, after training, instead of at each epoch end.
+        return "no"
+    return "epoch"
+
+
+def _use_liger(config: TrainConfig, on_cuda: bool) -> bool:
+    if config.use_liger_kernel is not None:
+        return config.use_liger_kernel
+    if not on_cuda:
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 def _load_model(config: TrainConfig, model_ref: str):
     import torch
     from transformers import AutoModelForCausalLM
@@ -140,7 +192,8 @@ def _load_model(config: TrainConfig, model_ref: str):
     from forge.hardware import train_dtype
 
     dtype = train_dtype()
-    kwargs: dict = {"dtype": dtype}
+    on_cuda = dtype != torch.float32
+    kwargs: dict = {"dtype": dtype, "attn_implementation": _attn_implementation(config, on_cuda)}
     if config.method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -170,9 +223,18 @@ def _trainer_class():
         real_tokens = {"tokens": 0}
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            rows = inputs.pop(ROW_LENGTHS_KEY, None)
             mask = inputs.get("attention_mask")
-            self.real_tokens["tokens"] += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            self.real_tokens["slots"] = self.real_tokens.get("slots", 0) + int(inputs["input_ids"].numel())
+            if rows is not None:
+                self.real_tokens["tokens"] += int(rows.sum())
+            else:
+                self.real_tokens["tokens"] += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            inputs.pop(ROW_LENGTHS_KEY, None)
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     return ForgeSFTTrainer
 
@@ -220,8 +282,16 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     stats = data.token_stats(train_tokens, config.max_length)
     if not config.assistant_only_loss:
         train_tokens.assistant_masks = [[1] * len(m) for m in train_tokens.assistant_masks]
-    train_set = HFDataset.from_list(train_tokens.as_records())
-    eval_set = HFDataset.from_list(data.tokenize_all(tokenizer, eval_convs).as_records()) if eval_convs else None
+    eval_tokens = data.tokenize_all(tokenizer, eval_convs) if eval_convs else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = None
+    if config.packing != "none":
+        train_set = HFDataset.from_list(_rows(train_tokens, config))
+        eval_set = HFDataset.from_list(_rows(eval_tokens, config)) if eval_tokens else None
+        collator = PackedCollator(pad_token_id=pad_id, flatten=config.packing == "padding_free")
+    else:
+        train_set = HFDataset.from_list(train_tokens.as_records())
+        eval_set = HFDataset.from_list(eval_tokens.as_records()) if eval_tokens else None
 
     # Model
     writer.stage("loading_model")
@@ -233,7 +303,11 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     )
     on_cuda = device_kind() == "cuda"
     dtype = model.dtype
+    model.config.use_cache = False  # with a cache, transformers skips the packed-sequence mask
+    liger = _use_liger(config, on_cuda)
     args = SFTConfig(
+        dataset_kwargs={"skip_prepare_dataset": True} if config.packing != "none" else None,
+        remove_unused_columns=config.packing == "none", use_liger_kernel=liger,
         output_dir=str(checkpoints_dir), num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
@@ -241,7 +315,7 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
         per_device_eval_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps, max_length=config.max_length,
         logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit, eval_strategy="epoch" if eval_set is not None else "no",
+        save_total_limit=config.save_total_limit, eval_strategy=_eval_strategy(config, eval_set, on_cuda),
         gradient_checkpointing=config.gradient_checkpointing, seed=config.seed, data_seed=config.seed,
         bf16=on_cuda and dtype == torch.bfloat16, fp16=on_cuda and dtype == torch.float16,
         optim="adamw_torch_fused" if on_cuda else "adamw_torch", report_to="none", disable_tqdm=True,
@@ -250,7 +324,7 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     stop = _StopFlag()
     trainer_cls = _trainer_class()
     trainer = trainer_cls(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                          processing_class=tokenizer, peft_config=peft_config)
+                          processing_class=tokenizer, peft_config=peft_config, data_collator=collator)
     trainer.real_tokens = {"tokens": 0}
     from transformers import PrinterCallback
 
@@ -296,6 +370,7 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
         "steps_per_s": result.metrics.get("train_steps_per_second"),
         "tokens_per_s": round(trainer.real_tokens["tokens"] / max(duration, 1e-9), 2),
         "real_tokens": trainer.real_tokens["tokens"],
+        "slot_share": round(trainer.real_tokens["tokens"] / max(trainer.real_tokens.get("slots", 0), 1), 4),
         "peak_memory_bytes": peak["bytes"], "peak_memory_kind": peak["kind"],
         "resumed_from": str(resume_from) if resume_from else None,
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
