@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import resource
 import sys
 from pathlib import Path
 
@@ -28,7 +27,9 @@ def peak_memory() -> dict:
             return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated())}
     except ImportError:
         pass
-    return {"kind": "cpu_peak_rss", "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    from forge.hardware import peak_rss_bytes
+
+    return {"kind": "cpu_peak_rss", "bytes": peak_rss_bytes()}
 
 
 def build_model(out_dir: Path, shape: str, tokenizer_dir: Path, dtype: str = "bfloat16", vocab_size: int | None = None,

@@ -22,6 +22,15 @@ def train_dtype():
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory. On Linux VmHWM, not ru_maxrss: ru_maxrss survives exec,
+    so a worker started by a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return usage if sys.platform == "darwin" else usage * 1024
 

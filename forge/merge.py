@@ -5,7 +5,7 @@ template carried over, then a logits parity check against the adapter on the bas
 from __future__ import annotations
 
 import json
-import shutil
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -30,7 +30,10 @@ class MergeConfig(StageConfig):
     output_dir: Path | None = Field(None, description="Merged model dir; default <run dir>/merged.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="Saved dtype; auto = the base model's own dtype.")
-    device: str = Field("cpu", description="Where to merge; cpu needs no GPU memory.")
+    device: str = Field("cpu", description="Where to merge (PEFT strategy); cpu needs no GPU memory.")
+    strategy: Literal["auto", "streaming", "peft"] = Field(
+        "auto", description="streaming: shard by shard, peak memory ~2 shards; peft: merge_and_unload in memory; "
+        "auto: streaming when the adapter allows it (plain LoRA on linear layers), else peft.")
     parity_check: bool = Field(True, description="Compare merged logits with the adapter on the base.")
     force: bool = Field(False, description="Replace an existing output dir.")
 
@@ -92,10 +95,141 @@ def parity(merged_dir: Path, adapter_dir: Path, base_ref: str, dtype: str) -> di
             "inputs": len(PARITY_INPUTS), "passed": max_diff <= bound}
 
 
-def merge(config: MergeConfig, on_progress: ProgressCallback | None = None) -> dict:
+def _peft_merge(adapter_dir: Path, base_ref: str, out: Path, dtype: str, device: str, writer) -> None:
+    """The in-memory path: PEFT's merge_and_unload (holds the whole model)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=getattr(torch, dtype), device_map=device)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    except Exception as exc:  # safetensors/PEFT raise many types for a damaged or mismatched adapter
+        raise ForgeError(Codes.ADAPTER_INVALID, f"cannot load the adapter in {adapter_dir} onto {base_ref}: {exc}",
+                         "check the adapter files are complete and base_model is the model it was trained on"
+                         ) from exc
+    writer.stage("merging", step=1, total_steps=4)
+    merged = model.merge_and_unload()
+    writer.stage("saving", step=2, total_steps=4)
+    merged.save_pretrained(out)
+
+
+# ---- streaming merge: shard by shard, never the whole model in memory ----
+
+def streaming_unsupported(adapter_dir: Path, base_ref: str) -> str | None:
+    """Why the streaming merge cannot handle this adapter/base, or None when it can."""
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
+    if not cfg_path.is_file():
+        return None  # merge() reports the missing adapter itself
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    checks = [
+        (cfg.get("peft_type", "LORA") != "LORA", f"adapter type {cfg.get('peft_type')} is not LoRA"),
+        (cfg.get("use_dora"), "DoRA adapters need the weight norm PEFT computes"),
+        (cfg.get("modules_to_save"), f"modules_to_save {cfg.get('modules_to_save')} are fully trained copies"),
+        (cfg.get("rank_pattern") or cfg.get("alpha_pattern"), "per-module rank/alpha patterns"),
+        (cfg.get("bias", "none") != "none", f"bias={cfg.get('bias')} trains biases too"),
+        (cfg.get("fan_in_fan_out"), "fan_in_fan_out layers (Conv1D)"),
+        (not Path(base_ref).is_dir(), f"base {base_ref} is not a local dir"),
+    ]
+    for failed, why in checks:
+        if failed:
+            return why
+    if not (list(Path(base_ref).glob("*.safetensors"))):
+        return f"base {base_ref} has no safetensors weights"
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                odd = [k for k in f.keys() if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+        except Exception as exc:  # safetensors raises its own error types for a damaged file
+            raise ForgeError(Codes.ADAPTER_INVALID, f"cannot read {weights}: {exc}",
+                             "the adapter files are damaged; train again or restore them") from exc
+        if odd:
+            return f"adapter holds tensors other than Linear LoRA A/B (e.g. {odd[0]})"
+    return None
+
+
+def _lora_pairs(adapter_dir: Path) -> dict[str, tuple]:
+    """Base weight name → (A, B) from the adapter file (PEFT's 'base_model.model.' prefix removed)."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    except Exception as exc:
+        raise ForgeError(Codes.ADAPTER_INVALID, f"cannot read {adapter_dir}/adapter_model.safetensors: {exc}",
+                         "the adapter files are damaged; train again or restore them") from exc
+    pairs: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        module, kind = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        pairs.setdefault(f"{module}.weight", {})[kind.split(".")[0]] = tensor
+    return {name: (p["A"], p["B"]) for name, p in pairs.items()}
+
+
+def lora_scaling(cfg: dict) -> float:
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def merge_weight(weight, a, b, scaling: float):
+    """W + scaling·(B@A), with the same casts and order of operations as PEFT's merge on CPU."""
+    import torch
+
+    low = b.dtype in (torch.float16, torch.bfloat16)
+    delta = (b.float() @ a.float() if low else b @ a) * scaling
+    if low:
+        delta = delta.to(b.dtype)
+    weight += delta
+    return weight
+
+
+def stream_merge(adapter_dir: Path, base_dir: Path, out: Path, dtype: str) -> list[str]:
+    """Read the base shard by shard, merge the LoRA pairs that land in it, write it out."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    scaling = lora_scaling(cfg)
+    pairs = _lora_pairs(adapter_dir)
+    index = base_dir / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else [p.name for p in sorted(base_dir.glob("*.safetensors"))]
+    target = getattr(torch, dtype)
+    merged = []
+    for shard in shards:
+        tensors = {}
+        with safe_open(str(base_dir / shard), framework="pt") as f:
+            metadata = f.metadata() or {}
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if key in pairs:
+                    a, b = pairs.pop(key)
+                    tensor = merge_weight(tensor, a, b, scaling)
+                    merged.append(key)
+                tensors[key] = tensor.to(target) if tensor.is_floating_point() else tensor
+        save_file(tensors, str(out / shard), metadata={**metadata, "format": "pt"})
+        del tensors
+    if pairs:
+        raise ForgeError(Codes.ADAPTER_INVALID,
+                         f"{len(pairs)} adapter weight(s) have no match in the base, e.g. {next(iter(pairs))}",
+                         "base_model must be the model the adapter was trained on")
+    for name in ("config.json", "model.safetensors.index.json"):
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, out / name)
+    config_path = out / "config.json"
+    model_cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    model_cfg["dtype"] = dtype
+    model_cfg.pop("torch_dtype", None)
+    config_path.write_text(json.dumps(model_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return merged
+
+
+def merge(config: MergeConfig, on_progress: ProgressCallback | None = None) -> dict:
+    from transformers import AutoTokenizer, GenerationConfig
 
     from forge.models import resolve_model
 
@@ -106,19 +240,20 @@ def merge(config: MergeConfig, on_progress: ProgressCallback | None = None) -> d
     writer = ProgressWriter(adapter_dir.parent / "merge_progress.jsonl", on_progress)
     dtype = _base_dtype(base_ref) if config.dtype == "auto" else config.dtype
 
+    reason = streaming_unsupported(adapter_dir, base_ref) if config.strategy != "peft" else "strategy=peft asked for"
+    if config.strategy == "streaming" and reason:
+        raise ForgeError(Codes.ADAPTER_INVALID, f"streaming merge is not possible here: {reason}",
+                         "use strategy=auto or strategy=peft")
+    strategy = "peft" if reason else "streaming"
+    if reason and config.strategy == "auto":
+        writer({"event": "warning", "message": f"merging with PEFT in memory, not streaming: {reason}"})
     with atomic_dir(merged_dir, force=config.force) as tmp:
-        writer.stage("loading_model", base_model=base_ref, dtype=dtype, step=0, total_steps=4)
-        base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=getattr(torch, dtype), device_map=config.device)
-        try:
-            model = PeftModel.from_pretrained(base, str(adapter_dir))
-        except Exception as exc:  # safetensors/PEFT raise many types for a damaged or mismatched adapter
-            raise ForgeError(Codes.ADAPTER_INVALID, f"cannot load the adapter in {adapter_dir} onto {base_ref}: {exc}",
-                             "check the adapter files are complete and base_model is the model it was trained on"
-                             ) from exc
-        writer.stage("merging", step=1, total_steps=4)
-        merged = model.merge_and_unload()
-        writer.stage("saving", step=2, total_steps=4)
-        merged.save_pretrained(tmp)
+        writer.stage("loading_model", base_model=base_ref, dtype=dtype, strategy=strategy, step=0, total_steps=4)
+        if strategy == "streaming":
+            writer.stage("merging", step=1, total_steps=4)
+            stream_merge(adapter_dir, Path(base_ref), tmp, dtype)
+        else:
+            _peft_merge(adapter_dir, base_ref, tmp, dtype, config.device, writer)
         # The adapter dir holds the tokenizer and chat template used in training: they come along.
         tokenizer_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_ref
         AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(tmp)
@@ -127,7 +262,6 @@ def merge(config: MergeConfig, on_progress: ProgressCallback | None = None) -> d
         except OSError:
             pass  # a base without generation_config.json: the merged model has none either
         removed = _strip_quantization(tmp / "config.json")
-        del merged, model, base
         report = None
         if config.parity_check:
             writer.stage("verifying", step=3, total_steps=4)
@@ -141,6 +275,7 @@ def merge(config: MergeConfig, on_progress: ProgressCallback | None = None) -> d
                 )
     writer({"event": "done", "merged_dir": str(merged_dir)})
     result = {"status": "succeeded", "merged_dir": str(merged_dir), "base_model": base_ref, "dtype": dtype,
+              "strategy": strategy, "fallback_reason": reason if config.strategy == "auto" else None,
               "parity": report, "stripped_config_keys": removed, "artifacts": dir_artifacts(merged_dir, "merged"),
               "config": config.model_dump(mode="json")}
     record_stage_near(merged_dir, "merge", result)

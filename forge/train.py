@@ -7,6 +7,7 @@ Run dir layout: ``checkpoints/checkpoint-N``, ``adapter/``, ``progress.jsonl``, 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import threading
@@ -68,6 +69,10 @@ class TrainConfig(StageConfig):
         None, description="liger-kernel fused CE/RMSNorm/RoPE/SwiGLU; default on when on CUDA and installed.")
     seed: int = Field(42, description="Seed for the split, init and shuffling.")
     resume: bool = Field(False, description="Continue from the highest-numbered checkpoint in the run dir.")
+    memory_plan: bool = Field(True, description=(
+        "On a GPU, choose micro-batch, accumulation (same effective batch) and checkpointing to fit free memory."))
+    num_processes: int = Field(1, ge=1, description="Processes (one per GPU; DDP over gloo on CPU) via torchrun.")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-process strategy: ddp, or fsdp to shard.")
 
     def run_dir(self) -> Path:
         if self.output_dir:
@@ -239,6 +244,60 @@ def _trainer_class():
     return ForgeSFTTrainer
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _in_launched_rank() -> bool:
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_distributed(config: TrainConfig, run_dir: Path, writer: ProgressWriter,
+                       on_progress: ProgressCallback | None) -> dict:
+    """Start N ranks with torch.distributed.run and follow rank 0's progress file until they end."""
+    import subprocess
+    import sys
+
+    launch_config = run_dir / "launch_config.json"
+    atomic_write_json(launch_config, config.model_dump(mode="json"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc_per_node", str(config.num_processes), "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "forge._dist_train", str(launch_config)]
+    writer.stage("launching", num_processes=config.num_processes, distributed=config.distributed)
+    progress_path = run_dir / "progress.jsonl"
+    seen = len(progress_path.read_text(encoding="utf-8").splitlines()) if progress_path.is_file() else 0
+    with open(run_dir / "ranks.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=False)
+        try:
+            while True:
+                done = proc.poll() is not None
+                if on_progress and progress_path.is_file():
+                    lines = progress_path.read_text(encoding="utf-8").splitlines()
+                    for line in lines[seen:]:
+                        on_progress(json.loads(line))
+                    seen = len(lines)
+                if done:
+                    break
+                time.sleep(0.5)
+        except BaseException:
+            proc.terminate()
+            proc.wait(timeout=60)
+            raise
+    if proc.returncode != 0:
+        tail = "\n".join((run_dir / "ranks.log").read_text(encoding="utf-8", errors="replace").splitlines()[-8:])
+        raise ForgeError(Codes.INTERNAL, f"multi-process training failed (exit {proc.returncode}): {tail}",
+                         f"see {run_dir / 'ranks.log'}; num_processes must not exceed the GPUs (or CPU cores)")
+    return json.loads((run_dir / "stages" / "train.json").read_text(encoding="utf-8"))
+
+
 def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> dict:
     """Train an adapter; return the result (paths, metrics, artifacts). Raises ForgeError."""
     import torch
@@ -260,14 +319,19 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
         if resume_from is None:
             raise ForgeError(Codes.NO_CHECKPOINT, f"no checkpoint to resume from in {checkpoints_dir}",
                              "train without resume, or point output_dir at the run that was interrupted")
-    elif adapter_dir.exists() or latest_checkpoint(checkpoints_dir):
+    elif not _in_launched_rank() and (adapter_dir.exists() or latest_checkpoint(checkpoints_dir)):
         raise ForgeError(Codes.OUTPUT_EXISTS, f"run dir {run_dir} already holds a training run",
                          "pass resume=true (--resume) to continue it, or choose another output_name")
     if config.method == "qlora" and device_kind() == "cpu":
         import bitsandbytes  # noqa: F401  (0.50 runs NF4 on CPU too; fail early if it is missing)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "train_config.json", config.model_dump(mode="json"))
-    writer = ProgressWriter(run_dir / "progress.jsonl", on_progress)
+    rank0 = _rank() == 0
+    if rank0:
+        atomic_write_json(run_dir / "train_config.json", config.model_dump(mode="json"))
+    # Only rank 0 reports: N ranks writing progress would repeat every step N times.
+    writer = ProgressWriter(run_dir / "progress.jsonl" if rank0 else None, on_progress if rank0 else None)
+    if config.num_processes > 1 and not _in_launched_rank():
+        return launch_distributed(config, run_dir, writer, on_progress)
 
     # Tokenizer and data (datasets' own progress bars are noise next to progress.jsonl)
     import datasets
@@ -305,21 +369,35 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     dtype = model.dtype
     model.config.use_cache = False  # with a cache, transformers skips the packed-sequence mask
     liger = _use_liger(config, on_cuda)
+    per_device, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    checkpointing, memory_plan = config.gradient_checkpointing, None
+    if on_cuda and config.memory_plan:
+        from forge.planner import ModelShape, plan
+
+        free, _ = torch.cuda.mem_get_info()
+        chosen = plan(ModelShape.from_config(model.config.to_dict()), config.method, config.max_length, per_device,
+                      accumulation, free + torch.cuda.memory_allocated(), liger, config.lora_r)
+        per_device, accumulation = chosen.per_device_train_batch_size, chosen.gradient_accumulation_steps
+        checkpointing = checkpointing or chosen.gradient_checkpointing
+        memory_plan = chosen.as_dict()
+        writer({"event": "plan", **memory_plan})
     args = SFTConfig(
         dataset_kwargs={"skip_prepare_dataset": True} if config.packing != "none" else None,
         remove_unused_columns=config.packing == "none", use_liger_kernel=liger,
         output_dir=str(checkpoints_dir), num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, max_length=config.max_length,
+        per_device_train_batch_size=per_device, per_device_eval_batch_size=per_device,
+        gradient_accumulation_steps=accumulation, max_length=config.max_length,
         logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
         save_total_limit=config.save_total_limit, eval_strategy=_eval_strategy(config, eval_set, on_cuda),
-        gradient_checkpointing=config.gradient_checkpointing, seed=config.seed, data_seed=config.seed,
+        gradient_checkpointing=checkpointing, seed=config.seed, data_seed=config.seed,
         bf16=on_cuda and dtype == torch.bfloat16, fp16=on_cuda and dtype == torch.float16,
         optim="adamw_torch_fused" if on_cuda else "adamw_torch", report_to="none", disable_tqdm=True,
         dataloader_pin_memory=on_cuda, use_cpu=not on_cuda,
+        ddp_backend=("nccl" if on_cuda else "gloo") if _in_launched_rank() else None,
+        ddp_find_unused_parameters=False if _in_launched_rank() else None,
+        fsdp="full_shard auto_wrap" if _in_launched_rank() and config.distributed == "fsdp" else "",
     )
     stop = _StopFlag()
     trainer_cls = _trainer_class()
@@ -343,6 +421,14 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
                          "or use method=qlora; resume=true continues from the last checkpoint",
                          retryable=True) from exc
     duration = time.time() - started
+    world = 1
+    if _in_launched_rank():
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        counted = torch.tensor([trainer.real_tokens["tokens"], trainer.real_tokens.get("slots", 0)])
+        dist.all_reduce(counted)  # every rank trained on its own shard: tokens/s is the sum
+        trainer.real_tokens.update(tokens=int(counted[0]), slots=int(counted[1]))
     if stop.requested:
         writer.stage("cancelled", checkpoint=str(latest_checkpoint(checkpoints_dir)))
         return {"status": "cancelled", "run_dir": str(run_dir),
@@ -354,6 +440,8 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     if eval_set is not None and not (evals and evals[-1]["step"] == trainer.state.global_step):
         trainer.evaluate()  # the last epoch-end eval did not land on the final step
         evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if not rank0:
+        return {"status": "succeeded", "run_dir": str(run_dir), "rank": _rank()}
     with atomic_dir(adapter_dir, force=True) as tmp:
         trainer.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -373,6 +461,8 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
         "slot_share": round(trainer.real_tokens["tokens"] / max(trainer.real_tokens.get("slots", 0), 1), 4),
         "peak_memory_bytes": peak["bytes"], "peak_memory_kind": peak["kind"],
         "resumed_from": str(resume_from) if resume_from else None,
+        "world_size": world,
+        "memory_plan": memory_plan, "liger_kernel": liger,
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
         "eval_curve": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in evals],
     }

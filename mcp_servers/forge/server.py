@@ -56,6 +56,7 @@ class Hyperparameters(BaseModel):
     eval_fraction: float | None = Field(None, ge=0, lt=1)
     save_steps: int | None = Field(None, gt=0)
     seed: int | None = None
+    num_processes: int | None = Field(None, ge=1, description="Training processes (one per GPU) via torchrun.")
 
     def train_fields(self) -> dict:
         rename = {"epochs": "num_train_epochs", "max_seq_length": "max_length",

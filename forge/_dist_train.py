@@ -1,0 +1,27 @@
+"""One rank of a multi-process training run: ``torchrun ... -m forge._dist_train CONFIG.json``.
+
+``forge train --num-processes N`` starts these through torch.distributed.run; every rank runs the
+same train stage, the Trainer shards the data, and only rank 0 writes progress, checkpoints' extras,
+the adapter and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from forge.cli import _quiet_libraries
+    from forge.train import TrainConfig, train
+
+    _quiet_libraries()
+    path = Path((argv if argv is not None else sys.argv[1:])[0])
+    config = TrainConfig.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    train(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
