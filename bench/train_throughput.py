@@ -130,6 +130,7 @@ def prepare(args, work: Path) -> None:
     assets = write_demo_assets(DemoAssetsConfig(dir=work / "assets"))
     shape = "qwen2-7b" if args.mode == "gpu" else "cpu-small"
     build_model(work / "model", shape, Path(assets["model_dir"]), dtype="bfloat16",
+                vocab_size=152064 if args.mode == "gpu" else None,  # the real vocab: logits cost memory
                 device="cuda" if args.mode == "gpu" and torch.cuda.is_available() else "cpu")
     records = chat_records(args.records + args.eval_records, args.seq, seed=args.seed)
     write_jsonl(work / "train.jsonl", records[: args.records])
