@@ -89,9 +89,61 @@ class PackedCollator:
         def padded(key: str, value: int):
             return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows], dtype=torch.long)
 
-        return {
+        batch = {
             "input_ids": padded("input_ids", self.pad_token_id),
             "labels": padded("labels", IGNORE_INDEX),
             "position_ids": padded("position_ids", 0),
             ROW_LENGTHS_KEY: torch.tensor([len(r["input_ids"]) for r in rows]),
         }
+        if self.flatten:
+            # Record bounds for varlen kernels, computed here on the CPU rather than from position_ids
+            # on the device (which would sync): forge_varlen and flash-attention read them.
+            starts = (batch["position_ids"][0] == 0).nonzero().flatten()
+            bounds = torch.cat([starts, torch.tensor([width])]).to(torch.int32)
+            batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = bounds
+            batch["max_length_q"] = batch["max_length_k"] = int(bounds.diff().max())
+        return batch
+
+
+# ---- exact per-record attention for padding-free rows on the CPU ----
+
+VARLEN_ATTENTION = "forge_varlen"
+
+
+def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                        is_causal=None, **kwargs):
+    """Causal sdpa run record by record over a padding-free row, using the collator's cu_seq_lens.
+
+    A dense block-diagonal mask over the whole row costs (sum of lengths)^2 attention; this costs
+    the sum of each length^2, like padded batches, without the pads. Any other batch falls back to
+    transformers' own sdpa (with its packed-sequence mask)."""
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None or query.shape[0] != 1 or attention_mask is not None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    edges = bounds.tolist()
+    parts = [torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, scale=scaling, is_causal=True)
+        for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_varlen_attention() -> str:
+    """Make ``attn_implementation="forge_varlen"`` available to transformers models."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_forward)
+    # No dense mask: the attention above takes the record bounds from cu_seq_lens instead.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, _no_mask)
+    return VARLEN_ATTENTION
+
+
+def _no_mask(*args, **kwargs):
+    return None

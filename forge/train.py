@@ -7,6 +7,7 @@ Run dir layout: ``checkpoints/checkpoint-N``, ``adapter/``, ``progress.jsonl``, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -21,7 +22,8 @@ from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
 from forge.seal import record_stage
 from forge.packing import (
-    ROW_LENGTHS_KEY, PackedCollator, labels_from_mask, pack, single_rows, truncate_records,
+    ROW_LENGTHS_KEY, PackedCollator, labels_from_mask, pack, register_varlen_attention, single_rows,
+    truncate_records,
 )
 from forge.progress import ProgressCallback, ProgressWriter
 from forge.workspace import atomic_dir, atomic_write_json, dir_artifacts, forge_home
@@ -63,8 +65,9 @@ class TrainConfig(StageConfig):
         "(the same records and loss as padded batches, without computing pads). bfd: records packed "
         "best-fit into rows of max_length, per_device_train_batch_size rows a step (fewer, fuller "
         "steps). none: padded batches. Records never attend to each other."))
-    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel; auto = flex_attention on CUDA (sdpa if unavailable), sdpa on CPU.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "forge_varlen"] = Field(
+        "auto", description="Attention kernel; auto = flex_attention on CUDA (sdpa if unavailable); on CPU "
+        "forge_varlen (sdpa record by record) for padding-free batches, else sdpa.")
     use_liger_kernel: bool | None = Field(
         None, description="liger-kernel fused CE/RMSNorm/RoPE/SwiGLU; default on when on CUDA and installed.")
     seed: int = Field(42, description="Seed for the split, init and shuffling.")
@@ -159,6 +162,12 @@ def _rows(tokens, config: TrainConfig) -> list[dict]:
 def _attn_implementation(config: TrainConfig, on_cuda: bool) -> str:
     """Kernels that honour packed-record boundaries: sdpa, eager and flex_attention all build the
     block-diagonal mask from position ids; flex_attention has no backward on CPU."""
+    if config.attn_implementation in ("flex_attention", "flash_attention_2") and not on_cuda:
+        raise ForgeError(Codes.CUDA_REQUIRED, f"attn_implementation={config.attn_implementation} needs a CUDA GPU",
+                         "use attn_implementation=auto (sdpa on CPU)")
+    if config.attn_implementation == "forge_varlen" or (
+            config.attn_implementation == "auto" and not on_cuda and config.packing == "padding_free"):
+        return register_varlen_attention()
     if config.attn_implementation != "auto":
         return config.attn_implementation
     if on_cuda:
@@ -181,6 +190,9 @@ def _eval_strategy(config: TrainConfig, eval_set, on_cuda: bool) -> str:
 
 
 def _use_liger(config: TrainConfig, on_cuda: bool) -> bool:
+    if config.use_liger_kernel and not on_cuda:
+        raise ForgeError(Codes.CUDA_REQUIRED, "liger-kernel's Triton kernels need a CUDA GPU",
+                         "leave use_liger_kernel unset (it turns on by itself on CUDA when installed)")
     if config.use_liger_kernel is not None:
         return config.use_liger_kernel
     if not on_cuda:
@@ -208,7 +220,15 @@ def _load_model(config: TrainConfig, model_ref: str):
         )
         kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_compute_dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
+        except (ValueError, ImportError) as exc:
+            if config.attn_implementation != "auto" or kwargs["attn_implementation"] == "sdpa":
+                raise
+            # auto chose flex_attention and this model or install refuses it: sdpa also keeps records apart
+            logging.getLogger("forge.train").warning("flex_attention unavailable (%s); using sdpa", exc)
+            kwargs["attn_implementation"] = "sdpa"
+            model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
     except torch.OutOfMemoryError as exc:
         raise ForgeError(Codes.OUT_OF_MEMORY, f"loading {model_ref} ran out of GPU memory",
                          "use method=qlora, or a smaller model", retryable=True) from exc

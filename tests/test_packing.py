@@ -11,6 +11,9 @@ from forge.packing import IGNORE_INDEX, PackedCollator, pack, truncate_records
 def tiny_model(attn: str):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from forge.packing import register_varlen_attention
+
+    register_varlen_attention()
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -42,8 +45,8 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_rows_give_the_same_loss_and_gradients_as_records_one_by_one(attn):
+@pytest.mark.parametrize("attn,flatten", [("sdpa", False), ("eager", False), ("sdpa", True), ("forge_varlen", True)])
+def test_packed_rows_give_the_same_loss_and_gradients_as_records_one_by_one(attn, flatten):
     recs = records()
     # one by one
     model = tiny_model(attn)
@@ -57,7 +60,8 @@ def test_packed_rows_give_the_same_loss_and_gradients_as_records_one_by_one(attn
     # packed: rows of 64 tokens, several records per row, padding at row ends
     rows = pack(recs, row_length=64)
     assert len(rows) < len(recs)
-    batch = PackedCollator(pad_token_id=0)(rows)
+    batch = PackedCollator(pad_token_id=0, flatten=flatten)(rows)  # flatten: one padding-free row
+    assert batch["input_ids"].shape[0] == (1 if flatten else len(rows))
     batch.pop("forge_row_lengths")
     model = tiny_model(attn)
     loss, n = loss_sum_and_count(model, batch)

@@ -88,3 +88,12 @@ def test_bad_repo_id_is_a_config_error():
     with pytest.raises(ForgeError) as info:
         PublishConfig.build(source=".", repo_id="no-owner")
     assert "owner/name" in info.value.message
+
+
+def test_publish_cli_dry_run_json(hub, quantized, capsys):
+    from forge.cli import main
+
+    code = main(["publish", "--source", quantized["gguf_dir"], "--repo-id", "someone/cli", "--kind", "gguf",
+                 "--dry-run", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["dry_run"] and out["plan"]["repo_id"] == "someone/cli" and hub.requests == []

@@ -103,3 +103,10 @@ def test_missing_base_model_names_the_value_and_the_fix(assets, tmp_path):
                           output_dir=tmp_path / "y"))
     assert info.value.code == Codes.BASE_MODEL_NOT_FOUND
     assert "no-such-model" in info.value.message and info.value.hint
+
+
+def test_gpu_only_kernels_asked_for_on_cpu_are_cuda_required(assets, tmp_path):
+    with pytest.raises(ForgeError) as info:
+        train(TrainConfig(base_model=assets["model_dir"], dataset=assets["dataset"], output_dir=tmp_path / "f",
+                          attn_implementation="flex_attention", max_steps=1))
+    assert info.value.code == Codes.CUDA_REQUIRED and "auto" in info.value.hint
