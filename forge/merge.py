@@ -189,8 +189,8 @@ def stream_merge(adapter_dir: Path, base_dir: Path, out: Path, dtype: str) -> li
     import shutil
 
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+
+    from forge.safetensors_stream import DTYPES, StreamWriter, iter_tensors, read_header
 
     cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
     scaling = lora_scaling(cfg)
@@ -201,18 +201,21 @@ def stream_merge(adapter_dir: Path, base_dir: Path, out: Path, dtype: str) -> li
     target = getattr(torch, dtype)
     merged = []
     for shard in shards:
-        tensors = {}
-        with safe_open(str(base_dir / shard), framework="pt") as f:
-            metadata = f.metadata() or {}
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                if key in pairs:
-                    a, b = pairs.pop(key)
-                    tensor = merge_weight(tensor, a, b, scaling)
-                    merged.append(key)
-                tensors[key] = tensor.to(target) if tensor.is_floating_point() else tensor
-        save_file(tensors, str(out / shard), metadata={**metadata, "format": "pt"})
-        del tensors
+        # Tensor by tensor: read (no mmap), merge, cast, write — peak ~ the largest tensor, not the shard.
+        header, _ = read_header(base_dir / shard)
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                         key=lambda kv: kv[1]["data_offsets"][0])
+        layout = [(name, dtype if DTYPES[e["dtype"]].startswith(("float", "bfloat")) else DTYPES[e["dtype"]],
+                   e["shape"]) for name, e in entries]
+        writer = StreamWriter(out / shard, layout, {**header.get("__metadata__", {}), "format": "pt"})
+        for key, tensor in iter_tensors(base_dir / shard):
+            if key in pairs:
+                a, b = pairs.pop(key)
+                tensor = merge_weight(tensor, a, b, scaling)
+                merged.append(key)
+            writer.write(key, tensor.to(target) if tensor.is_floating_point() else tensor)
+            del tensor
+        writer.close()
     if pairs:
         raise ForgeError(Codes.ADAPTER_INVALID,
                          f"{len(pairs)} adapter weight(s) have no match in the base, e.g. {next(iter(pairs))}",
