@@ -27,7 +27,8 @@ async def call(client: Client, name: str, args: dict | None = None) -> dict:
 
 
 async def follow(client: Client, handle: dict) -> dict:
-    print(f"  ← job {handle['job_id']} {handle['status']} (queue position {handle['queue_position']})", flush=True)
+    queued = f" (queue position {handle['queue_position']})" if handle["queue_position"] else ""
+    print(f"  ← job {handle['job_id']} {handle['status']}{queued}", flush=True)
     args = {"job_id": handle["job_id"], "timeout_s": 600}
     show_call("forge_job_wait", args)
 
