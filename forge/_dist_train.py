@@ -13,10 +13,10 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from forge.cli import _quiet_libraries
+    from forge.cli import quiet_libraries
     from forge.train import TrainConfig, train
 
-    _quiet_libraries()
+    quiet_libraries()
     path = Path((argv if argv is not None else sys.argv[1:])[0])
     config = TrainConfig.model_validate(json.loads(path.read_text(encoding="utf-8")))
     train(config)

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from forge.errors import Codes, ForgeError
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
@@ -232,7 +232,7 @@ def run_demo(directory: str | None = None, echo: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     as_json = getattr(args, "_json", False)

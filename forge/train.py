@@ -206,10 +206,10 @@ def _load_model(config: TrainConfig, model_ref: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from forge.hardware import train_dtype
+    from forge.hardware import device_kind, train_dtype
 
     dtype = train_dtype()
-    on_cuda = dtype != torch.float32
+    on_cuda = device_kind() == "cuda"
     kwargs: dict = {"dtype": dtype, "attn_implementation": _attn_implementation(config, on_cuda)}
     if config.method == "qlora":
         from transformers import BitsAndBytesConfig
@@ -499,6 +499,3 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     record_stage(run_dir, "train", result)
     return result
 
-
-def load_metrics(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "metrics.json").read_text(encoding="utf-8"))

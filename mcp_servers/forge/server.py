@@ -121,7 +121,7 @@ def create_server(home: Path | None = None) -> MCPServer:
         from forge.pipeline import STAGES
 
         done = {e["data"]["pipeline_stage"]: e["data"].get("status") or "succeeded"
-                for e in runner.store.events(job["id"], limit=10_000) if e["type"] == "stage_done"}
+                for e in runner.store.events(job["id"], limit=len(STAGES), type_="stage_done")}
         current = (job.get("stage") or "").split(":")[0]
         states = []
         for stage in STAGES:
@@ -240,8 +240,7 @@ def create_server(home: Path | None = None) -> MCPServer:
 
     def job_record(job: dict) -> dict:
         """What a seal keeps of a job: identity, inputs, outcome, and the warnings it met."""
-        warnings = [e["data"].get("message") for e in runner.store.events(job["id"], limit=10_000)
-                    if e["type"] == "warning"]
+        warnings = [e["data"].get("message") for e in runner.store.events(job["id"], limit=10_000, type_="warning")]
         return {"id": job["id"], "kind": job["kind"], "status": job["status"], "params": job["params"],
                 "created_at": job["created_at"], "finished_at": job.get("finished_at"), "error": job.get("error"),
                 "warnings": warnings}
@@ -509,9 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args(argv)
-    from forge.cli import _quiet_libraries
+    from forge.cli import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     server = create_server()
     if args.transport == "stdio":
         server.run("stdio")

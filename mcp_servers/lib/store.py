@@ -209,10 +209,12 @@ class JobStore:
         conn.execute("INSERT INTO events (job_id, ts, type, data) VALUES (?, ?, ?, ?)",
                      (job_id, time.time(), type_, json.dumps(data, default=str)))
 
-    def events(self, job_id: str, after: int = 0, limit: int = 50) -> list[dict]:
+    def events(self, job_id: str, after: int = 0, limit: int = 50, type_: str | None = None) -> list[dict]:
+        sql, args = "SELECT * FROM events WHERE job_id = ? AND seq > ?", [job_id, after]
+        if type_:
+            sql, args = sql + " AND type = ?", args + [type_]
         with self._conn() as conn:
-            rows = conn.execute("SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                                (job_id, after, limit)).fetchall()
+            rows = conn.execute(sql + " ORDER BY seq LIMIT ?", args + [limit]).fetchall()
         return [{"seq": r["seq"], "ts": r["ts"], "type": r["type"], "data": json.loads(r["data"])} for r in rows]
 
     @staticmethod

@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             store.add_event(job_id, kind or "event", event)
 
-    from forge.cli import _quiet_libraries
+    from forge.cli import quiet_libraries
     from mcp_servers.lib.jobs import run_job
 
-    _quiet_libraries()
+    quiet_libraries()
     log.info("job %s (%s) starting: %s", job_id, job["kind"], job["params"])
     try:
         result = run_job(job["kind"], job["params"], on_progress)
