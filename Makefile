@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.forge-installed
 TORCH_CPU := torch==2.13.0
 
-.PHONY: demo test install go inspector clean
+.PHONY: demo test lint install go inspector clean
 
 install: $(STAMP)
 
@@ -41,8 +41,11 @@ inspector:
 demo: $(STAMP)
 	$(BIN)/python -m mcp_servers.forge.demo_agent
 
-test: $(STAMP) go inspector
+test: $(STAMP) go inspector lint
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf .pytest_cache .inspector

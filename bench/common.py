@@ -54,8 +54,8 @@ def build_model(out_dir: Path, shape: str, tokenizer_dir: Path, dtype: str = "bf
 def chat_records(n: int, max_tokens: int, seed: int = 0, words_per_token: float = 0.75) -> list[dict]:
     """Variable-length chat records: lengths log-normal (median ~max/4), clipped to [30, max] tokens."""
     rng = random.Random(seed)
-    vocab = ("model data train loss merge adapter token batch layer weight learn rate epoch eval quant gguf "
-             "stop turn chat answer question short long value check seal run job step").split()
+    vocab = ("model data train loss merge adapter token batch layer weight learn rate epoch eval quant gguf stop "
+             "turn chat answer question short long value check seal run job step").split()
     out = []
     for _ in range(n):
         tokens = int(min(max(rng.lognormvariate(math.log(max_tokens / 4), 0.8), 30), max_tokens))
@@ -72,8 +72,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def table(rows: list[tuple], headers: tuple) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
+    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     for strategy in ("peft", "streaming"):
         proc = subprocess.run([sys.executable, __file__, "--run", strategy, "--work", str(work)],
                               capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
             return 1
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     gib = lambda n: f"{n / 1024**3:.2f} GiB"  # noqa: E731
     rows = [(name, f"{r['seconds']:.1f}", gib(r["peak_rss"]), gib(r["peak_rss"] - r["baseline_rss"]))
             for name, r in (("PEFT merge_and_unload", results["peft"]), ("Forge streaming", results["streaming"]))]
-    print(f"\nshape {args.shape}: {info['shards']} shards, {gib(info['total'])} in all, largest {gib(info['largest_shard'])}\n")
+    print(f"\nshape {args.shape}: {info['shards']} shards, {gib(info['total'])} in all, "
+          f"largest {gib(info['largest_shard'])}\n")
     print(table(rows, ("merge", "seconds", "peak RSS", "peak over baseline")))
     s, p = results["streaming"], results["peft"]
     over = s["peak_rss"] - s["baseline_rss"]

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--run", which, "--work", str(work), *(argv or sys.argv[1:])]
         started = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
             return 1

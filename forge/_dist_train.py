@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from forge.cli import quiet_libraries
+    from forge.progress import quiet_libraries
     from forge.train import TrainConfig, train
 
     quiet_libraries()

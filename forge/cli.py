@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import types
 import typing
@@ -15,21 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from forge.errors import Codes, ForgeError
-
-
-def quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
+from forge.progress import quiet_libraries
+from forge.runs import Outcome
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], positional: str | None = None,
@@ -80,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     from forge.merge import MergeConfig
     from forge.modelfile import ModelfileConfig
     from forge.pipeline import PipelineConfig
-    from forge.quantize import QuantizeConfig
     from forge.publish import PublishConfig
+    from forge.quantize import QuantizeConfig
     from forge.seal import SealConfig
     from forge.snapshot import SnapshotConfig
     from forge.train import TrainConfig
@@ -103,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     seal_sub = seal.add_subparsers(dest="seal_command", required=True)
     _stage(seal_sub, "create", SealConfig, "Seal run dirs: canonical-JSON record, retrospective, loss curve.",
            exclude=("jobs",))
-    verify = seal_sub.add_parser("verify", help="Re-hash a seal (default: the newest) and its artifacts; walk the chain.")
+    verify = seal_sub.add_parser(
+        "verify", help="Re-hash a seal (default: the newest) and its artifacts; walk the chain.")
     verify.add_argument("seal_ref", nargs="?", default=None, help="seal id (sha256:…) or a prefix of it")
     verify.add_argument("--json", dest="_json", action="store_true", help="print the result as JSON")
     _stage(sub, "snapshot", SnapshotConfig, "Seal the newest run, or bundle a manifest's files for an agent (audit).")
@@ -254,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_summary(result))
     if result.get("ok") is False:  # seal verify found a mismatch
         return 1
-    return 0 if result.get("status", "succeeded") in ("succeeded", None) or "status" not in result else 1
+    return 0 if result.get("status", Outcome.SUCCEEDED) == Outcome.SUCCEEDED else 1
 
 
 if __name__ == "__main__":

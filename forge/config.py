@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from forge.errors import Codes, ForgeError
 
@@ -49,6 +50,18 @@ class StageConfig(BaseModel):
                 f"see the documented fields of {cls.__name__} (forge <stage> --help)",
                 details=problems,
             ) from None
+
+
+    @classmethod
+    def overrides_model(cls, name: str, fields: tuple[str, ...], doc: str) -> type[BaseModel]:
+        """A model of some of this config's fields, each optional (unset = the config's default), with
+        the same names, descriptions and bounds: for tools that let a caller override a few of them."""
+        definitions = {}
+        for field in fields:
+            info = copy.copy(cls.model_fields[field])
+            info.default, info.default_factory = None, None
+            definitions[field] = (info.annotation | None, info)
+        return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, **definitions)
 
 
 def _describe(err: dict) -> str:

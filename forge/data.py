@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -37,21 +37,19 @@ class DataConfig(StageConfig):
     format: FormatName = Field("auto", description="Record format; 'auto' detects it from the keys.")
     system_prompt: str | None = Field(None, description="System message prepended to records without one.")
     base_model: str | None = Field(None, description="Model dir or hub id whose tokenizer computes the stats.")
-    max_seq_length: int = Field(1024, gt=0, description="Tokens per record; longer records are truncated.")
+    max_length: int = Field(1024, gt=0, description="Tokens per record (TRL's max_length); longer ones are truncated.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of records held out for eval loss.")
     seed: int = Field(42, description="Seed of the deterministic train/eval split.")
 
 
 @dataclass
 class Dataset:
-    """A validated dataset as chat conversations, with where each came from."""
+    """A validated dataset as chat conversations."""
 
     path: Path
     format: str
     conversations: list[list[dict]]
-    line_numbers: list[int]
     sha256: str
-    warnings: list[str] = field(default_factory=list)
 
 
 def _detect(record: dict) -> str | None:
@@ -154,7 +152,7 @@ def load_dataset(path: Path | str, fmt: str = Formats.AUTO, system_prompt: str |
                              "use alpaca (instruction/input/output), messages, or prompt/completion records")
         fmt = max(set(seen), key=seen.count) if seen else Formats.ALPACA
 
-    conversations, line_numbers = [], []
+    conversations = []
     for lineno, record in parsed:
         detected = _detect(record)
         if detected is not None and detected != fmt:
@@ -166,7 +164,6 @@ def load_dataset(path: Path | str, fmt: str = Formats.AUTO, system_prompt: str |
             problems.extend(f"line {lineno}: {p}; {_FIX[fmt]}" for p in record_problems)
             continue
         conversations.append(_to_messages(record, fmt, system_prompt))
-        line_numbers.append(lineno)
 
     if problems:
         raise ForgeError(
@@ -179,8 +176,7 @@ def load_dataset(path: Path | str, fmt: str = Formats.AUTO, system_prompt: str |
     if not conversations:
         raise ForgeError(Codes.DATASET_INVALID, f"{path}: the file holds no records",
                          "add one JSON object per line")
-    return Dataset(path=path, format=fmt, conversations=conversations, line_numbers=line_numbers,
-                   sha256=sha256_file(path))
+    return Dataset(path=path, format=fmt, conversations=conversations, sha256=sha256_file(path))
 
 
 def split(conversations: list, eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -239,12 +235,13 @@ class TokenizedSet:
     assistant_masks: list[list[int]]
 
     def as_records(self) -> list[dict]:
-        return [{"input_ids": i, "assistant_masks": m} for i, m in zip(self.input_ids, self.assistant_masks)]
+        pairs = zip(self.input_ids, self.assistant_masks, strict=True)
+        return [{"input_ids": i, "assistant_masks": m} for i, m in pairs]
 
 
 def tokenize_all(tokenizer, conversations: list[list[dict]]) -> TokenizedSet:
-    ids, masks = zip(*(tokenize_conversation(tokenizer, c) for c in conversations)) if conversations else ((), ())
-    return TokenizedSet(list(ids), list(masks))
+    encoded = [tokenize_conversation(tokenizer, c) for c in conversations]
+    return TokenizedSet([ids for ids, _ in encoded], [mask for _, mask in encoded])
 
 
 def _percentile(values: list[int], q: float) -> int:
@@ -252,18 +249,18 @@ def _percentile(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def token_stats(tokens: TokenizedSet, max_seq_length: int) -> dict:
+def token_stats(tokens: TokenizedSet, max_length: int) -> dict:
     """Length spread, truncation and loss share — refusing when no token would be trained."""
     lengths = [len(i) for i in tokens.input_ids]
-    kept = [m[:max_seq_length] for m in tokens.assistant_masks]
+    kept = [m[:max_length] for m in tokens.assistant_masks]
     trained = sum(sum(m) for m in kept)
-    total = sum(min(n, max_seq_length) for n in lengths)
+    total = sum(min(n, max_length) for n in lengths)
     if trained == 0:
         raise ForgeError(
             Codes.EMPTY_LOSS_MASK,
             "no token would be trained: every assistant mask is empty after truncation "
-            f"at max_seq_length={max_seq_length}",
-            "check that records have assistant answers and that max_seq_length leaves room for them",
+            f"at max_length={max_length}",
+            "check that records have assistant answers and that max_length leaves room for them",
         )
     return {
         "records": len(lengths),
@@ -272,7 +269,7 @@ def token_stats(tokens: TokenizedSet, max_seq_length: int) -> dict:
         "tokens_p95": _percentile(lengths, 0.95),
         "tokens_max": max(lengths),
         "tokens_total": total,
-        "truncated_share": round(sum(n > max_seq_length for n in lengths) / len(lengths), 4),
+        "truncated_share": round(sum(n > max_length for n in lengths) / len(lengths), 4),
         "records_without_trained_tokens": sum(1 for m in kept if not any(m)),
         "loss_token_share": round(trained / total, 4),
         "loss_tokens": trained,
@@ -282,7 +279,7 @@ def token_stats(tokens: TokenizedSet, max_seq_length: int) -> dict:
 def load_tokenizer(base_model: str):
     from transformers import AutoTokenizer
 
-    from forge.models import resolve_model
+    from forge.model_ref import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(base_model))
     if not getattr(tokenizer, "chat_template", None):
@@ -300,17 +297,17 @@ def validate(config: DataConfig) -> dict:
     train, evals = split(ds.conversations, config.eval_fraction, config.seed)
     report = {
         "path": str(ds.path), "format": ds.format, "sha256": ds.sha256, "records": len(ds.conversations),
-        "train_records": len(train), "eval_records": len(evals), "warnings": list(ds.warnings),
+        "train_records": len(train), "eval_records": len(evals), "warnings": [],
         "example": ds.conversations[0],
     }
     if config.base_model:
         tokenizer = load_tokenizer(config.base_model)
-        stats = token_stats(tokenize_all(tokenizer, ds.conversations), config.max_seq_length)
-        stats["max_seq_length"] = config.max_seq_length
+        stats = token_stats(tokenize_all(tokenizer, ds.conversations), config.max_length)
+        stats["max_length"] = config.max_length
         report["tokens"] = stats
         if stats["truncated_share"] > 0:
-            report["warnings"].append(f"{stats['truncated_share']:.0%} of records exceed max_seq_length="
-                                      f"{config.max_seq_length} and will be truncated")
+            report["warnings"].append(f"{stats['truncated_share']:.0%} of records exceed max_length="
+                                      f"{config.max_length} and will be truncated")
         if stats["records_without_trained_tokens"]:
             report["warnings"].append(f"{stats['records_without_trained_tokens']} record(s) keep no assistant "
                                       "token after truncation and will be dropped")

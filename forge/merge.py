@@ -13,8 +13,8 @@ from pydantic import Field
 
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
-from forge.seal import record_stage_near
 from forge.progress import ProgressCallback, ProgressWriter
+from forge.runs import Outcome, progress_path, record_stage_near
 from forge.workspace import atomic_dir, dir_artifacts, refuse_existing
 
 # Parity bound per saved dtype, relative to the largest reference logit (at least 1.0): the merged
@@ -87,8 +87,8 @@ def parity(merged_dir: Path, adapter_dir: Path, base_ref: str, dtype: str) -> di
     del reference, base
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     merged_logits = _logits(merged, tokenizer, PARITY_INPUTS)
-    max_diff = max(float((a - b).abs().max()) for a, b in zip(merged_logits, ref_logits))
-    effect = max(float((a - b).abs().max()) for a, b in zip(base_logits, ref_logits))
+    max_diff = max(float((a - b).abs().max()) for a, b in zip(merged_logits, ref_logits, strict=True))
+    effect = max(float((a - b).abs().max()) for a, b in zip(base_logits, ref_logits, strict=True))
     scale = max(1.0, max(float(r.abs().max()) for r in ref_logits))
     bound = PARITY_RELATIVE_BOUND.get(dtype, 3e-2) * scale
     return {"max_abs_diff": max_diff, "bound": bound, "adapter_effect": effect, "dtype": dtype,
@@ -142,7 +142,7 @@ def streaming_unsupported(adapter_dir: Path, base_ref: str) -> str | None:
 
         try:
             with safe_open(str(weights), framework="pt") as f:
-                odd = [k for k in f.keys() if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+                odd = [k for k in f.keys() if not k.endswith((".lora_A.weight", ".lora_B.weight"))]  # noqa: SIM118 (not iterable)
         except Exception as exc:  # safetensors raises its own error types for a damaged file
             raise ForgeError(Codes.ADAPTER_INVALID, f"cannot read {weights}: {exc}",
                              "the adapter files are damaged; train again or restore them") from exc
@@ -234,13 +234,13 @@ def stream_merge(adapter_dir: Path, base_dir: Path, out: Path, dtype: str) -> li
 def merge(config: MergeConfig, on_progress: ProgressCallback | None = None) -> dict:
     from transformers import AutoTokenizer, GenerationConfig
 
-    from forge.models import resolve_model
+    from forge.model_ref import resolve_model
 
     adapter_dir = Path(config.adapter_dir)
     base_ref = resolve_model(config.base_model or _adapter_base(adapter_dir))
     merged_dir = config.merged_dir()
     refuse_existing(merged_dir, config.force)
-    writer = ProgressWriter(adapter_dir.parent / "merge_progress.jsonl", on_progress)
+    writer = ProgressWriter(progress_path(merged_dir), on_progress)
     dtype = _base_dtype(base_ref) if config.dtype == "auto" else config.dtype
 
     reason = streaming_unsupported(adapter_dir, base_ref) if config.strategy != "peft" else "strategy=peft asked for"
@@ -277,7 +277,7 @@ def merge(config: MergeConfig, on_progress: ProgressCallback | None = None) -> d
                     "check that base_model is the model the adapter was trained on; try dtype=float32",
                 )
     writer({"event": "done", "merged_dir": str(merged_dir)})
-    result = {"status": "succeeded", "merged_dir": str(merged_dir), "base_model": base_ref, "dtype": dtype,
+    result = {"status": Outcome.SUCCEEDED, "merged_dir": str(merged_dir), "base_model": base_ref, "dtype": dtype,
               "strategy": strategy, "fallback_reason": reason if config.strategy == "auto" else None,
               "parity": report, "stripped_config_keys": removed, "artifacts": dir_artifacts(merged_dir, "merged"),
               "config": config.model_dump(mode="json")}

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
-from forge.seal import record_stage_near
+from forge.runs import Outcome, record_stage_near
 from forge.workspace import artifact, atomic_write_text, refuse_existing
 
 
@@ -33,7 +33,8 @@ class TemplateFamily:
 
 
 _LAST = "{{- $last := eq (len (slice $.Messages $i)) 1 -}}"
-_SYSTEM = '{{- $system := "" }}{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}'
+_SYSTEM = ('{{- $system := "" }}{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}'
+           "{{ end }}")
 
 FAMILIES: tuple[TemplateFamily, ...] = (
     TemplateFamily(
@@ -65,7 +66,8 @@ FAMILIES: tuple[TemplateFamily, ...] = (
         template=(
             _SYSTEM + "\n{{- $first := true }}\n"
             "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
-            '{{- if ne .Role "system" }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
+            '{{- if ne .Role "system" }}<start_of_turn>'
+            '{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
             "{{ if $first }}{{ if $system }}{{ $system }}\n\n{{ end }}{{ $first = false }}{{ end }}"
             "{{ .Content }}<end_of_turn>\n{{ end }}\n"
             '{{- if and $last (ne .Role "assistant") }}<start_of_turn>model\n{{ end }}\n'
@@ -146,13 +148,13 @@ def _quote(text: str) -> str:
 
 def gguf_tokens(gguf_path: Path) -> dict:
     """Chat template and EOS/EOT token strings from a GGUF's header."""
-    from forge.converter import gguf_fields
+    from forge.converter import gguf_fields, gguf_module
 
-    fields, _ = gguf_fields(gguf_path, ("tokenizer.chat_template", "tokenizer.ggml.tokens",
-                                        "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"))
-    tokens = fields["tokenizer.ggml.tokens"] or []
-    special = [fields["tokenizer.ggml.eos_token_id"], fields["tokenizer.ggml.eot_token_id"]]
-    return {"chat_template": fields["tokenizer.chat_template"],
+    tok = gguf_module().Keys.Tokenizer
+    fields, _ = gguf_fields(gguf_path, (tok.CHAT_TEMPLATE, tok.LIST, tok.EOS_ID, tok.EOT_ID))
+    tokens = fields[tok.LIST] or []
+    special = [fields[tok.EOS_ID], fields[tok.EOT_ID]]
+    return {"chat_template": fields[tok.CHAT_TEMPLATE],
             "eos_tokens": [tokens[i] for i in special if i is not None and i < len(tokens)]}
 
 
@@ -180,7 +182,7 @@ def write_modelfile(config: ModelfileConfig) -> dict:
     parse_modelfile(content, base_dir=out.parent)  # never write a Modelfile we would reject
     atomic_write_text(out, content)
     name = config.model_name or re.sub(r"[^a-z0-9._-]+", "-", gguf_path.stem.lower())
-    result = {"status": "succeeded", "path": str(out), "content": content,
+    result = {"status": Outcome.SUCCEEDED, "path": str(out), "content": content,
               "template_family": family.name if family else "custom", "stop_tokens": stops, "parameters": params,
               "ollama_create": f"ollama create {name} -f {shlex.quote(str(out))}", "model_name": name,
               "artifacts": [artifact(out, "modelfile")], "config": config.model_dump(mode="json")}

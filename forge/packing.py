@@ -19,7 +19,7 @@ ROW_LENGTHS_KEY = "forge_row_lengths"  # popped before the forward pass; counts 
 
 
 def labels_from_mask(input_ids: list[int], mask: list[int]) -> list[int]:
-    return [t if m else IGNORE_INDEX for t, m in zip(input_ids, mask)]
+    return [t if m else IGNORE_INDEX for t, m in zip(input_ids, mask, strict=True)]
 
 
 def truncate_records(records: list[dict], max_length: int) -> list[dict]:
@@ -130,7 +130,7 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     edges = bounds.tolist()
     parts = [torch.nn.functional.scaled_dot_product_attention(
         query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, scale=scaling, is_causal=True)
-        for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -4,22 +4,32 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
 from forge.config import StageConfig
 from forge.progress import ProgressCallback
+from forge.runs import STAGES, Outcome
+from forge.train import Method
 
-STAGES = ("train", "merge", "quantize", "modelfile", "seal")
+# Share of a pipeline's wall time each stage takes, roughly: training dominates. A pipeline's
+# percent is the finished stages' shares plus the running stage's share times its own percent.
+STAGE_WEIGHTS = {"train": 70, "merge": 10, "quantize": 15, "modelfile": 2, "seal": 3}
+
+
+def stage_span(stage: str) -> tuple[float, float]:
+    """The (start, end) percent of a pipeline that ``stage`` covers."""
+    start = sum(STAGE_WEIGHTS[s] for s in STAGES[: STAGES.index(stage)])
+    return float(start), float(start + STAGE_WEIGHTS[stage])
 
 
 class PipelineConfig(StageConfig):
     base_model: str = Field(description="Local model dir or hub id to fine-tune.")
     dataset: Path = Field(description="JSONL dataset.")
-    method: Literal["lora", "qlora"] = Field("lora", description="lora or qlora.")
-    output_dir: Path | None = Field(None, description="Run dir; default $FORGE_HOME/runs/<output_name>.")
-    output_name: str | None = Field(None, description="Run name under $FORGE_HOME/runs.")
+    method: Method = Field("lora", description="lora or qlora.")
+    output_dir: Path | None = Field(None, description="Run dir; default $FORGE_HOME/runs/<run_name>.")
+    run_name: str | None = Field(None, description="Name of the run dir under $FORGE_HOME/runs.")
     quantizations: list[str] = Field(["Q4_K_M"], description="llama.cpp quant types to make.")
     system_prompt: str | None = Field(None, description="System prompt for training records and the Modelfile.")
     pre_tokenizer: str | None = Field(None, description="llama.cpp pre-tokenizer fallback for unknown tokenizers.")
@@ -54,10 +64,10 @@ def run_pipeline(config: PipelineConfig, on_progress: ProgressCallback | None = 
 
     train_cfg = TrainConfig.build(
         **{**config.train, "base_model": config.base_model, "dataset": config.dataset, "method": config.method,
-           "output_dir": config.output_dir, "output_name": config.output_name,
+           "output_dir": config.output_dir, "run_name": config.run_name,
            "system_prompt": config.system_prompt})
     trained = done("train", train(train_cfg, progress("train")))
-    if trained["status"] != "succeeded":
+    if trained["status"] != Outcome.SUCCEEDED:
         return {"status": trained["status"], "stages": results, "run_dir": trained["run_dir"]}
     run_dir = Path(trained["run_dir"])
     merged = done("merge", merge(MergeConfig(adapter_dir=Path(trained["adapter_dir"]),
@@ -70,4 +80,4 @@ def run_pipeline(config: PipelineConfig, on_progress: ProgressCallback | None = 
                                                       system_prompt=config.system_prompt)))
     progress("seal")
     done("seal", seal(SealConfig(run_dirs=[run_dir], note=config.note)))
-    return {"status": "succeeded", "run_dir": str(run_dir), "stages": results}
+    return {"status": Outcome.SUCCEEDED, "run_dir": str(run_dir), "stages": results}

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
 from forge.progress import ProgressCallback, ProgressWriter
+from forge.runs import Outcome
 
 LIBRARY = {"adapter": "peft", "merged": "transformers", "gguf": "gguf"}
 SKIP = {"README.md", "progress.jsonl", "convert.log", "quantize.log"}
@@ -55,7 +56,8 @@ def _files(config: PublishConfig) -> list[Path]:
 
 def _seal_for(source: Path) -> dict | None:
     """The newest seal covering the run that source belongs to."""
-    from forge.seal import find_run_dir, seals_dir
+    from forge.runs import find_run_dir
+    from forge.seal import seals_dir
 
     run_dir = find_run_dir(source if source.is_dir() else source.parent) or find_run_dir(source)
     if run_dir is None:
@@ -72,7 +74,7 @@ def _seal_for(source: Path) -> dict | None:
 def model_card(config: PublishConfig, files: list[Path]) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
-    from forge.seal import results_table
+    from forge.retrospective import results_table
 
     sealed = _seal_for(Path(config.source))
     run = sealed["run"] if sealed else {}
@@ -130,7 +132,7 @@ def publish(config: PublishConfig, on_progress: ProgressCallback | None = None) 
     plan = {"repo_id": config.repo_id, "private": config.private, "kind": config.kind, "files": plan_files,
             "total_bytes": sum(f["bytes"] for f in plan_files), "commit_message": message, "model_card": card}
     if config.dry_run:
-        return {"status": "succeeded", "dry_run": True, "plan": plan}
+        return {"status": Outcome.SUCCEEDED, "dry_run": True, "plan": plan}
     token = _hub_token()
     writer = ProgressWriter(None, on_progress)
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
@@ -149,5 +151,5 @@ def publish(config: PublishConfig, on_progress: ProgressCallback | None = None) 
                          "check the token has write access to the repo's owner" if code == Codes.HUB_AUTH_MISSING
                          else "retry later; nothing is half-published: the upload is one commit",
                          retryable=code == Codes.HUB_ERROR) from None
-    return {"status": "succeeded", "dry_run": False, "repo_url": str(repo_url), "commit_url": commit.commit_url,
+    return {"status": Outcome.SUCCEEDED, "dry_run": False, "repo_url": str(repo_url), "commit_url": commit.commit_url,
             "commit_oid": commit.oid, "plan": {k: v for k, v in plan.items() if k != "model_card"}}

@@ -31,7 +31,8 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, object]]:
     import torch
 
     header, start = read_header(path)
-    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                     key=lambda kv: kv[1]["data_offsets"][0])
     with open(path, "rb") as fh:
         for name, entry in entries:
             begin, end = entry["data_offsets"]
@@ -74,7 +75,8 @@ class StreamWriter:
             raise ValueError(f"expected tensor {expected!r} next, got {name!r}")
         entry = self.header[name]
         if CODES[str(tensor.dtype).removeprefix("torch.")] != entry["dtype"] or list(tensor.shape) != entry["shape"]:
-            raise ValueError(f"{name}: expected {entry['dtype']} {entry['shape']}, got {tensor.dtype} {list(tensor.shape)}")
+            raise ValueError(f"{name}: expected {entry['dtype']} {entry['shape']}, "
+                             f"got {tensor.dtype} {list(tensor.shape)}")
         import torch
 
         if tensor.numel():

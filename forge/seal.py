@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -23,11 +22,11 @@ from pydantic import Field
 
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
+from forge.retrospective import plot_loss_curve, render_retrospective, results_table
+from forge.runs import ARTIFACT_GLOBS, STAGES_DIR, TRAIN_CONFIG_FILE, Outcome, load_stages, progress_warnings
 from forge.workspace import artifact, atomic_write_text, forge_home, sha256_file
 
 SCHEMA = "forge.seal/2"
-STAGE_ORDER = ("train", "merge", "quantize", "modelfile")
-ARTIFACT_GLOBS = {"adapter": "adapter/*", "merged": "merged/*", "gguf": "gguf/*.gguf", "modelfile": "gguf/Modelfile"}
 ID_FILE = "seal.sha256"
 
 
@@ -36,27 +35,6 @@ class SealConfig(StageConfig):
     note: str | None = Field(None, description="A note kept in the record.")
     project_dir: Path | None = Field(None, description="A git repo whose commit and dirty state are recorded.")
     jobs: list[dict] = Field(default_factory=list, description="Job records (from the MCP job store) to keep.")
-
-
-# ---- stage records ----
-
-def record_stage(run_dir: Path, stage: str, result: dict) -> None:
-    """Keep a stage's result in the run dir, so a seal (or an agent) can read it later."""
-    atomic_write_text(Path(run_dir) / "stages" / f"{stage}.json", json.dumps(result, indent=2, default=str) + "\n")
-
-
-def find_run_dir(path: Path) -> Path | None:
-    """The run dir an output belongs to: the nearest parent holding train_config.json or stages/."""
-    for parent in list(Path(path).resolve().parents)[:3]:
-        if (parent / "train_config.json").is_file() or (parent / "stages").is_dir():
-            return parent
-    return None
-
-
-def record_stage_near(output: Path, stage: str, result: dict) -> None:
-    run_dir = find_run_dir(output)
-    if run_dir is not None:
-        record_stage(run_dir, stage, result)
 
 
 # ---- hashing ----
@@ -70,15 +48,6 @@ def seal_id(data: bytes) -> str:
 
 
 # ---- building the record ----
-
-def _load_stages(run_dir: Path) -> dict:
-    stages = {}
-    for stage in STAGE_ORDER:
-        path = run_dir / "stages" / f"{stage}.json"
-        if path.is_file():
-            stages[stage] = json.loads(path.read_text(encoding="utf-8"))
-    return stages
-
 
 def hub_revision(ref: str | None) -> str | None:
     """The commit a hub model was loaded at, when the local HF cache knows it."""
@@ -95,22 +64,11 @@ def hub_revision(ref: str | None) -> str | None:
     return refs.read_text(encoding="utf-8").strip() if refs.is_file() else None
 
 
-def _progress_warnings(run_dir: Path) -> list[str]:
-    found = []
-    for path in sorted(run_dir.rglob("progress.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if '"warning"' in line:
-                event = json.loads(line)
-                if event.get("event") == "warning":
-                    found.append(event.get("message", ""))
-    return found
-
-
 def run_record(run_dir: Path) -> dict:
     run_dir = Path(run_dir).resolve()
-    stages = _load_stages(run_dir)
+    stages = load_stages(run_dir)
     if not stages:
-        raise ForgeError(Codes.SEAL_NOT_FOUND, f"{run_dir} holds no stage results (stages/*.json)",
+        raise ForgeError(Codes.SEAL_NOT_FOUND, f"{run_dir} holds no stage results ({STAGES_DIR}/*.json)",
                          "seal a run dir written by forge train / forge pipeline")
     train = stages.get("train", {})
     base_ref = train.get("base_model") or stages.get("merge", {}).get("base_model")
@@ -120,10 +78,10 @@ def run_record(run_dir: Path) -> dict:
     template = next((run_dir / d / "chat_template.jinja" for d in ("merged", "adapter")
                      if (run_dir / d / "chat_template.jinja").is_file()), None)
     configs = {s: r["config"] for s, r in stages.items() if "config" in r}
-    if (run_dir / "train_config.json").is_file():
-        configs["train"] = json.loads((run_dir / "train_config.json").read_text(encoding="utf-8"))
+    if (run_dir / TRAIN_CONFIG_FILE).is_file():
+        configs["train"] = json.loads((run_dir / TRAIN_CONFIG_FILE).read_text(encoding="utf-8"))
     warnings = list(dict.fromkeys([w for s in stages.values() for w in s.get("warnings", [])]
-                                  + _progress_warnings(run_dir)))
+                                  + progress_warnings(run_dir)))
     quant = stages.get("quantize", {})
     metrics = train.get("metrics", {})
     return {
@@ -132,7 +90,8 @@ def run_record(run_dir: Path) -> dict:
         "method": train.get("method"),
         "dataset": train.get("dataset"),
         "configs": configs,
-        "stages": {s: {"status": r.get("status", "succeeded"), "error": r.get("error")} for s, r in stages.items()},
+        "stages": {s: {"status": r.get("status", Outcome.SUCCEEDED), "error": r.get("error")}
+                   for s, r in stages.items()},
         "metrics": {k: v for k, v in metrics.items() if k not in ("loss_curve", "eval_curve")},
         "loss_curve": metrics.get("loss_curve", []),
         "eval_curve": metrics.get("eval_curve", []),
@@ -217,10 +176,12 @@ def seal(config: SealConfig) -> dict:
         atomic_write_text(seals_dir() / "HEAD", sid + "\n")
     for run in runs:  # a convenience copy beside each run; the seal dir holds the sealed one
         atomic_write_text(Path(run["run_dir"]) / "retrospective.md", retro)
-    return {"status": "succeeded", "seal_id": sid, "seal_dir": str(target), "seal_path": str(target / "seal.json"),
+    return {"status": Outcome.SUCCEEDED, "seal_id": sid, "seal_dir": str(target),
+            "seal_path": str(target / "seal.json"),
             "retrospective_path": str(target / "retrospective.md"), "previous": record["previous"],
             "results_table": results_table(runs[0], record["hardware"]),
-            "artifacts": [artifact(target / "seal.json", "seal"), artifact(target / "retrospective.md", "retrospective")]}
+            "artifacts": [artifact(target / "seal.json", "seal"),
+                          artifact(target / "retrospective.md", "retrospective")]}
 
 
 # ---- finding and verifying ----
@@ -277,125 +238,3 @@ def verify(ref: str | None = None) -> dict:
         expected = previous
     return {"seal_id": chain[0], "ok": not mismatches, "mismatches": mismatches, "missing": missing,
             "chain": chain, "chain_length": len(chain)}
-
-
-# ---- the retrospective and the loss curve, rendered from the record alone ----
-
-def plot_loss_curve(record: dict, path: Path) -> str | None:
-    points = [(r, r.get("loss_curve") or []) for r in record["runs"]]
-    if not any(curve for _, curve in points):
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for run, curve in points:
-        name = Path(run["run_dir"]).name
-        ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], label=f"{name} train")
-        evals = run.get("eval_curve") or []
-        if evals:
-            ax.plot([p["step"] for p in evals], [p["eval_loss"] for p in evals], "o--", label=f"{name} eval")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path.name
-
-
-def _fmt(value, unit: str = "", digits: int = 4) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}{unit}"
-    return f"{value}{unit}"
-
-
-def _gib(n) -> str:
-    return "—" if n is None else f"{n / 1024**3:.2f} GiB"
-
-
-def results_table(run: dict, hardware: dict) -> str:
-    m = run.get("metrics", {})
-    output = ", ".join(Path(g["path"]).name for g in run.get("gguf") or []) or run.get("run_dir") or "—"
-    hw = ", ".join(hardware.get("gpus", [])) or f"CPU ({hardware.get('cpu_count', '?')} cores)"
-    rows = [
-        ("Final epoch", _fmt(m.get("final_epoch"))),
-        ("Total duration", _fmt(m.get("duration_s"), " s")),
-        ("Train loss", _fmt(m.get("train_loss"))),
-        ("Eval loss", _fmt(m.get("eval_loss"))),
-        ("Output", output),
-        ("Samples/s", _fmt(m.get("samples_per_s"))),
-        ("Steps/s", _fmt(m.get("steps_per_s"))),
-        ("Tokens/s", _fmt(m.get("tokens_per_s"))),
-        ("Peak memory", _gib(m.get("peak_memory_bytes"))),
-        ("Hardware", hw),
-    ]
-    return "| Metric | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
-
-
-def next_steps(run: dict) -> list[str]:
-    stages, run_dir = run.get("stages", {}), run.get("run_dir", ".")
-    steps = []
-    if "train" in stages and stages["train"]["status"] != "succeeded":
-        steps.append(f"forge train --output-dir {run_dir} --resume")
-    if "merge" not in stages:
-        steps.append(f"forge merge --adapter-dir {run_dir}/adapter")
-    if "quantize" not in stages:
-        steps.append(f"forge quantize --model-dir {run_dir}/merged --quantizations Q4_K_M")
-    if "modelfile" not in stages and run.get("gguf"):
-        steps.append(f"forge modelfile --gguf {run['gguf'][-1]['path']}")
-    if run.get("modelfile"):
-        mf = run["modelfile"]
-        steps += [mf["ollama_create"], f"ollama run {mf['model_name']}"]
-    if run.get("gguf"):
-        steps.append(f"forge publish --source {Path(run['gguf'][-1]['path']).parent} --kind gguf "
-                     "--repo-id YOUR_NAME/MODEL_NAME --dry-run")
-    return steps
-
-
-def render_retrospective(record: dict, sid: str, plot: str | None = None) -> str:
-    out = [f"# Retrospective — {', '.join(Path(r['run_dir']).name for r in record['runs'])}", "",
-           f"Seal `{sid}`, made {record['created_at']}; previous seal "
-           f"{'`' + record['previous'] + '`' if record.get('previous') else 'none (first in the chain)'}.", ""]
-    if record.get("note"):
-        out += [f"> {record['note']}", ""]
-    if record.get("git") and record["git"].get("git"):
-        g = record["git"]
-        out += [f"Project `{g['project_dir']}` at commit `{g['commit'][:12]}`{' (dirty)' if g['dirty'] else ''}.", ""]
-    for run in record["runs"]:
-        base = run.get("base_model") or {}
-        out += [f"## Run {Path(run['run_dir']).name}", "",
-                f"Base model `{base.get('ref')}`" + (f" at `{base['revision'][:12]}`" if base.get("revision") else "")
-                + f", method {run.get('method') or '—'}.", ""]
-        ds = run.get("dataset") or {}
-        if ds:
-            out += [f"Dataset `{ds.get('path')}` ({ds.get('format')}, sha256 `{str(ds.get('sha256'))[:16]}…`): "
-                    f"{ds.get('train_records')} train / {ds.get('eval_records')} eval records.", ""]
-        out += ["### Results", "", results_table(run, record.get("hardware", {}))]
-        parity = run.get("merge_parity")
-        if parity:
-            out += [f"Merge parity: max |Δlogit| {parity['max_abs_diff']:.3g} (bound {parity['bound']:.3g}, "
-                    f"{parity['dtype']}).", ""]
-        out += ["### Artifacts", "", "| Kind | File | Bytes | sha256 |", "|---|---|---|---|"]
-        for a in run.get("artifacts", []):
-            rel = os.path.relpath(a["path"], run["run_dir"])
-            out.append(f"| {a['kind']} | {rel} | {a['bytes']} | `{a['sha256'][:16]}…` |")
-        out += ["", "### Next steps", ""]
-        out += [f"- `{s}`" for s in next_steps(run)] or ["- nothing left to run"]
-        out.append("")
-    if plot:
-        out += ["## Loss curve", "", f"![loss curve]({plot})", ""]
-    out += ["## Friction", ""]
-    friction = list(record.get("warnings", []))
-    friction += [f"{s} failed: {st['error'].get('code')}: {st['error'].get('message')}"
-                 for r in record["runs"] for s, st in r["stages"].items() if st.get("error")]
-    friction += [f"job {j.get('id')} ({j.get('kind')}) {j.get('status')}: {(j.get('error') or {}).get('code')}"
-                 for j in record.get("jobs", []) if j.get("status") not in ("succeeded", None)]
-    out += [f"- {w}" for w in friction] or ["- none recorded"]
-    return "\n".join(out) + "\n"

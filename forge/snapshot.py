@@ -16,8 +16,10 @@ from typing import Literal
 
 from pydantic import Field
 
+from forge import runs
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
+from forge.runs import Outcome
 from forge.workspace import atomic_write_text, check_path, forge_home, sha256_file
 
 LANGUAGES = {
@@ -38,11 +40,11 @@ class SnapshotConfig(StageConfig):
 
 
 def latest_run() -> Path:
-    runs = [d for d in (forge_home() / "runs").glob("*") if (d / "stages").is_dir()]
-    if not runs:
-        raise ForgeError(Codes.SEAL_NOT_FOUND, f"no run to seal under {forge_home() / 'runs'}",
+    found = runs.latest_run()
+    if found is None:
+        raise ForgeError(Codes.SEAL_NOT_FOUND, f"no run to seal under {runs.runs_dir()}",
                          "pass --run-dir RUN, or train something first")
-    return max(runs, key=lambda d: (d / "stages").stat().st_mtime)
+    return found
 
 
 def _entries(manifest: Path) -> list[tuple[str, str | None]]:
@@ -108,7 +110,7 @@ def audit(manifest: Path, note: str | None = None, output: Path | None = None) -
         lines += ["", f"{fence}{lang}", text.rstrip("\n"), fence]
     bundle = Path(output) if output else forge_home() / "audits" / f"{time.strftime('%Y%m%d-%H%M%S')}-audit.md"
     atomic_write_text(bundle, "\n".join(lines) + "\n")
-    return {"status": "succeeded", "type": "audit", "path": str(bundle), "sha256": sha256_file(bundle),
+    return {"status": Outcome.SUCCEEDED, "type": "audit", "path": str(bundle), "sha256": sha256_file(bundle),
             "files": listed}
 
 

@@ -1,7 +1,7 @@
 """Train a LoRA or QLoRA adapter with TRL's SFTTrainer + PEFT.
 
-Reads top to bottom: config → tokenizer → data → model → trainer → run → save.
-Run dir layout: ``checkpoints/checkpoint-N``, ``adapter/``, ``progress.jsonl``, ``metrics.json``.
+``train`` reads as its phases: run dir → data → model → memory plan → trainer arguments → run →
+adapter and metrics. Run dir layout: see ``forge.runs``.
 """
 
 from __future__ import annotations
@@ -13,20 +13,29 @@ import re
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from forge.config import StageConfig
+from forge.data import FormatName
 from forge.errors import Codes, ForgeError
-from forge.seal import record_stage
 from forge.packing import (
-    ROW_LENGTHS_KEY, PackedCollator, labels_from_mask, pack, register_varlen_attention, single_rows,
+    ROW_LENGTHS_KEY,
+    PackedCollator,
+    labels_from_mask,
+    pack,
+    register_varlen_attention,
+    single_rows,
     truncate_records,
 )
 from forge.progress import ProgressCallback, ProgressWriter
-from forge.workspace import atomic_dir, atomic_write_json, dir_artifacts, forge_home
+from forge.runs import PROGRESS_FILE, STAGES_DIR, TRAIN_CONFIG_FILE, Outcome, record_stage, runs_dir
+from forge.workspace import atomic_dir, atomic_write_json, dir_artifacts
+
+Method = Literal["lora", "qlora"]
 
 
 class TrainConfig(StageConfig):
@@ -34,11 +43,10 @@ class TrainConfig(StageConfig):
 
     base_model: str = Field(description="Local model dir or hub id to fine-tune.")
     dataset: Path = Field(description="JSONL dataset (alpaca, messages or prompt/completion).")
-    output_dir: Path | None = Field(None, description="Run dir; default $FORGE_HOME/runs/<output_name>.")
-    output_name: str | None = Field(None, description="Name of the run dir under $FORGE_HOME/runs.")
-    method: Literal["lora", "qlora"] = Field("lora", description="lora, or qlora (4-bit NF4 base, bitsandbytes).")
-    dataset_format: Literal["auto", "alpaca", "messages", "prompt_completion"] = Field(
-        "auto", description="Dataset record format.")
+    output_dir: Path | None = Field(None, description="Run dir; default $FORGE_HOME/runs/<run_name>.")
+    run_name: str | None = Field(None, description="Name of the run dir under $FORGE_HOME/runs.")
+    method: Method = Field("lora", description="lora, or qlora (4-bit NF4 base, bitsandbytes).")
+    dataset_format: FormatName = Field("auto", description="Dataset record format.")
     system_prompt: str | None = Field(None, description="System message added to records without one.")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
@@ -52,9 +60,11 @@ class TrainConfig(StageConfig):
     lora_r: int = Field(16, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    lora_target_modules: list[str] | str = Field("all-linear", description="Modules to adapt; all-linear = every linear layer but the head.")
+    lora_target_modules: list[str] | str = Field(
+        "all-linear", description="Modules to adapt; all-linear = every linear layer but the head.")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
-    assistant_only_loss: bool = Field(True, description="Loss on assistant turns only (their end-of-turn token included).")
+    assistant_only_loss: bool = Field(
+        True, description="Loss on assistant turns only (their end-of-turn token included).")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of records held out for eval loss.")
     save_steps: int = Field(50, gt=0, description="Save a checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, gt=0, description="Keep at most K checkpoints.")
@@ -65,7 +75,8 @@ class TrainConfig(StageConfig):
         "(the same records and loss as padded batches, without computing pads). bfd: records packed "
         "best-fit into rows of max_length, per_device_train_batch_size rows a step (fewer, fuller "
         "steps). none: padded batches. Records never attend to each other."))
-    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "forge_varlen"] = Field(
+    attn_implementation: Literal[
+        "auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "forge_varlen"] = Field(
         "auto", description="Attention kernel; auto = flex_attention on CUDA (sdpa if unavailable); on CPU "
         "forge_varlen (sdpa record by record) for padding-free batches, else sdpa.")
     use_liger_kernel: bool | None = Field(
@@ -80,8 +91,7 @@ class TrainConfig(StageConfig):
     def run_dir(self) -> Path:
         if self.output_dir:
             return Path(self.output_dir)
-        name = self.output_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
-        return forge_home() / "runs" / name
+        return runs_dir() / (self.run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
@@ -154,8 +164,9 @@ def _progress_callback(writer: ProgressWriter, stop: _StopFlag, counter: dict):
 
 
 def _rows(tokens, config: TrainConfig) -> list[dict]:
-    records = truncate_records([{"input_ids": ids, "labels": labels_from_mask(ids, mask)}
-                                for ids, mask in zip(tokens.input_ids, tokens.assistant_masks)], config.max_length)
+    pairs = zip(tokens.input_ids, tokens.assistant_masks, strict=True)
+    records = truncate_records([{"input_ids": ids, "labels": labels_from_mask(ids, mask)} for ids, mask in pairs],
+                               config.max_length)
     return pack(records, row_length=config.max_length) if config.packing == "bfd" else single_rows(records)
 
 
@@ -292,7 +303,7 @@ def launch_distributed(config: TrainConfig, run_dir: Path, writer: ProgressWrite
            "--nproc_per_node", str(config.num_processes), "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "forge._dist_train", str(launch_config)]
     writer.stage("launching", num_processes=config.num_processes, distributed=config.distributed)
-    progress_path = run_dir / "progress.jsonl"
+    progress_path = run_dir / PROGRESS_FILE
     seen = len(progress_path.read_text(encoding="utf-8").splitlines()) if progress_path.is_file() else 0
     with open(run_dir / "ranks.log", "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=False)
@@ -315,24 +326,51 @@ def launch_distributed(config: TrainConfig, run_dir: Path, writer: ProgressWrite
         tail = "\n".join((run_dir / "ranks.log").read_text(encoding="utf-8", errors="replace").splitlines()[-8:])
         raise ForgeError(Codes.INTERNAL, f"multi-process training failed (exit {proc.returncode}): {tail}",
                          f"see {run_dir / 'ranks.log'}; num_processes must not exceed the GPUs (or CPU cores)")
-    return json.loads((run_dir / "stages" / "train.json").read_text(encoding="utf-8"))
+    return json.loads((run_dir / STAGES_DIR / "train.json").read_text(encoding="utf-8"))
 
 
-def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> dict:
-    """Train an adapter; return the result (paths, metrics, artifacts). Raises ForgeError."""
-    import torch
-    from datasets import Dataset as HFDataset
-    from peft import LoraConfig
-    from trl import SFTConfig
+@dataclass
+class _Run:
+    """Where one training run lives and how it reports."""
 
-    from forge import data
-    from forge.hardware import device_kind, peak_memory_bytes
-    from forge.models import resolve_model
+    dir: Path
+    checkpoints: Path
+    adapter: Path
+    resume_from: Path | None
+    writer: ProgressWriter
+    rank0: bool
 
-    # Config and run dir
+
+@dataclass
+class _Data:
+    tokenizer: object
+    dataset: object  # forge.data.Dataset
+    train_records: int
+    eval_records: int
+    stats: dict
+    train_set: object
+    eval_set: object | None
+    collator: object | None
+
+
+@dataclass
+class _Plan:
+    """Micro-batch, accumulation and checkpointing: the config's, or the memory planner's on a GPU."""
+
+    per_device: int
+    accumulation: int
+    checkpointing: bool
+    memory_plan: dict | None = None
+
+
+# TrainConfig fields named like TRL's SFTConfig fields that Forge sets itself instead of passing through.
+FORGE_SETS = {"output_dir", "run_name", "packing", "use_liger_kernel", "assistant_only_loss",
+              "per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing"}
+
+
+def _prepare_run(config: TrainConfig, on_progress: ProgressCallback | None) -> _Run:
     run_dir = config.run_dir()
-    checkpoints_dir = run_dir / "checkpoints"
-    adapter_dir = run_dir / "adapter"
+    checkpoints_dir, adapter_dir = run_dir / "checkpoints", run_dir / "adapter"
     resume_from = None
     if config.resume:
         resume_from = latest_checkpoint(checkpoints_dir)
@@ -341,24 +379,30 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
                              "train without resume, or point output_dir at the run that was interrupted")
     elif not _in_launched_rank() and (adapter_dir.exists() or latest_checkpoint(checkpoints_dir)):
         raise ForgeError(Codes.OUTPUT_EXISTS, f"run dir {run_dir} already holds a training run",
-                         "pass resume=true (--resume) to continue it, or choose another output_name")
-    if config.method == "qlora" and device_kind() == "cpu":
-        import bitsandbytes  # noqa: F401  (0.50 runs NF4 on CPU too; fail early if it is missing)
+                         "pass resume=true (--resume) to continue it, or choose another run_name")
+    if config.method == "qlora":
+        from forge.hardware import device_kind
+
+        if device_kind() == "cpu":
+            import bitsandbytes  # noqa: F401  (0.50 runs NF4 on CPU too; fail early if it is missing)
     run_dir.mkdir(parents=True, exist_ok=True)
     rank0 = _rank() == 0
     if rank0:
-        atomic_write_json(run_dir / "train_config.json", config.model_dump(mode="json"))
+        atomic_write_json(run_dir / TRAIN_CONFIG_FILE, config.model_dump(mode="json"))
     # Only rank 0 reports: N ranks writing progress would repeat every step N times.
-    writer = ProgressWriter(run_dir / "progress.jsonl" if rank0 else None, on_progress if rank0 else None)
-    if config.num_processes > 1 and not _in_launched_rank():
-        return launch_distributed(config, run_dir, writer, on_progress)
+    writer = ProgressWriter(run_dir / PROGRESS_FILE if rank0 else None, on_progress if rank0 else None)
+    return _Run(run_dir, checkpoints_dir, adapter_dir, resume_from, writer, rank0)
 
-    # Tokenizer and data (datasets' own progress bars are noise next to progress.jsonl)
+
+def _prepare_data(config: TrainConfig, model_ref: str, writer: ProgressWriter) -> _Data:
+    """Validate, split and tokenize through the chat template; rows packed as the config asks."""
     import datasets
+    from datasets import Dataset as HFDataset
 
-    datasets.disable_progress_bars()
+    from forge import data
+
+    datasets.disable_progress_bars()  # their bars are noise next to progress.jsonl
     writer.stage("preparing_data")
-    model_ref = resolve_model(config.base_model)
     tokenizer = data.load_tokenizer(model_ref)
     ds = data.load_dataset(config.dataset, config.dataset_format, config.system_prompt)
     train_convs, eval_convs = data.split(ds.conversations, config.eval_fraction, config.seed)
@@ -367,80 +411,94 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     if not config.assistant_only_loss:
         train_tokens.assistant_masks = [[1] * len(m) for m in train_tokens.assistant_masks]
     eval_tokens = data.tokenize_all(tokenizer, eval_convs) if eval_convs else None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = None
     if config.packing != "none":
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         train_set = HFDataset.from_list(_rows(train_tokens, config))
         eval_set = HFDataset.from_list(_rows(eval_tokens, config)) if eval_tokens else None
         collator = PackedCollator(pad_token_id=pad_id, flatten=config.packing == "padding_free")
     else:
         train_set = HFDataset.from_list(train_tokens.as_records())
         eval_set = HFDataset.from_list(eval_tokens.as_records()) if eval_tokens else None
+    return _Data(tokenizer, ds, len(train_convs), len(eval_convs), stats, train_set, eval_set, collator)
 
-    # Model
-    writer.stage("loading_model")
-    torch.manual_seed(config.seed)
-    model = _load_model(config, model_ref)
+
+def _plan_memory(config: TrainConfig, model, on_cuda: bool, liger: bool, writer: ProgressWriter) -> _Plan:
+    """On a GPU, fit micro-batch/accumulation/checkpointing to free memory, keeping the effective batch."""
+    chosen = _Plan(config.per_device_train_batch_size, config.gradient_accumulation_steps,
+                   config.gradient_checkpointing)
+    if not (on_cuda and config.memory_plan):
+        return chosen
+    import torch
+
+    from forge.planner import ModelShape, plan
+
+    free, _ = torch.cuda.mem_get_info()
+    fit = plan(ModelShape.from_config(model.config.to_dict()), config.method, config.max_length, chosen.per_device,
+               chosen.accumulation, free + torch.cuda.memory_allocated(), liger, config.lora_r)
+    memory_plan = fit.as_dict()
+    writer({"event": "plan", **memory_plan})
+    return _Plan(fit.per_device_train_batch_size, fit.gradient_accumulation_steps,
+                 chosen.checkpointing or fit.gradient_checkpointing, memory_plan)
+
+
+def trainer_arguments(config: TrainConfig, plan: _Plan, checkpoints_dir: Path, eval_set, on_cuda: bool,
+                      dtype, liger: bool):
+    """TRL's SFTConfig: the fields TrainConfig shares with it by name pass straight through; the rest
+    are what Forge decides (plan, device, packing, distributed)."""
+    import dataclasses
+
+    import torch
+    from trl import SFTConfig
+
+    shared = {f.name for f in dataclasses.fields(SFTConfig)} & set(TrainConfig.model_fields) - FORGE_SETS
+    launched = _in_launched_rank()
+    return SFTConfig(
+        **{name: getattr(config, name) for name in sorted(shared)},
+        output_dir=str(checkpoints_dir), data_seed=config.seed, save_strategy="steps",
+        per_device_train_batch_size=plan.per_device, per_device_eval_batch_size=plan.per_device,
+        gradient_accumulation_steps=plan.accumulation, gradient_checkpointing=plan.checkpointing,
+        dataset_kwargs={"skip_prepare_dataset": True} if config.packing != "none" else None,
+        remove_unused_columns=config.packing == "none", use_liger_kernel=liger,
+        eval_strategy=_eval_strategy(config, eval_set, on_cuda),
+        bf16=on_cuda and dtype == torch.bfloat16, fp16=on_cuda and dtype == torch.float16,
+        optim="adamw_torch_fused" if on_cuda else "adamw_torch", report_to="none", disable_tqdm=True,
+        dataloader_pin_memory=on_cuda, use_cpu=not on_cuda,
+        ddp_backend=("nccl" if on_cuda else "gloo") if launched else None,
+        ddp_find_unused_parameters=False if launched else None,
+        fsdp="full_shard auto_wrap" if launched and config.distributed == "fsdp" else "",
+    )
+
+
+def _build_trainer(config: TrainConfig, model, data: _Data, args, writer: ProgressWriter, stop: _StopFlag):
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+
     peft_config = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules, use_rslora=config.use_rslora, task_type="CAUSAL_LM",
     )
-    on_cuda = device_kind() == "cuda"
-    dtype = model.dtype
-    model.config.use_cache = False  # with a cache, transformers skips the packed-sequence mask
-    liger = _use_liger(config, on_cuda)
-    per_device, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
-    checkpointing, memory_plan = config.gradient_checkpointing, None
-    if on_cuda and config.memory_plan:
-        from forge.planner import ModelShape, plan
-
-        free, _ = torch.cuda.mem_get_info()
-        chosen = plan(ModelShape.from_config(model.config.to_dict()), config.method, config.max_length, per_device,
-                      accumulation, free + torch.cuda.memory_allocated(), liger, config.lora_r)
-        per_device, accumulation = chosen.per_device_train_batch_size, chosen.gradient_accumulation_steps
-        checkpointing = checkpointing or chosen.gradient_checkpointing
-        memory_plan = chosen.as_dict()
-        writer({"event": "plan", **memory_plan})
-    args = SFTConfig(
-        dataset_kwargs={"skip_prepare_dataset": True} if config.packing != "none" else None,
-        remove_unused_columns=config.packing == "none", use_liger_kernel=liger,
-        output_dir=str(checkpoints_dir), num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
-        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-        per_device_train_batch_size=per_device, per_device_eval_batch_size=per_device,
-        gradient_accumulation_steps=accumulation, max_length=config.max_length,
-        logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit, eval_strategy=_eval_strategy(config, eval_set, on_cuda),
-        gradient_checkpointing=checkpointing, seed=config.seed, data_seed=config.seed,
-        bf16=on_cuda and dtype == torch.bfloat16, fp16=on_cuda and dtype == torch.float16,
-        optim="adamw_torch_fused" if on_cuda else "adamw_torch", report_to="none", disable_tqdm=True,
-        dataloader_pin_memory=on_cuda, use_cpu=not on_cuda,
-        ddp_backend=("nccl" if on_cuda else "gloo") if _in_launched_rank() else None,
-        ddp_find_unused_parameters=False if _in_launched_rank() else None,
-        fsdp="full_shard auto_wrap" if _in_launched_rank() and config.distributed == "fsdp" else "",
-    )
-    stop = _StopFlag()
-    trainer_cls = _trainer_class()
-    trainer = trainer_cls(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                          processing_class=tokenizer, peft_config=peft_config, data_collator=collator)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=data.train_set, eval_dataset=data.eval_set,
+                               processing_class=data.tokenizer, peft_config=peft_config, data_collator=data.collator)
     trainer.real_tokens = {"tokens": 0}
-    from transformers import PrinterCallback
-
     trainer.remove_callback(PrinterCallback)  # progress.jsonl replaces its printed dicts
     trainer.add_callback(_progress_callback(writer, stop, trainer.real_tokens))
+    return trainer
 
-    # Run
-    writer.stage("training", resume_from=str(resume_from) if resume_from else None)
+
+def _run_trainer(trainer, run: _Run, stop: _StopFlag):
+    """Train (from the checkpoint when resuming); return the Trainer's result and the world size."""
+    import torch
+
+    run.writer.stage("training", resume_from=str(run.resume_from) if run.resume_from else None)
     stop.install()
-    started = time.time()
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     except torch.OutOfMemoryError as exc:
         raise ForgeError(Codes.OUT_OF_MEMORY, "training ran out of GPU memory",
                          "lower per_device_train_batch_size or max_length, turn on gradient_checkpointing, "
                          "or use method=qlora; resume=true continues from the last checkpoint",
                          retryable=True) from exc
-    duration = time.time() - started
     world = 1
     if _in_launched_rank():
         import torch.distributed as dist
@@ -449,25 +507,26 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
         counted = torch.tensor([trainer.real_tokens["tokens"], trainer.real_tokens.get("slots", 0)])
         dist.all_reduce(counted)  # every rank trained on its own shard: tokens/s is the sum
         trainer.real_tokens.update(tokens=int(counted[0]), slots=int(counted[1]))
-    if stop.requested:
-        writer.stage("cancelled", checkpoint=str(latest_checkpoint(checkpoints_dir)))
-        return {"status": "cancelled", "run_dir": str(run_dir),
-                "checkpoint": str(latest_checkpoint(checkpoints_dir)), "step": trainer.state.global_step}
+    return result, world
 
-    # Save adapter, tokenizer and chat template together
-    writer.stage("saving")
+
+def _final_evals(trainer, eval_set) -> list[dict]:
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if eval_set is not None and not (evals and evals[-1]["step"] == trainer.state.global_step):
         trainer.evaluate()  # the last epoch-end eval did not land on the final step
         evals = [h for h in trainer.state.log_history if "eval_loss" in h]
-    if not rank0:
-        return {"status": "succeeded", "run_dir": str(run_dir), "rank": _rank()}
-    with atomic_dir(adapter_dir, force=True) as tmp:
-        trainer.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return evals
+
+
+def _metrics(trainer, result, evals: list[dict], duration: float, world: int, plan: _Plan, liger: bool,
+             resume_from: Path | None) -> dict:
+    from forge.hardware import peak_memory_bytes
+
+    history = trainer.state.log_history
+    train_losses = [h["loss"] for h in history if "loss" in h]
     peak = peak_memory_bytes()
-    metrics = {
+    tokens = trainer.real_tokens
+    return {
         "final_epoch": round(trainer.state.epoch or 0.0, 4),
         "global_step": trainer.state.global_step,
         "duration_s": round(duration, 2),
@@ -476,26 +535,73 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "samples_per_s": result.metrics.get("train_samples_per_second"),
         "steps_per_s": result.metrics.get("train_steps_per_second"),
-        "tokens_per_s": round(trainer.real_tokens["tokens"] / max(duration, 1e-9), 2),
-        "real_tokens": trainer.real_tokens["tokens"],
-        "slot_share": round(trainer.real_tokens["tokens"] / max(trainer.real_tokens.get("slots", 0), 1), 4),
+        "tokens_per_s": round(tokens["tokens"] / max(duration, 1e-9), 2),
+        "real_tokens": tokens["tokens"],
+        "slot_share": round(tokens["tokens"] / max(tokens.get("slots", 0), 1), 4),
         "peak_memory_bytes": peak["bytes"], "peak_memory_kind": peak["kind"],
         "resumed_from": str(resume_from) if resume_from else None,
         "world_size": world,
-        "memory_plan": memory_plan, "liger_kernel": liger,
-        "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        "memory_plan": plan.memory_plan, "liger_kernel": liger,
+        "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_curve": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in evals],
     }
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    writer({"event": "done", "step": trainer.state.global_step, "total_steps": trainer.state.max_steps,
-            "percent": 100.0, "train_loss": metrics["train_loss"], "eval_loss": metrics["eval_loss"]})
-    result = {
-        "status": "succeeded", "run_dir": str(run_dir), "adapter_dir": str(adapter_dir),
+
+
+def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> dict:
+    """Train an adapter; return the result (paths, metrics, artifacts). Raises ForgeError."""
+    import torch
+
+    from forge.hardware import device_kind
+    from forge.model_ref import resolve_model
+
+    # Run dir (and, for several processes, the launcher that runs this function once per rank)
+    run = _prepare_run(config, on_progress)
+    if config.num_processes > 1 and not _in_launched_rank():
+        return launch_distributed(config, run.dir, run.writer, on_progress)
+
+    # Data, model, memory plan, trainer
+    model_ref = resolve_model(config.base_model)
+    data = _prepare_data(config, model_ref, run.writer)
+    run.writer.stage("loading_model")
+    torch.manual_seed(config.seed)
+    model = _load_model(config, model_ref)
+    model.config.use_cache = False  # with a cache, transformers skips the packed-sequence mask
+    on_cuda = device_kind() == "cuda"
+    liger = _use_liger(config, on_cuda)
+    plan = _plan_memory(config, model, on_cuda, liger, run.writer)
+    args = trainer_arguments(config, plan, run.checkpoints, data.eval_set, on_cuda, model.dtype, liger)
+    stop = _StopFlag()
+    trainer = _build_trainer(config, model, data, args, run.writer, stop)
+
+    # Run
+    started = time.time()
+    result, world = _run_trainer(trainer, run, stop)
+    duration = time.time() - started
+    if stop.requested:
+        checkpoint = str(latest_checkpoint(run.checkpoints))
+        run.writer.stage("cancelled", checkpoint=checkpoint)
+        return {"status": Outcome.CANCELLED, "run_dir": str(run.dir), "checkpoint": checkpoint,
+                "step": trainer.state.global_step}
+
+    # Adapter (with the tokenizer and chat template used in training), metrics, stage record
+    run.writer.stage("saving")
+    evals = _final_evals(trainer, data.eval_set)
+    if not run.rank0:
+        return {"status": Outcome.SUCCEEDED, "run_dir": str(run.dir), "rank": _rank()}
+    with atomic_dir(run.adapter, force=True) as tmp:
+        trainer.model.save_pretrained(tmp)
+        data.tokenizer.save_pretrained(tmp)
+    metrics = _metrics(trainer, result, evals, duration, world, plan, liger, run.resume_from)
+    atomic_write_json(run.dir / "metrics.json", metrics)
+    run.writer({"event": "done", "step": trainer.state.global_step, "total_steps": trainer.state.max_steps,
+                "percent": 100.0, "train_loss": metrics["train_loss"], "eval_loss": metrics["eval_loss"]})
+    ds = data.dataset
+    out = {
+        "status": Outcome.SUCCEEDED, "run_dir": str(run.dir), "adapter_dir": str(run.adapter),
         "base_model": config.base_model, "method": config.method, "metrics": metrics,
         "dataset": {"path": str(ds.path), "sha256": ds.sha256, "format": ds.format,
-                    "train_records": len(train_convs), "eval_records": len(eval_convs), "tokens": stats},
-        "artifacts": dir_artifacts(adapter_dir, "adapter"),
+                    "train_records": data.train_records, "eval_records": data.eval_records, "tokens": data.stats},
+        "artifacts": dir_artifacts(run.adapter, "adapter"),
     }
-    record_stage(run_dir, "train", result)
-    return result
-
+    record_stage(run.dir, "train", out)
+    return out

@@ -30,8 +30,8 @@ def test_data_validate_and_stats_json(capsys, assets):
     code, out = run_json(capsys, "data", "validate", assets["dataset"])
     assert code == 0 and out["format"] == "alpaca" and out["records"] == 60 and "tokens" not in out
     code, out = run_json(capsys, "data", "stats", assets["dataset"], "--base-model", assets["model_dir"],
-                         "--max-seq-length", "512")
-    assert code == 0 and out["tokens"]["records"] == 60 and out["tokens"]["max_seq_length"] == 512
+                         "--max-length", "512")
+    assert code == 0 and out["tokens"]["records"] == 60 and out["tokens"]["max_length"] == 512
 
 
 def test_data_errors_are_json_with_code_and_hint(capsys, tmp_path):

@@ -92,17 +92,18 @@ def test_assistant_mask_covers_the_answer_and_its_end_of_turn_token(assets):
     convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."},
              {"role": "user", "content": "more"}, {"role": "assistant", "content": "Ok"}]
     ids, mask = tokenize_conversation(tok, convo)
-    trained = [tok.convert_ids_to_tokens(i) for i, m in zip(ids, mask) if m]
+    trained = [tok.convert_ids_to_tokens(i) for i, m in zip(ids, mask, strict=True) if m]
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     # both turns' end-of-turn tokens are trained; the user's is not
-    assert [i for i, m in zip(ids, mask) if m].count(im_end) == 2
+    assert [i for i, m in zip(ids, mask, strict=True) if m].count(im_end) == 2
     assert ids.count(im_end) == 4
-    assert tok.decode([i for i, m in zip(ids, mask) if m]).replace("\n", "") == "Hello.<|im_end|>Ok<|im_end|>"
+    trained_text = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert trained_text.replace("\n", "") == "Hello.<|im_end|>Ok<|im_end|>"
     assert "<|im_start|>" not in trained
 
 
 def test_stats_report_lengths_truncation_and_loss_share(assets):
-    report = validate(DataConfig(path=assets["dataset"], base_model=assets["model_dir"], max_seq_length=30))
+    report = validate(DataConfig(path=assets["dataset"], base_model=assets["model_dir"], max_length=30))
     stats = report["tokens"]
     assert stats["records"] == 60
     assert stats["tokens_min"] <= stats["tokens_median"] <= stats["tokens_p95"] <= stats["tokens_max"]
@@ -119,6 +120,6 @@ def test_dataset_with_no_trainable_token_is_refused(assets, tmp_path):
                        [{"instruction": "word " * 200, "output": "short answer"}] * 3)
     ds = load_dataset(path)
     with pytest.raises(ForgeError) as info:
-        token_stats(tokenize_all(tok, ds.conversations), max_seq_length=64)
+        token_stats(tokenize_all(tok, ds.conversations), max_length=64)
     assert info.value.code == Codes.EMPTY_LOSS_MASK
-    assert "max_seq_length=64" in info.value.message
+    assert "max_length=64" in info.value.message

@@ -1,7 +1,6 @@
 """`forge train --num-processes 2`: two real ranks (torchrun, DDP over gloo) on the CPU."""
 
 import json
-from pathlib import Path
 
 from forge.cli import main
 from forge.progress import read_progress

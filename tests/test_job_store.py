@@ -26,12 +26,13 @@ def test_an_old_database_is_upgraded_and_keeps_its_jobs(tmp_path):
     name, sql = MIGRATIONS[0]
     conn.executescript(sql)
     conn.execute("INSERT INTO _migrations VALUES (?, ?)", (name, time.time()))
-    conn.execute("INSERT INTO jobs (id, kind, status, params, created_at) VALUES ('old-1', 'train', 'succeeded', '{}', 1)")
+    conn.execute("INSERT INTO jobs (id, kind, status, params, created_at) "
+                 "VALUES ('old-1', 'train', 'succeeded', '{}', 1)")
     conn.commit()
     conn.close()
     store = JobStore(path)
     assert store.get("old-1")["status"] == "succeeded"
-    assert "cancel_requested_at" in store.get("old-1")
+    assert "cancel_requested_at" not in store.get("old-1") and "parent_id" not in store.get("old-1")
     conn = sqlite3.connect(path)
     assert len(conn.execute("SELECT name FROM _migrations").fetchall()) == len(MIGRATIONS)
     conn.close()

@@ -14,7 +14,10 @@ import httpx2 as httpx
 import pytest
 from mcp import Client, StdioServerParameters
 
-from mcp_servers.forge.server import create_server, main as server_main
+from helpers import call_ok as call
+from helpers import wait_job
+from mcp_servers.forge.server import create_server
+from mcp_servers.forge.server import main as server_main
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,12 +33,6 @@ def stdio_params(home) -> StdioServerParameters:
                                  env=server_env(home), cwd=str(ROOT))
 
 
-async def call(client, name, args=None):
-    result = await client.call_tool(name, args or {})
-    assert not result.is_error, result.content[0].text
-    return result.structured_content
-
-
 async def test_stdio_server_takes_the_demo_from_dataset_to_seal_with_forge_pipeline(home):
     async with Client(stdio_params(home), read_timeout_seconds=600) as client:
         names = {t.name for t in (await client.list_tools()).tools}
@@ -46,7 +43,7 @@ async def test_stdio_server_takes_the_demo_from_dataset_to_seal_with_forge_pipel
         handle = await call(client, "forge_pipeline", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
                                                        "system_prompt": "Answer briefly.",
                                                        "hyperparameters": {"max_steps": 6}})
-        status = await call(client, "forge_job_wait", {"job_id": handle["job_id"], "timeout_s": 600})
+        status = await wait_job(client, handle["job_id"])
         assert status["status"] == "succeeded", status
         kinds = {a["kind"] for a in status["artifacts"]}
         assert {"adapter", "merged", "gguf", "modelfile", "seal"} <= kinds
@@ -63,11 +60,11 @@ def free_port() -> int:
 
 
 async def wait_http(url: str, proc) -> None:
-    with anyio.fail_after(60):
+    with anyio.fail_after(300):
         while True:
             assert proc.poll() is None, "server exited"
             try:
-                async with httpx.AsyncClient() as http:
+                async with httpx.AsyncClient(timeout=30) as http:
                     await http.get(url)
                 return
             except httpx.HTTPError:
@@ -85,7 +82,7 @@ async def test_http_server_killed_mid_train_then_a_new_server_sees_the_job_finis
             assets = await call(client, "forge_demo_assets")
             handle = await call(client, "forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
                                                         "hyperparameters": {"max_steps": 150, "save_steps": 50}})
-            with anyio.fail_after(120):
+            with anyio.fail_after(600):
                 while ((await call(client, "forge_job_status", {"job_id": handle["job_id"]}))["progress"].get("step")
                        or 0) < 2:
                     await anyio.sleep(0.2)
@@ -95,7 +92,7 @@ async def test_http_server_killed_mid_train_then_a_new_server_sees_the_job_finis
     server = create_server()
     try:
         async with Client(server) as client:
-            status = await call(client, "forge_job_wait", {"job_id": handle["job_id"], "timeout_s": 300})
+            status = await wait_job(client, handle["job_id"])
     finally:
         server.runner.stop()
     assert status["status"] == "succeeded", status
@@ -118,7 +115,10 @@ async def test_http_bearer_token_is_required_off_loopback_and_checked(home, monk
             assert denied.status_code == 401
         from mcp.client.streamable_http import streamable_http_client
 
-        auth = httpx.AsyncClient(headers={"Authorization": "Bearer s3cret-token"})
+        # The SDK's default client timeouts (30 s, 5 min reading streams), not httpx's 5 s: the server imports
+        # torch on first use, which takes a while on a busy machine.
+        auth = httpx.AsyncClient(headers={"Authorization": "Bearer s3cret-token"},
+                                 timeout=httpx.Timeout(30, read=300))
         async with auth, Client(streamable_http_client(url, http_client=auth)) as client:
             env_report = await call(client, "forge_environment")
             assert env_report["python"]
@@ -133,12 +133,12 @@ def test_mcp_inspector_cli_lists_tools_and_calls_environment(home):
     base = [str(inspector), "--cli", sys.executable, "-m", "mcp_servers.forge.server"]
     env = server_env(home)
     listed = subprocess.run([*base, "--method", "tools/list"], capture_output=True, text=True, env=env,
-                            cwd=str(ROOT), timeout=180)
+                            cwd=str(ROOT), timeout=600)
     assert listed.returncode == 0, listed.stderr
     names = {t["name"] for t in json.loads(listed.stdout)["tools"]}
     assert {"forge_environment", "forge_train", "forge_job_wait"} <= names
     called = subprocess.run([*base, "--method", "tools/call", "--tool-name", "forge_environment"],
-                            capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=180)
+                            capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
     assert called.returncode == 0, called.stderr
     report = json.loads(json.loads(called.stdout)["content"][0]["text"])
     assert report["forge_home"] == str(Path(home).resolve())

@@ -17,6 +17,8 @@ def test_f16_gguf_logits_match_the_hf_model(merged, quantized):
     got = gguf_logits(f16, LOGIT_IDS)
     assert got.shape == ref.shape
     assert float(np.abs(ref - got).max()) < 1e-3
+    check = _by_quant(quantized, "f16")["verification"]["logits_vs_hf"]  # the stage's own check, with its bound
+    assert check["passed"] and check["max_abs_diff"] <= check["bound"] and check["outtype"] == "f16"
 
 
 def test_q4_k_m_holds_real_k_quant_tensors(quantized):

@@ -8,7 +8,8 @@ from forge.safetensors_stream import StreamWriter, iter_tensors
 def test_tensors_written_one_by_one_read_back_with_the_safetensors_library(tmp_path):
     tensors = {"b.weight": torch.randn(3, 5, dtype=torch.bfloat16), "a.bias": torch.arange(7, dtype=torch.int64),
                "c.scale": torch.randn(2, dtype=torch.float32)}
-    writer = StreamWriter(tmp_path / "x.safetensors", [(k, str(v.dtype)[6:], list(v.shape)) for k, v in tensors.items()],
+    layout = [(k, str(v.dtype)[6:], list(v.shape)) for k, v in tensors.items()]
+    writer = StreamWriter(tmp_path / "x.safetensors", layout,
                           {"format": "pt"})
     for name, tensor in tensors.items():
         writer.write(name, tensor)

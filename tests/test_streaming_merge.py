@@ -72,7 +72,7 @@ def test_auto_falls_back_to_peft_for_dora_and_says_why(tmp_path):
     base, adapter = make_base_and_adapter(tmp_path, torch.float32, False, use_dora=True)
     result = merge(MergeConfig(adapter_dir=adapter, base_model=str(base), output_dir=tmp_path / "m"))
     assert result["strategy"] == "peft" and "DoRA" in result["fallback_reason"]
-    progress = (adapter.parent / "merge_progress.jsonl").read_text(encoding="utf-8")
+    progress = (tmp_path / "progress.jsonl").read_text(encoding="utf-8")  # beside the output: no run dir here
     assert "not streaming: DoRA" in progress
 
 

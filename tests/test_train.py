@@ -1,8 +1,8 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 from safetensors.torch import load_file
 
 from forge.errors import Codes, ForgeError

@@ -55,13 +55,14 @@ async def run(home: Path) -> int:
         print(f"tools/list: {len(tools)} tools: {', '.join(t.name for t in tools)}")
         assets = await call(client, "forge_demo_assets")
         print(f"  ← model {assets['model_dir']}\n    dataset {assets['dataset']}")
-        report = await call(client, "forge_validate_dataset", {"path": assets["dataset"], "base_model": assets["model_dir"]})
+        report = await call(client, "forge_validate_dataset",
+                            {"path": assets["dataset"], "base_model": assets["model_dir"]})
         print(f"  ← {report['records']} {report['format']} records, loss on "
               f"{report['tokens']['loss_token_share']:.0%} of tokens, p95 length {report['tokens']['tokens_p95']}")
         train = await follow(client, await call(client, "forge_train", {
             "base_model": assets["model_dir"], "dataset": assets["dataset"],
-            "hyperparameters": {"epochs": 8, "learning_rate": 0.003, "save_steps": 20, "max_seq_length": 128,
-                                "per_device_batch_size": 1}}))
+            "hyperparameters": {"num_train_epochs": 8, "learning_rate": 0.003, "save_steps": 20, "max_length": 128,
+                                "per_device_train_batch_size": 1}}))
         merge = await follow(client, await call(client, "forge_merge", {"adapter": train["job_id"]}))
         quant = await follow(client, await call(client, "forge_quantize", {"model": merge["job_id"],
                                                                           "quantizations": ["Q4_K_M"]}))

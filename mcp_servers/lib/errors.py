@@ -1,6 +1,6 @@
 """Error codes the job system adds to forge's own (forge.errors.Codes)."""
 
-from forge.errors import Codes, ForgeError
+from forge.errors import ForgeError
 
 
 class JobCodes:
@@ -8,7 +8,6 @@ class JobCodes:
     JOB_NOT_FINISHED = "job_not_finished"
     WORKER_LOST = "worker_lost"
     WORKER_CRASHED = "worker_crashed"
-    PATH_NOT_ALLOWED = Codes.PATH_NOT_ALLOWED
     INVALID_TRANSITION = "invalid_transition"
     WRONG_JOB_KIND = "wrong_job_kind"
 

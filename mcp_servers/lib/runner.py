@@ -3,6 +3,7 @@ cancel (SIGTERM, or SIGKILL of the process group when forced), and reconciliatio
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -11,11 +12,14 @@ import threading
 import time
 from pathlib import Path
 
+from forge.errors import Codes
+from forge.runs import runs_dir
 from forge.workspace import forge_home
 from mcp_servers.lib.errors import ForgeError, JobCodes
 from mcp_servers.lib.jobs import HEAVY_KINDS
 from mcp_servers.lib.store import TERMINAL, JobStore, Status
 
+log = logging.getLogger("forge.runner")
 HEARTBEAT_STALE_S = 30.0
 PUMP_INTERVAL_S = 0.5
 
@@ -77,21 +81,21 @@ class Runner:
             try:
                 self.pump()
             except Exception:  # the loop must outlive one bad pass; the next pass retries
-                pass
+                log.exception("scheduling pass failed; retrying in %.1f s", PUMP_INTERVAL_S)
 
     # ---- submit and schedule ----
 
     def run_dir(self, job_id: str) -> Path:
-        return self.home / "runs" / job_id
+        return self.home / runs_dir().name / job_id
 
     def submit(self, kind: str, params: dict, client_request_id: str | None = None) -> tuple[dict, bool]:
         job, created = self.store.create(kind, params, client_request_id)
         if created:
             run_dir = self.run_dir(job["id"])
             if kind in ("train", "pipeline") and not params.get("output_dir"):
-                # runs/<job_id>/ is the run dir, or runs/<output_name>/ when the caller named it
-                name = params.pop("output_name", None)
-                params = {**params, "output_dir": str(self.home / "runs" / name if name else run_dir)}
+                # runs/<job_id>/ is the run dir, or runs/<run_name>/ when the caller named it
+                name = params.pop("run_name", None)
+                params = {**params, "output_dir": str(run_dir.parent / name if name else run_dir)}
             self.store.update(job["id"], run_dir=str(run_dir), params=params)
         self.pump()
         return self.store.get(job["id"]), created
@@ -168,7 +172,7 @@ class Runner:
             sig = signal.Signals(-rc).name
             hint = ("killed by SIGKILL, most often the out-of-memory killer: lower the batch size or max_length, "
                     "or use qlora" if rc == -signal.SIGKILL else "the worker crashed; see the job log")
-            error = {"code": JobCodes.WORKER_CRASHED if rc != -signal.SIGKILL else "out_of_memory",
+            error = {"code": JobCodes.WORKER_CRASHED if rc != -signal.SIGKILL else Codes.OUT_OF_MEMORY,
                      "message": f"the worker process died from {sig}", "hint": hint, "retryable": True}
         else:
             error = {"code": JobCodes.WORKER_LOST, "retryable": True,
@@ -187,7 +191,7 @@ class Runner:
         if status == Status.QUEUED:
             return self.store.transition(job_id, Status.CANCELLED)
         if status == Status.RUNNING:
-            self.store.transition(job_id, Status.CANCELLING, cancel_requested_at=time.time())
+            self.store.transition(job_id, Status.CANCELLING)
         pid = job["pid"]
         if pid is None:  # claimed, worker not started yet: it sees 'cancelling' and stops at once
             return self.store.get(job_id)
@@ -205,14 +209,3 @@ class Runner:
             if self.store.get(job_id)["status"] == Status.CANCELLING.value:
                 self.store.transition(job_id, Status.CANCELLED)
         return self.store.get(job_id)
-
-    def require(self, job_id: str, kind: str | tuple[str, ...], finished: bool = True) -> dict:
-        job = self.store.get(job_id)
-        kinds = (kind,) if isinstance(kind, str) else kind
-        if job["kind"] not in kinds:
-            raise ForgeError(JobCodes.WRONG_JOB_KIND, f"job {job_id} is a {job['kind']} job, expected {' or '.join(kinds)}",
-                             "pass the id of the right kind of job, or a path")
-        if finished and job["status"] != Status.SUCCEEDED.value:
-            raise ForgeError(JobCodes.JOB_NOT_FINISHED, f"job {job_id} is {job['status']}, not succeeded",
-                             "wait for it with forge_job_wait, or pass a path")
-        return job

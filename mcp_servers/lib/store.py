@@ -7,13 +7,13 @@ import json
 import sqlite3
 import time
 import uuid
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from mcp_servers.lib.errors import ForgeError, JobCodes
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     CANCELLING = "cancelling"
@@ -23,6 +23,7 @@ class Status(str, Enum):
 
 
 TERMINAL = {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED}
+ACTIVE = {Status.RUNNING, Status.CANCELLING}  # a worker holds the job
 TRANSITIONS = {
     Status.QUEUED: {Status.RUNNING, Status.CANCELLED, Status.FAILED},
     Status.RUNNING: {Status.CANCELLING, Status.SUCCEEDED, Status.FAILED, Status.CANCELLED},
@@ -60,6 +61,11 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX events_job ON events(job_id, seq);
     """),
     ("0002_job_cancel_force", "ALTER TABLE jobs ADD COLUMN cancel_requested_at REAL;"),
+    # Neither column was ever read; parent_id was never written. (SQLite >= 3.35 drops columns.)
+    ("0003_drop_unused_columns", """
+        ALTER TABLE jobs DROP COLUMN cancel_requested_at;
+        ALTER TABLE jobs DROP COLUMN parent_id;
+    """),
 ]
 
 JSON_COLUMNS = ("params", "progress", "result", "error")
@@ -114,8 +120,7 @@ class JobStore:
 
     # ---- jobs ----
 
-    def create(self, kind: str, params: dict, client_request_id: str | None = None,
-               parent_id: str | None = None, run_dir: str | None = None) -> tuple[dict, bool]:
+    def create(self, kind: str, params: dict, client_request_id: str | None = None) -> tuple[dict, bool]:
         """Insert a queued job; the same client_request_id returns the existing job (created=False)."""
         with self._conn() as conn:
             if client_request_id:
@@ -124,11 +129,9 @@ class JobStore:
                     return self._row(row), False
             job_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
             conn.execute(
-                "INSERT INTO jobs (id, kind, status, params, client_request_id, parent_id, run_dir, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, kind, Status.QUEUED.value, json.dumps(params, default=str), client_request_id, parent_id,
-                 run_dir, time.time()))
-            self._event(conn, job_id, "status", {"status": "queued"})
+                "INSERT INTO jobs (id, kind, status, params, client_request_id, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, kind, Status.QUEUED.value, json.dumps(params, default=str), client_request_id, time.time()))
+            self._event(conn, job_id, "status", {"status": Status.QUEUED.value})
         return self.get(job_id), True
 
     def get(self, job_id: str) -> dict:
@@ -152,15 +155,30 @@ class JobStore:
         with self._conn() as conn:
             return [self._row(r) for r in conn.execute(sql, args + [limit])]
 
-    def queued(self) -> list[dict]:
+    def _in_status(self, statuses: set[Status]) -> list[dict]:
+        marks = ", ".join("?" for _ in statuses)
         with self._conn() as conn:
             return [self._row(r) for r in conn.execute(
-                "SELECT * FROM jobs WHERE status = 'queued' ORDER BY created_at")]
+                f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY created_at", [s.value for s in statuses])]
+
+    def queued(self) -> list[dict]:
+        return self._in_status({Status.QUEUED})
 
     def active(self) -> list[dict]:
-        with self._conn() as conn:
-            return [self._row(r) for r in conn.execute(
-                "SELECT * FROM jobs WHERE status IN ('running', 'cancelling') ORDER BY created_at")]
+        return self._in_status(ACTIVE)
+
+    def require(self, job_id: str, kind: str | tuple[str, ...], finished: bool = True) -> dict:
+        """A job of one of ``kind``; by default one that succeeded (its outputs exist)."""
+        job = self.get(job_id)
+        kinds = (kind,) if isinstance(kind, str) else kind
+        if job["kind"] not in kinds:
+            raise ForgeError(JobCodes.WRONG_JOB_KIND,
+                             f"job {job_id} is a {job['kind']} job, expected {' or '.join(kinds)}",
+                             "pass the id of the right kind of job, or a path")
+        if finished and job["status"] != Status.SUCCEEDED.value:
+            raise ForgeError(JobCodes.JOB_NOT_FINISHED, f"job {job_id} is {job['status']}, not succeeded",
+                             "wait for it with forge_job_wait, or pass a path")
+        return job
 
     def transition(self, job_id: str, new: Status, **fields) -> dict:
         """Move a job to ``new``; a move the state machine does not allow raises 'expected X, got Y'."""

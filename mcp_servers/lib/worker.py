@@ -16,20 +16,58 @@ from pathlib import Path
 
 HEARTBEAT_S = 2.0
 PROGRESS_KEYS = ("step", "total_steps", "epoch", "percent", "eta_s", "tokens_per_s", "loss")
-# Share of a pipeline's percent each stage covers (training dominates the wall time).
-PIPELINE_SPANS = {"train": (0, 70), "merge": (70, 80), "quantize": (80, 95), "modelfile": (95, 97), "seal": (97, 100)}
+
+
+class ProgressTracker:
+    """A job's progress from its stage's events. The percent only moves forward: a pipeline's spans
+    all its stages (each stage weighted by forge.pipeline.STAGE_WEIGHTS), and a stage's own fields
+    (loss, tokens/s, step/total) are cleared when the next stage starts."""
+
+    def __init__(self):
+        self.progress: dict = {}
+        self.child: str | None = None
+
+    def update(self, event: dict) -> None:
+        kind, child = event.get("event"), event.get("pipeline_stage")
+        if child != self.child:  # a pipeline moved on: the last stage's numbers no longer apply
+            self.child = child
+            self.progress = {"percent": self.progress.get("percent")}
+        stage_percent = None
+        if kind == "progress":
+            self.progress.update({k: event.get(k) for k in PROGRESS_KEYS if k != "percent"})
+            stage_percent = event.get("percent")
+        elif kind == "stage" and event.get("total_steps"):
+            # stages without a step loop (merge, quantize) still move: step = sub-stages done
+            self.progress.update(step=event["step"], total_steps=event["total_steps"], eta_s=None)
+            stage_percent = 100.0 * event["step"] / event["total_steps"]
+        elif kind == "stage" and child:
+            stage_percent = 0.0  # a pipeline stage starting: the percent where its span begins
+        if stage_percent is None:
+            return
+        if child:
+            from forge.pipeline import stage_span
+
+            low, high = stage_span(child)
+            stage_percent = low + (high - low) * stage_percent / 100.0
+        self.progress["percent"] = round(max(stage_percent, self.progress.get("percent") or 0.0), 1)
+
+    def finish(self) -> dict:
+        self.progress.update(percent=100.0, eta_s=0)
+        if self.progress.get("total_steps"):
+            self.progress["step"] = self.progress["total_steps"]
+        return self.progress
 
 
 def _error_from(exc: BaseException) -> dict:
-    from forge.errors import ForgeError
+    from forge.errors import Codes, ForgeError
 
     if isinstance(exc, ForgeError):
         return exc.to_dict()
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return {"code": "out_of_memory", "message": f"{type(exc).__name__}: {exc}"[:500],
+        return {"code": Codes.OUT_OF_MEMORY, "message": f"{type(exc).__name__}: {exc}"[:500],
                 "hint": "lower the batch size or max_length, use qlora, or free memory; resume continues",
                 "retryable": True}
-    return {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"[:500],
+    return {"code": Codes.INTERNAL, "message": f"{type(exc).__name__}: {exc}"[:500],
             "hint": "see the job log (forge://jobs/{id}/log) for the traceback", "retryable": False}
 
 
@@ -58,30 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         store.update(job_id, pid=os.getpid(), heartbeat_at=time.time())
 
-    progress: dict = {}
+    tracker = ProgressTracker()
 
     def on_progress(event: dict) -> None:
-        kind = event.get("event")
-        child = event.get("pipeline_stage")
-        if kind == "progress":
-            progress.update({k: event.get(k) for k in PROGRESS_KEYS})
-        elif kind == "stage" and event.get("total_steps"):
-            # stages without a step loop (merge, quantize) still move: step = sub-stages done
-            progress.update(step=event["step"], total_steps=event["total_steps"], eta_s=None,
-                            percent=round(100.0 * event["step"] / event["total_steps"], 1))
-        if child and progress.get("percent") is not None and kind in ("progress", "stage"):
-            # a pipeline's percent spans all its stages, not only the one running
-            low, high = PIPELINE_SPANS[child]
-            progress["percent"] = round(low + (high - low) * progress["percent"] / 100.0, 1)
+        tracker.update(event)
+        kind, child = event.get("event"), event.get("pipeline_stage")
         if kind == "stage":
-            store.update(job_id, stage=f"{child}:{event['stage']}" if child else event["stage"], progress=progress)
+            stage = f"{child}:{event['stage']}" if child else event["stage"]
+            store.update(job_id, stage=stage, progress=tracker.progress)
             store.add_event(job_id, "stage", event)
         elif kind == "progress":
-            store.update(job_id, progress=progress, heartbeat_at=time.time())
+            store.update(job_id, progress=tracker.progress, heartbeat_at=time.time())
         else:
             store.add_event(job_id, kind or "event", event)
 
-    from forge.cli import quiet_libraries
+    from forge.progress import quiet_libraries
+    from forge.runs import Outcome
     from mcp_servers.lib.jobs import run_job
 
     quiet_libraries()
@@ -94,12 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         store.transition(job_id, Status.FAILED, error=_error_from(exc))
         return 1
     stop.set()
-    final = Status.CANCELLED if result.get("status") == "cancelled" else Status.SUCCEEDED
-    if final == Status.SUCCEEDED:
-        progress.update(percent=100.0, eta_s=0)
-        if progress.get("total_steps"):
-            progress["step"] = progress["total_steps"]
-    store.transition(job_id, final, result=result, progress=progress, stage="done" if final == Status.SUCCEEDED else None,
+    final = Status.CANCELLED if result.get("status") == Outcome.CANCELLED else Status.SUCCEEDED
+    progress = tracker.finish() if final == Status.SUCCEEDED else tracker.progress
+    store.transition(job_id, final, result=result, progress=progress,
+                     stage="done" if final == Status.SUCCEEDED else None,
                      run_dir=result.get("run_dir") or job.get("run_dir"))
     log.info("job %s %s", job_id, final.value)
     return 0

@@ -6,6 +6,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from forge.train import TrainConfig
+
+# The training knobs an agent may set: TrainConfig's own fields (names, descriptions, bounds).
+AGENT_TRAIN_FIELDS = (
+    "num_train_epochs", "max_steps", "learning_rate", "lora_r", "lora_alpha", "lora_dropout", "max_length",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "eval_fraction", "save_steps", "seed",
+    "num_processes",
+)
+Hyperparameters = TrainConfig.overrides_model(
+    "Hyperparameters", AGENT_TRAIN_FIELDS, "Training knobs an agent may set; anything else is rejected.")
+
 
 class ErrorInfo(BaseModel):
     code: str

@@ -1,0 +1,130 @@
+"""The retrospective: a seal record rendered as Markdown (results table, artifacts, friction, next
+steps with exact commands) and its loss curve as a PNG. Rendered from the record alone, so anyone
+holding a seal.json can render it again and get the same text."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from forge.runs import Outcome
+
+
+def plot_loss_curve(record: dict, path: Path) -> str | None:
+    points = [(r, r.get("loss_curve") or []) for r in record["runs"]]
+    if not any(curve for _, curve in points):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for run, curve in points:
+        name = Path(run["run_dir"]).name
+        ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], label=f"{name} train")
+        evals = run.get("eval_curve") or []
+        if evals:
+            ax.plot([p["step"] for p in evals], [p["eval_loss"] for p in evals], "o--", label=f"{name} eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def _fmt(value, unit: str = "", digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}{unit}"
+    return f"{value}{unit}"
+
+
+def _gib(n) -> str:
+    return "—" if n is None else f"{n / 1024**3:.2f} GiB"
+
+
+def results_table(run: dict, hardware: dict) -> str:
+    m = run.get("metrics", {})
+    output = ", ".join(Path(g["path"]).name for g in run.get("gguf") or []) or run.get("run_dir") or "—"
+    hw = ", ".join(hardware.get("gpus", [])) or f"CPU ({hardware.get('cpu_count', '?')} cores)"
+    rows = [
+        ("Final epoch", _fmt(m.get("final_epoch"))),
+        ("Total duration", _fmt(m.get("duration_s"), " s")),
+        ("Train loss", _fmt(m.get("train_loss"))),
+        ("Eval loss", _fmt(m.get("eval_loss"))),
+        ("Output", output),
+        ("Samples/s", _fmt(m.get("samples_per_s"))),
+        ("Steps/s", _fmt(m.get("steps_per_s"))),
+        ("Tokens/s", _fmt(m.get("tokens_per_s"))),
+        ("Peak memory", _gib(m.get("peak_memory_bytes"))),
+        ("Hardware", hw),
+    ]
+    return "| Metric | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
+
+
+def next_steps(run: dict) -> list[str]:
+    stages, run_dir = run.get("stages", {}), run.get("run_dir", ".")
+    steps = []
+    if "train" in stages and stages["train"]["status"] != Outcome.SUCCEEDED:
+        steps.append(f"forge train --output-dir {run_dir} --resume")
+    if "merge" not in stages:
+        steps.append(f"forge merge --adapter-dir {run_dir}/adapter")
+    if "quantize" not in stages:
+        steps.append(f"forge quantize --model-dir {run_dir}/merged --quantizations Q4_K_M")
+    if "modelfile" not in stages and run.get("gguf"):
+        steps.append(f"forge modelfile --gguf {run['gguf'][-1]['path']}")
+    if run.get("modelfile"):
+        mf = run["modelfile"]
+        steps += [mf["ollama_create"], f"ollama run {mf['model_name']}"]
+    if run.get("gguf"):
+        steps.append(f"forge publish --source {Path(run['gguf'][-1]['path']).parent} --kind gguf "
+                     "--repo-id YOUR_NAME/MODEL_NAME --dry-run")
+    return steps
+
+
+def render_retrospective(record: dict, sid: str, plot: str | None = None) -> str:
+    out = [f"# Retrospective — {', '.join(Path(r['run_dir']).name for r in record['runs'])}", "",
+           f"Seal `{sid}`, made {record['created_at']}; previous seal "
+           f"{'`' + record['previous'] + '`' if record.get('previous') else 'none (first in the chain)'}.", ""]
+    if record.get("note"):
+        out += [f"> {record['note']}", ""]
+    if record.get("git") and record["git"].get("git"):
+        g = record["git"]
+        out += [f"Project `{g['project_dir']}` at commit `{g['commit'][:12]}`{' (dirty)' if g['dirty'] else ''}.", ""]
+    for run in record["runs"]:
+        base = run.get("base_model") or {}
+        out += [f"## Run {Path(run['run_dir']).name}", "",
+                f"Base model `{base.get('ref')}`" + (f" at `{base['revision'][:12]}`" if base.get("revision") else "")
+                + f", method {run.get('method') or '—'}.", ""]
+        ds = run.get("dataset") or {}
+        if ds:
+            out += [f"Dataset `{ds.get('path')}` ({ds.get('format')}, sha256 `{str(ds.get('sha256'))[:16]}…`): "
+                    f"{ds.get('train_records')} train / {ds.get('eval_records')} eval records.", ""]
+        out += ["### Results", "", results_table(run, record.get("hardware", {}))]
+        parity = run.get("merge_parity")
+        if parity:
+            out += [f"Merge parity: max |Δlogit| {parity['max_abs_diff']:.3g} (bound {parity['bound']:.3g}, "
+                    f"{parity['dtype']}).", ""]
+        out += ["### Artifacts", "", "| Kind | File | Bytes | sha256 |", "|---|---|---|---|"]
+        for a in run.get("artifacts", []):
+            rel = os.path.relpath(a["path"], run["run_dir"])
+            out.append(f"| {a['kind']} | {rel} | {a['bytes']} | `{a['sha256'][:16]}…` |")
+        out += ["", "### Next steps", ""]
+        out += [f"- `{s}`" for s in next_steps(run)] or ["- nothing left to run"]
+        out.append("")
+    if plot:
+        out += ["## Loss curve", "", f"![loss curve]({plot})", ""]
+    out += ["## Friction", ""]
+    friction = list(record.get("warnings", []))
+    friction += [f"{s} failed: {st['error'].get('code')}: {st['error'].get('message')}"
+                 for r in record["runs"] for s, st in r["stages"].items() if st.get("error")]
+    friction += [f"job {j.get('id')} ({j.get('kind')}) {j.get('status')}: {(j.get('error') or {}).get('code')}"
+                 for j in record.get("jobs", []) if j.get("status") not in (Outcome.SUCCEEDED, None)]
+    out += [f"- {w}" for w in friction] or ["- none recorded"]
+    return "\n".join(out) + "\n"

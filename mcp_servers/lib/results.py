@@ -1,0 +1,130 @@
+"""What a job left behind, read from its stored result: artifacts, metrics, the GGUF it made, its run
+dir, a pipeline's stage states, what a seal keeps of it, and what an agent usually calls next.
+
+Tools ask this module; they never dig through result dicts themselves.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from forge.errors import ForgeError
+from forge.runs import STAGES, STAGES_DIR, find_run_dir
+from mcp_servers.lib.errors import JobCodes
+from mcp_servers.lib.paths import check_path
+from mcp_servers.lib.store import ACTIVE, JobStore, Status
+
+JOB_KINDS = ("train", "merge", "quantize", "pipeline", "publish")
+JOB_ID = re.compile(rf"^(?:{'|'.join(JOB_KINDS)})-\d{{8}}-\d{{6}}-[0-9a-f]{{6}}$")
+ARTIFACT_KEYS = ("kind", "path", "bytes", "sha256")
+CURVES = ("loss_curve", "eval_curve")
+
+
+def is_job_id(ref: str) -> bool:
+    return bool(JOB_ID.match(ref))
+
+
+# ---- reading a result ----
+
+def artifacts(result: dict | None) -> list[dict]:
+    """Every artifact of a job, a pipeline's child stages included."""
+    if not result:
+        return []
+    items = list(result.get("artifacts", []))
+    for stage in (result.get("stages") or {}).values():
+        items += stage.get("artifacts", [])
+    return [{k: a[k] for k in ARTIFACT_KEYS} for a in items]
+
+
+def metrics(result: dict | None) -> dict:
+    """A train job's metrics (or a pipeline's train stage's), without the curves."""
+    if not result:
+        return {}
+    found = result.get("metrics") or (result.get("stages") or {}).get("train", {}).get("metrics") or {}
+    return {k: v for k, v in found.items() if k not in CURVES}
+
+
+def last_gguf(result: dict) -> str:
+    """The last GGUF a quantize or pipeline job wrote (the most quantized one)."""
+    outputs = result.get("outputs") or (result.get("stages") or {}).get("quantize", {}).get("outputs")
+    if not outputs:
+        raise ForgeError(JobCodes.JOB_NOT_FINISHED, "that job produced no GGUF",
+                         "pass a quantize or pipeline job id, or a .gguf path")
+    return outputs[-1]["path"]
+
+
+# What each job kind's result holds, by the thing a later tool asks for.
+OUTPUTS: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
+    "adapter": (("train",), lambda r: r["adapter_dir"]),
+    "merged": (("merge",), lambda r: r["merged_dir"]),
+    "gguf_dir": (("quantize",), lambda r: r["gguf_dir"]),
+    "gguf": (("quantize", "pipeline"), last_gguf),
+}
+
+
+def resolve_input(store: JobStore, ref: str, output: str, what: str) -> Path:
+    """The one path-or-job-id resolver: a job id (``train-20261126-101500-3f9a1c``) gives the
+    ``output`` its result holds; anything else is a path, checked against the allowed roots."""
+    if is_job_id(ref):
+        kinds, pick = OUTPUTS[output]
+        return check_path(pick(store.require(ref, kinds)["result"]), what)
+    return check_path(ref, what)
+
+
+def run_dir_of(job: dict) -> Path | None:
+    """The run dir a job's outputs live in (merge and quantize write into their train run's dir)."""
+    result = job.get("result") or {}
+    candidates = [result.get("run_dir"), result.get("merged_dir"), result.get("gguf_dir"),
+                  job["params"].get("output_dir")]
+    for candidate in filter(None, candidates):
+        found = find_run_dir(Path(candidate))
+        if found is not None and (found / STAGES_DIR).is_dir():
+            return found
+    return None
+
+
+def pipeline_stages(job: dict, finished: dict[str, str]) -> list[dict]:
+    """Each child stage of a pipeline job with its state; ``finished`` maps stage → final status."""
+    if job["kind"] != "pipeline":
+        return []
+    current = (job.get("stage") or "").split(":")[0]
+    status = Status(job["status"])
+    states = []
+    for stage in STAGES:
+        if stage in finished:
+            state = finished[stage]
+        elif stage == current and status in ACTIVE:
+            state = Status.RUNNING.value
+        elif stage == current and status in (Status.FAILED, Status.CANCELLED):
+            state = status.value
+        else:
+            state = "pending"
+        states.append({"stage": stage, "status": state})
+    return states
+
+
+def seal_record(job: dict, warnings: list[str]) -> dict:
+    """What a seal keeps of a job: identity, inputs, outcome, and the warnings it met."""
+    return {"id": job["id"], "kind": job["kind"], "status": job["status"], "params": job["params"],
+            "created_at": job["created_at"], "finished_at": job.get("finished_at"), "error": job.get("error"),
+            "warnings": warnings}
+
+
+def next_actions(job: dict) -> list[str]:
+    """The tool calls an agent usually makes next, ready to send."""
+    jid, kind, status = job["id"], job["kind"], Status(job["status"])
+    if status == Status.SUCCEEDED:
+        return {
+            "train": [f'forge_merge(adapter="{jid}")'],
+            "merge": [f'forge_quantize(model="{jid}")'],
+            "quantize": [f'forge_modelfile(gguf="{jid}")', f'forge_query_model(model="{jid}", prompt="Hello")'],
+            "pipeline": [f'forge_query_model(model="{jid}", prompt="Hello")',
+                         f'forge_seal_snapshot(job_ids=["{jid}"])'],
+        }.get(kind, [])
+    if status in ACTIVE or status == Status.QUEUED:
+        return [f'forge_job_wait(job_id="{jid}", timeout_s=60)']
+    if kind == "train":
+        return [f'forge_train(..., resume_from_job="{jid}")', f'forge_job_events(job_id="{jid}")']
+    return [f'forge_job_events(job_id="{jid}")']

@@ -1,0 +1,38 @@
+"""Calling Forge's tools from tests, whichever client and transport: one place for it."""
+
+from __future__ import annotations
+
+import json
+
+
+async def call(client, name: str, args: dict | None = None) -> dict:
+    """A tool's structured result, or ``{"error": {...}}`` (the tool's JSON error) when it failed."""
+    result = await client.call_tool(name, args or {})
+    if result.is_error:
+        return {"error": json.loads(result.content[0].text)}
+    return result.structured_content
+
+
+async def call_ok(client, name: str, args: dict | None = None) -> dict:
+    """A tool's structured result; a tool error fails the test with the error's text."""
+    result = await client.call_tool(name, args or {})
+    assert not result.is_error, result.content[0].text
+    return result.structured_content
+
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+async def wait_job(client, job_id: str, deadline_s: float = 900, on_progress=None) -> dict:
+    """Follow a job with forge_job_wait, call after call (each shorter than a client's timeout), until
+    it ends; fail the test when ``deadline_s`` passes first. Generous by default: a busy machine is slow."""
+    import anyio
+
+    with anyio.fail_after(deadline_s):
+        while True:
+            result = await client.call_tool("forge_job_wait", {"job_id": job_id, "timeout_s": 20},
+                                            progress_callback=on_progress)
+            assert not result.is_error, result.content[0].text
+            status = result.structured_content
+            if status["status"] in TERMINAL:
+                return status
