@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import types
 import typing
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     from forge.quantize import QuantizeConfig
     from forge.seal import SealConfig
     from forge.snapshot import SnapshotConfig
+    from forge.store_file import StoreConfig
     from forge.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="forge", description="Fine-tune an open model end to end.")
@@ -93,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="Re-hash a seal (default: the newest) and its artifacts; walk the chain.")
     verify.add_argument("seal_ref", nargs="?", default=None, help="seal id (sha256:…) or a prefix of it")
     verify.add_argument("--json", dest="_json", action="store_true", help="print the result as JSON")
+    store = sub.add_parser("store", help="Check the job store (forge.db), or recover what can be read of it.")
+    store_sub = store.add_subparsers(dest="store_command", required=True)
+    _stage(store_sub, "check", StoreConfig, "SQLite's integrity check of the job store, read-only.",
+           exclude=("output",))
+    _stage(store_sub, "recover", StoreConfig, "Copy what SQLite can read of a damaged store to a new file.")
     _stage(sub, "snapshot", SnapshotConfig, "Seal the newest run, or bundle a manifest's files for an agent (audit).")
     _stage(sub, "publish", PublishConfig, "Publish an adapter, merged model or GGUFs to the Hugging Face Hub.")
     _stage(sub, "pipeline", PipelineConfig, "Run train → merge → quantize → modelfile → seal.", yaml=True)
@@ -106,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from_args(args: argparse.Namespace):
     model = args._model
     fields = {k: v for k, v in vars(args).items() if not k.startswith("_") and k in model.model_fields}
-    if "path" in fields and fields["path"] is None:
+    if args.command == "data" and fields.get("path") is None:
         raise ForgeError(Codes.CONFIG_INVALID, "missing the dataset path", "forge data validate PATH")
     return model.build(getattr(args, "_config", None), **fields)
 
@@ -121,6 +128,12 @@ def _run(args: argparse.Namespace) -> dict:
     if args.command == "modelfile" and args._check:
         return modelfile.validate_modelfile(Path(args._check))
     config = _config_from_args(args)
+    if args.command == "store":
+        from forge import store_file
+
+        if args.store_command == "check":
+            return store_file.check(config.path)
+        return store_file.recover(config.path, config.output)
     if args.command == "data":
         if args.data_command == "stats" and not config.base_model:
             raise ForgeError(Codes.CONFIG_INVALID, "stats need the model's tokenizer",
@@ -170,8 +183,8 @@ def _summary(result: dict) -> str:
 def run_demo(directory: str | None = None, echo: bool = True) -> dict:
     """Build the demo assets, then run each stage, printing what each one produced."""
     from forge.demo import SYSTEM_PROMPT, DemoAssetsConfig, write_demo_assets
+    from forge.paths import forge_home
     from forge.pipeline import PipelineConfig, run_pipeline
-    from forge.workspace import forge_home
 
     say = print if echo else (lambda *a, **k: None)
     root = Path(directory) if directory else forge_home() / "demo"
@@ -219,6 +232,7 @@ def run_demo(directory: str | None = None, echo: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # runs, seals and the cache are the user's alone
     quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -7,9 +7,13 @@ without it the model never learns to stop.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import statistics
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,7 +22,7 @@ from pydantic import Field
 
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
-from forge.workspace import sha256_file
+from forge.paths import forge_home, open_input
 
 
 class Formats:
@@ -62,15 +66,27 @@ def _detect(record: dict) -> str | None:
     return None
 
 
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _string_problem(value, where: str, required: bool) -> str | None:
+    if not isinstance(value, str):
+        return f"{where} must be a string, got {type(value).__name__}"
+    if required and not value.strip():
+        return f"{where} is empty"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON may spell a lone surrogate (\\ud800) that no UTF-8 text holds
+        return f"{where} holds an unpaired surrogate ({_short(value[exc.start])}) at character {exc.start}"
+    return None
+
+
 def _text_problem(record: dict, key: str, required: bool = True) -> str | None:
     if key not in record:
         return f"missing field '{key}'" if required else None
-    value = record[key]
-    if not isinstance(value, str):
-        return f"field '{key}' must be a string, got {type(value).__name__}"
-    if required and not value.strip():
-        return f"field '{key}' is empty"
-    return None
+    return _string_problem(record[key], f"field '{key}'", required)
 
 
 _FIX = {
@@ -95,11 +111,12 @@ def _record_problems(record: dict, fmt: str) -> list[str]:
         if not isinstance(msg, dict):
             problems.append(f"messages[{i}] must be an object")
             continue
-        if msg.get("role") not in ROLES:
-            problems.append(f"messages[{i}].role is {msg.get('role')!r}, expected one of {', '.join(ROLES)}")
-        content = msg.get("content")
-        if not isinstance(content, str) or not content.strip():
-            problems.append(f"messages[{i}].content is empty or not a string")
+        role = msg.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            problems.append(f"messages[{i}].role is {_short(role)}, expected one of {', '.join(ROLES)}")
+        problem = _string_problem(msg.get("content"), f"messages[{i}].content", required=True)
+        if problem:
+            problems.append(problem)
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         problems.append("no assistant message, so nothing would be trained")
     return problems
@@ -121,37 +138,109 @@ def _to_messages(record: dict, fmt: str, system_prompt: str | None) -> list[dict
     return messages
 
 
+# Limits per line: a chat record never needs more, and past them a line costs memory and time for nothing.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+MAX_DEPTH = 64
+MAX_REPORTED = 1000  # problems listed one by one; past that, a count
+SHOWN_CHARS = 300  # how much of a record a report or an error echoes
+BOM = b"\xef\xbb\xbf"
+# A tie between formats goes to the first in this order, whatever the hash seed.
+FORMAT_ORDER = (Formats.MESSAGES, Formats.ALPACA, Formats.PROMPT_COMPLETION)
+
+
+def _depth(value, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, counted without recursion (stops past ``limit``)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _parse_line(raw: bytes, lineno: int) -> tuple[dict | None, str | None]:
+    """One JSONL line → (record, None) or (None, the problem with its line number and fix)."""
+    if len(raw) > MAX_LINE_BYTES:
+        return None, (f"line {lineno}: {len(raw):,} bytes, over the {MAX_LINE_BYTES:,}-byte limit per record; "
+                      "split or shorten the record")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, (f"line {lineno}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}); "
+                      "save the file as UTF-8")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, (f"line {lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                      "each line must be one JSON object")
+    except RecursionError:
+        return None, f"line {lineno}: JSON nested deeper than {MAX_DEPTH} levels; a record is a flat object"
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        return None, f"line {lineno}: a value cannot be read ({str(exc)[:120]}); use ordinary numbers and strings"
+    if not isinstance(record, dict):
+        return None, f"line {lineno}: expected a JSON object, got {type(record).__name__}"
+    if _depth(record, MAX_DEPTH) > MAX_DEPTH:
+        return None, f"line {lineno}: JSON nested deeper than {MAX_DEPTH} levels; a record is a flat object"
+    return record, None
+
+
+def _read_records(fh, problems: list[str]) -> tuple[list[tuple[int, dict]], str]:
+    """Every line of an open binary file parsed, and the sha256 of exactly the bytes read."""
+    digest = hashlib.sha256()
+    parsed = []
+    for lineno, raw in enumerate(fh, start=1):
+        digest.update(raw)
+        if lineno == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM):]  # a UTF-8 byte-order mark, as some editors write
+        if not raw.strip():
+            continue
+        record, problem = _parse_line(raw.rstrip(b"\r\n"), lineno)
+        if problem:
+            problems.append(problem)
+        else:
+            parsed.append((lineno, record))
+    return parsed, digest.hexdigest()
+
+
+def _detect_format(parsed: list[tuple[int, dict]], path: Path, problems: list[str]) -> str:
+    counts = Counter(f for _, r in parsed if (f := _detect(r)))
+    if not counts and not problems:
+        raise ForgeError(Codes.DATASET_INVALID, f"{path}: no records found" if not parsed else
+                         f"{path}: cannot tell the format from the keys of line {parsed[0][0]}",
+                         "use alpaca (instruction/input/output), messages, or prompt/completion records")
+    if not counts:
+        return Formats.ALPACA
+    return max(FORMAT_ORDER, key=lambda f: (counts[f], -FORMAT_ORDER.index(f)))
+
+
+def _dataset_error(path: Path, fmt: str, problems: list[str]) -> ForgeError:
+    shown = problems[:MAX_REPORTED]
+    if len(problems) > MAX_REPORTED:
+        shown.append(f"… and {len(problems) - MAX_REPORTED} more problem(s) past the first {MAX_REPORTED}")
+    return ForgeError(
+        Codes.DATASET_INVALID,
+        f"{path}: {len(problems)} problem(s) in {fmt} dataset: " + "; ".join(problems[:5])
+        + (f"; … and {len(problems) - 5} more" if len(problems) > 5 else ""),
+        "fix the lines listed (details has each one) and validate again", details=shown)
+
+
 def load_dataset(path: Path | str, fmt: str = Formats.AUTO, system_prompt: str | None = None) -> Dataset:
-    """Read and validate every line; raise one error listing every bad line, or return conversations."""
+    """Read and validate every line; raise one error listing every bad line, or return conversations.
+
+    The file is opened once (checked against the roots when confined) and its sha256 is that of the
+    bytes parsed, so the hash a seal records is the hash of what was trained on."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ForgeError(Codes.DATASET_NOT_FOUND, f"dataset {path} does not exist",
                          "pass the path of a JSONL file (one JSON object per line)")
     problems: list[str] = []
-    parsed: list[tuple[int, dict]] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"line {lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                                "each line must be one JSON object")
-                continue
-            if not isinstance(record, dict):
-                problems.append(f"line {lineno}: expected a JSON object, got {type(record).__name__}")
-                continue
-            parsed.append((lineno, record))
-
+    with open_input(path, "dataset") as fh:
+        parsed, sha256 = _read_records(fh, problems)
     if fmt == Formats.AUTO:
-        seen = [f for _, r in parsed if (f := _detect(r))]
-        if not seen and not problems:
-            raise ForgeError(Codes.DATASET_INVALID, f"{path}: no records found" if not parsed else
-                             f"{path}: cannot tell the format from the keys of line {parsed[0][0]}",
-                             "use alpaca (instruction/input/output), messages, or prompt/completion records")
-        fmt = max(set(seen), key=seen.count) if seen else Formats.ALPACA
-
+        fmt = _detect_format(parsed, path, problems)
     conversations = []
     for lineno, record in parsed:
         detected = _detect(record)
@@ -164,19 +253,39 @@ def load_dataset(path: Path | str, fmt: str = Formats.AUTO, system_prompt: str |
             problems.extend(f"line {lineno}: {p}; {_FIX[fmt]}" for p in record_problems)
             continue
         conversations.append(_to_messages(record, fmt, system_prompt))
-
     if problems:
-        raise ForgeError(
-            Codes.DATASET_INVALID,
-            f"{path}: {len(problems)} problem(s) in {fmt} dataset: " + "; ".join(problems[:5])
-            + (f"; … and {len(problems) - 5} more" if len(problems) > 5 else ""),
-            "fix the lines listed (details has every one) and validate again",
-            details=problems,
-        )
+        raise _dataset_error(path, fmt, problems)
     if not conversations:
         raise ForgeError(Codes.DATASET_INVALID, f"{path}: the file holds no records",
                          "add one JSON object per line")
-    return Dataset(path=path, format=fmt, conversations=conversations, sha256=sha256_file(path))
+    return Dataset(path=path, format=fmt, conversations=conversations, sha256=sha256)
+
+
+def snapshot(path: Path | str) -> tuple[Path, str]:
+    """Copy a dataset, read once through a checked descriptor, to ``$FORGE_HOME/datasets/<sha256>.jsonl``.
+
+    A job started from an untrusted path trains on this copy, so the bytes checked at submit are the
+    bytes trained on, whatever happens to the original afterwards. Copies are shared by content."""
+    target_dir = forge_home() / "datasets"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    tmp = target_dir / f".snapshot-{os.getpid()}-{time.monotonic_ns()}.tmp"
+    try:
+        with open_input(path, "dataset") as src, open(tmp, "wb") as dst:
+            while block := src.read(1 << 20):
+                digest.update(block)
+                dst.write(block)
+        final = target_dir / f"{digest.hexdigest()}.jsonl"
+        tmp.replace(final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final, digest.hexdigest()
+
+
+def shown_record(messages: list[dict]) -> list[dict]:
+    """A record as a report echoes it: each text cut to a few hundred characters."""
+    return [{k: (v if len(v) <= SHOWN_CHARS else v[:SHOWN_CHARS] + f"… ({len(v)} characters)")
+             for k, v in m.items()} for m in messages]
 
 
 def split(conversations: list, eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -298,7 +407,7 @@ def validate(config: DataConfig) -> dict:
     report = {
         "path": str(ds.path), "format": ds.format, "sha256": ds.sha256, "records": len(ds.conversations),
         "train_records": len(train), "eval_records": len(evals), "warnings": [],
-        "example": ds.conversations[0],
+        "example": shown_record(ds.conversations[0]),
     }
     if config.base_model:
         tokenizer = load_tokenizer(config.base_model)

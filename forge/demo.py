@@ -12,7 +12,8 @@ from pathlib import Path
 from pydantic import Field
 
 from forge.config import StageConfig
-from forge.workspace import atomic_dir, forge_home
+from forge.paths import forge_home
+from forge.workspace import atomic_dir
 
 # The pre-tokenizer split Qwen2 uses, so llama.cpp's "qwen2" pre-tokenizer matches ours exactly.
 QWEN2_SPLIT = (

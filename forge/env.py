@@ -10,7 +10,7 @@ from pydantic import Field
 
 from forge.config import StageConfig
 from forge.converter import find_converter, llama_cpp_version
-from forge.workspace import forge_home
+from forge.paths import forge_home
 
 STACK = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors",
          "tokenizers", "llama-cpp-python", "huggingface-hub", "liger-kernel", "mcp", "pydantic")

@@ -11,8 +11,10 @@ from typing import Literal
 
 from pydantic import Field
 
+from forge import disk
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
+from forge.paths import check_input_dir, check_output
 from forge.progress import ProgressCallback, ProgressWriter
 from forge.runs import Outcome, progress_path, record_stage_near
 from forge.workspace import atomic_dir, dir_artifacts, refuse_existing
@@ -236,12 +238,14 @@ def merge(config: MergeConfig, on_progress: ProgressCallback | None = None) -> d
 
     from forge.model_ref import resolve_model
 
-    adapter_dir = Path(config.adapter_dir)
+    adapter_dir = check_input_dir(Path(config.adapter_dir), "adapter_dir")
     base_ref = resolve_model(config.base_model or _adapter_base(adapter_dir))
-    merged_dir = config.merged_dir()
+    merged_dir = check_output(config.merged_dir(), "merged model dir")
     refuse_existing(merged_dir, config.force)
     writer = ProgressWriter(progress_path(merged_dir), on_progress)
     dtype = _base_dtype(base_ref) if config.dtype == "auto" else config.dtype
+    if Path(base_ref).is_dir():
+        disk.ensure_space(merged_dir.parent, disk.merge_bytes(Path(base_ref), dtype), "the merge")
 
     reason = streaming_unsupported(adapter_dir, base_ref) if config.strategy != "peft" else "strategy=peft asked for"
     if config.strategy == "streaming" and reason:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from forge.errors import Codes, ForgeError
+from forge.paths import check_input_dir, is_hub_id
 
 
 def resolve_model(ref: str | Path, code: str = Codes.BASE_MODEL_NOT_FOUND) -> str:
@@ -15,8 +16,8 @@ def resolve_model(ref: str | Path, code: str = Codes.BASE_MODEL_NOT_FOUND) -> st
         if not (path / "config.json").is_file():
             raise ForgeError(code, f"{path} has no config.json, so it is not a Hugging Face model dir",
                              "point at the directory that holds config.json and the weights")
-        return str(path.resolve())
-    looks_like_hub_id = str(ref).count("/") == 1 and not str(ref).startswith((".", "/", "~"))
+        return str(check_input_dir(path.resolve(), "model"))
+    looks_like_hub_id = is_hub_id(str(ref)) and not str(ref).startswith((".", "/", "~"))
     if looks_like_hub_id and os.environ.get("HF_HUB_OFFLINE") != "1":
         return str(ref)
     raise ForgeError(code, f"model {ref} was not found: no such directory"

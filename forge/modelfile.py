@@ -19,6 +19,7 @@ from pydantic import Field
 
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
+from forge.paths import check_output
 from forge.runs import Outcome, record_stage_near
 from forge.workspace import artifact, atomic_write_text, refuse_existing
 
@@ -121,10 +122,17 @@ def detect_family(chat_template: str | None) -> TemplateFamily:
     )
 
 
+# Ollama model names: [namespace/]name[:tag]; nothing a shell would read as syntax.
+OLLAMA_NAME_PATTERN = (r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?"
+                       r"(:[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
+
+
 class ModelfileConfig(StageConfig):
     gguf: Path = Field(description="The GGUF file the Modelfile runs.")
     output: Path | None = Field(None, description="Modelfile path; default 'Modelfile' beside the GGUF.")
-    model_name: str | None = Field(None, description="Name for `ollama create`; default the GGUF's stem.")
+    model_name: str | None = Field(None, max_length=200, pattern=OLLAMA_NAME_PATTERN, description=(
+        "Name for `ollama create` ([namespace/]name[:tag], letters, digits, '.', '_', '-'); default the GGUF's "
+        "stem."))
     system_prompt: str | None = Field(None, description="SYSTEM message.")
     template: str | None = Field(None, description="Override the TEMPLATE (Ollama Go template).")
     temperature: float | None = Field(None, ge=0, description="Sampling temperature.")
@@ -161,7 +169,7 @@ def gguf_tokens(gguf_path: Path) -> dict:
 def write_modelfile(config: ModelfileConfig) -> dict:
     gguf_path = Path(config.gguf)
     check_gguf(gguf_path)
-    out = Path(config.output) if config.output else gguf_path.parent / "Modelfile"
+    out = check_output(Path(config.output) if config.output else gguf_path.parent / "Modelfile", "Modelfile")
     refuse_existing(out, config.force)
     info = gguf_tokens(gguf_path)
     family = detect_family(info["chat_template"]) if config.template is None else None
@@ -181,10 +189,10 @@ def write_modelfile(config: ModelfileConfig) -> dict:
     content = "\n".join(lines) + "\n"
     parse_modelfile(content, base_dir=out.parent)  # never write a Modelfile we would reject
     atomic_write_text(out, content)
-    name = config.model_name or re.sub(r"[^a-z0-9._-]+", "-", gguf_path.stem.lower())
+    name = config.model_name or re.sub(r"[^a-z0-9._-]+", "-", gguf_path.stem.lower()).strip("-._") or "model"
     result = {"status": Outcome.SUCCEEDED, "path": str(out), "content": content,
               "template_family": family.name if family else "custom", "stop_tokens": stops, "parameters": params,
-              "ollama_create": f"ollama create {name} -f {shlex.quote(str(out))}", "model_name": name,
+              "ollama_create": f"ollama create {shlex.quote(name)} -f {shlex.quote(str(out))}", "model_name": name,
               "artifacts": [artifact(out, "modelfile")], "config": config.model_dump(mode="json")}
     record_stage_near(out, "modelfile", result)
     return result

@@ -4,6 +4,7 @@ appears in a result, a log or a seal."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ from pydantic import Field, field_validator
 
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
+from forge.paths import check_input_dir, open_input
 from forge.progress import ProgressCallback, ProgressWriter
 from forge.runs import Outcome
 
@@ -42,6 +44,8 @@ def _files(config: PublishConfig) -> list[Path]:
     if not source.exists():
         raise ForgeError(Codes.MODEL_NOT_FOUND, f"{source} does not exist",
                          "pass the adapter dir, merged dir, or GGUF written by forge")
+    if source.is_dir():
+        check_input_dir(source, "source")  # confined: no link in it may lead outside the roots
     if config.kind == "gguf":
         files = [source] if source.is_file() else sorted(source.glob("*.gguf")) + sorted(source.glob("Modelfile"))
         if not any(f.suffix == ".gguf" for f in files):
@@ -140,10 +144,14 @@ def publish(config: PublishConfig, on_progress: ProgressCallback | None = None) 
         writer.stage("creating_repo", step=0, total_steps=2)
         repo_url = api.create_repo(config.repo_id, private=config.private, exist_ok=True, repo_type="model")
         writer.stage("uploading", step=1, total_steps=2)
-        operations = [CommitOperationAdd(path_in_repo=f.relative_to(root).as_posix(), path_or_fileobj=str(f))
-                      for f in files]
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
-        commit = api.create_commit(config.repo_id, operations=operations, commit_message=message, repo_type="model")
+        with contextlib.ExitStack() as opened:
+            # Each file is uploaded from the descriptor that was checked, never reopened by name.
+            operations = [CommitOperationAdd(path_in_repo=f.relative_to(root).as_posix(),
+                                             path_or_fileobj=opened.enter_context(open_input(f, "file to publish")))
+                          for f in files]
+            operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+            commit = api.create_commit(config.repo_id, operations=operations, commit_message=message,
+                                       repo_type="model")
     except Exception as exc:  # huggingface_hub raises HTTP errors of several kinds
         text = str(exc).replace(token, "***")
         code = Codes.HUB_AUTH_MISSING if " 401" in text or "401 " in text else Codes.HUB_ERROR

@@ -18,10 +18,12 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from forge import disk
 from forge._gguf_convert import FALLBACK_MARKER
 from forge.config import StageConfig
 from forge.converter import ensure_converter, gguf_fields, gguf_module
 from forge.errors import Codes, ForgeError
+from forge.paths import check_input_dir, check_output
 from forge.progress import ProgressCallback, ProgressWriter
 from forge.runs import Outcome, progress_path, record_stage_near
 from forge.workspace import artifact, refuse_existing
@@ -138,8 +140,12 @@ def quantize_file(src: Path, dst: Path, quant: str) -> None:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        raise ForgeError(Codes.QUANTIZATION_FAILED, f"llama_model_quantize to {quant} failed (code {rc})",
-                         "K-quants need row sizes (hidden and intermediate size) divisible by 256; try Q8_0")
+        if disk.free_bytes(dst.parent) < disk.LOW_WATER:
+            raise disk.disk_full(dst.parent, None, f"quantizing to {quant}")
+        hint = f"see {dst.parent / 'quantize.log'}"
+        if "_K" in quant.upper():
+            hint += "; K-quants need every quantized row (hidden and intermediate size) divisible by 256: try Q8_0"
+        raise ForgeError(Codes.QUANTIZATION_FAILED, f"llama_model_quantize to {quant} failed (code {rc})", hint)
     tmp.replace(dst)
 
 
@@ -219,10 +225,13 @@ def logits_check(model_dir: Path, gguf_path: Path, outtype: str) -> dict:
 
 
 def quantize(config: QuantizeConfig, on_progress: ProgressCallback | None = None) -> dict:
-    model_dir = Path(config.model_dir)
+    model_dir = check_input_dir(Path(config.model_dir), "model_dir")
     _model_type(model_dir)
     out_dir = config.gguf_dir()
+    check_output(out_dir / config.stem(), "GGUF")
     out_dir.mkdir(parents=True, exist_ok=True)
+    disk.ensure_space(out_dir, disk.quantize_bytes(model_dir, config.outtype, config.quantizations),
+                      "conversion and quantization")
     stem = config.stem()
     base_path = out_dir / f"{stem}-{config.outtype}.gguf"
     quant_paths = {q: out_dir / f"{stem}-{q}.gguf" for q in config.quantizations}

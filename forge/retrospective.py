@@ -5,6 +5,7 @@ holding a seal.json can render it again and get the same text."""
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from forge.runs import Outcome
@@ -69,21 +70,23 @@ def results_table(run: dict, hardware: dict) -> str:
 
 
 def next_steps(run: dict) -> list[str]:
+    """The commands that continue this run, every value shell-quoted."""
+    q = shlex.quote
     stages, run_dir = run.get("stages", {}), run.get("run_dir", ".")
     steps = []
     if "train" in stages and stages["train"]["status"] != Outcome.SUCCEEDED:
-        steps.append(f"forge train --output-dir {run_dir} --resume")
+        steps.append(f"forge train --output-dir {q(run_dir)} --resume")
     if "merge" not in stages:
-        steps.append(f"forge merge --adapter-dir {run_dir}/adapter")
+        steps.append(f"forge merge --adapter-dir {q(f'{run_dir}/adapter')}")
     if "quantize" not in stages:
-        steps.append(f"forge quantize --model-dir {run_dir}/merged --quantizations Q4_K_M")
+        steps.append(f"forge quantize --model-dir {q(f'{run_dir}/merged')} --quantizations Q4_K_M")
     if "modelfile" not in stages and run.get("gguf"):
-        steps.append(f"forge modelfile --gguf {run['gguf'][-1]['path']}")
+        steps.append(f"forge modelfile --gguf {q(run['gguf'][-1]['path'])}")
     if run.get("modelfile"):
         mf = run["modelfile"]
-        steps += [mf["ollama_create"], f"ollama run {mf['model_name']}"]
+        steps += [mf["ollama_create"], f"ollama run {q(mf['model_name'])}"]
     if run.get("gguf"):
-        steps.append(f"forge publish --source {Path(run['gguf'][-1]['path']).parent} --kind gguf "
+        steps.append(f"forge publish --source {q(str(Path(run['gguf'][-1]['path']).parent))} --kind gguf "
                      "--repo-id YOUR_NAME/MODEL_NAME --dry-run")
     return steps
 

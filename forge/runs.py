@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from forge.workspace import atomic_write_text, forge_home
+from forge.paths import forge_home
+from forge.workspace import atomic_write_text
 
 # The one list of Forge's stages, in the order a pipeline runs them.
 STAGES = ("train", "merge", "quantize", "modelfile", "seal")

@@ -22,9 +22,10 @@ from pydantic import Field
 
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
+from forge.paths import forge_home
 from forge.retrospective import plot_loss_curve, render_retrospective, results_table
 from forge.runs import ARTIFACT_GLOBS, STAGES_DIR, TRAIN_CONFIG_FILE, Outcome, load_stages, progress_warnings
-from forge.workspace import artifact, atomic_write_text, forge_home, sha256_file
+from forge.workspace import artifact, atomic_write_text, sha256_file
 
 SCHEMA = "forge.seal/2"
 ID_FILE = "seal.sha256"

@@ -8,6 +8,7 @@ are refused, all of them named at once, and nothing is written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -19,8 +20,9 @@ from pydantic import Field
 from forge import runs
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
+from forge.paths import check_path, forge_home, open_checked
 from forge.runs import Outcome
-from forge.workspace import atomic_write_text, check_path, forge_home, sha256_file
+from forge.workspace import atomic_write_text, sha256_file
 
 LANGUAGES = {
     ".py": "python", ".md": "markdown", ".json": "json", ".jsonl": "json", ".yaml": "yaml", ".yml": "yaml",
@@ -99,12 +101,15 @@ def audit(manifest: Path, note: str | None = None, output: Path | None = None) -
     lines += [f"{i}. [{raw}](#{_anchor(f'{i} {raw}')})" for i, (raw, _, _) in enumerate(files, start=1)]
     listed = []
     for i, (raw, path, file_note) in enumerate(files, start=1):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        digest = sha256_file(path)
-        listed.append({"path": str(path), "bytes": path.stat().st_size, "sha256": digest, "note": file_note})
+        # Read once, through a descriptor checked after opening: a file flipped to a link in the
+        # meantime is refused, and the text, size and hash are of the same bytes.
+        with open_checked(path, "manifest path") as fh:
+            data = fh.read()
+        text, digest = data.decode("utf-8", errors="replace"), hashlib.sha256(data).hexdigest()
+        listed.append({"path": str(path), "bytes": len(data), "sha256": digest, "note": file_note})
         fence = "`" * max(3, max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
         lang = LANGUAGES.get(path.suffix, LANGUAGES.get(path.name, ""))
-        lines += ["", f"## {i} {raw}", "", f"`{path}` — {path.stat().st_size} bytes, sha256 `{digest}`"]
+        lines += ["", f"## {i} {raw}", "", f"`{path}` — {len(data)} bytes, sha256 `{digest}`"]
         if file_note:
             lines += ["", file_note]
         lines += ["", f"{fence}{lang}", text.rstrip("\n"), fence]

@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from forge import disk
 from forge.config import StageConfig
 from forge.data import FormatName
 from forge.errors import Codes, ForgeError
@@ -31,6 +32,7 @@ from forge.packing import (
     single_rows,
     truncate_records,
 )
+from forge.paths import check_output
 from forge.progress import ProgressCallback, ProgressWriter
 from forge.runs import PROGRESS_FILE, STAGES_DIR, TRAIN_CONFIG_FILE, Outcome, record_stage, runs_dir
 from forge.workspace import atomic_dir, atomic_write_json, dir_artifacts
@@ -44,21 +46,32 @@ class TrainConfig(StageConfig):
     base_model: str = Field(description="Local model dir or hub id to fine-tune.")
     dataset: Path = Field(description="JSONL dataset (alpaca, messages or prompt/completion).")
     output_dir: Path | None = Field(None, description="Run dir; default $FORGE_HOME/runs/<run_name>.")
-    run_name: str | None = Field(None, description="Name of the run dir under $FORGE_HOME/runs.")
+    run_name: str | None = Field(None, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                                 description="Name of the run dir under $FORGE_HOME/runs (letters, digits, '.', "
+                                 "'_', '-'; e.g. support-bot-v2).")
     method: Method = Field("lora", description="lora, or qlora (4-bit NF4 base, bitsandbytes).")
     dataset_format: FormatName = Field("auto", description="Dataset record format.")
     system_prompt: str | None = Field(None, description="System message added to records without one.")
-    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the adapter.")
+    num_train_epochs: float = Field(1.0, gt=0, le=1000, description=(
+        "Passes over the training split (at most 1000: past a few dozen a LoRA only memorises)."))
+    max_steps: int = Field(-1, ge=-1, le=10_000_000, description=(
+        "Stop after this many optimizer steps; -1: as many as num_train_epochs take (at most 10 million)."))
+    learning_rate: float = Field(2e-4, gt=0, le=1, description=(
+        "Peak learning rate of the adapter, e.g. 2e-4 (at most 1: larger steps only diverge)."))
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
-    warmup_steps: float = Field(0.03, ge=0, description="Warm-up: steps, or a fraction of all steps if < 1.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    per_device_train_batch_size: int = Field(4, gt=0, description="Records per micro-batch.")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    max_length: int = Field(1024, gt=0, description="Tokens per record (TRL's max_length); longer ones are truncated.")
-    lora_r: int = Field(16, gt=0, description="LoRA rank.")
-    lora_alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    warmup_steps: float = Field(0.03, ge=0, le=10_000_000,
+                                description="Warm-up: steps, or a fraction of all steps if < 1.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay (0 to 1).")
+    per_device_train_batch_size: int = Field(4, gt=0, le=4096, description=(
+        "Records per micro-batch (at most 4096; memory, not this bound, is the real limit)."))
+    gradient_accumulation_steps: int = Field(1, gt=0, le=4096, description=(
+        "Micro-batches per optimizer step (at most 4096)."))
+    max_length: int = Field(1024, gt=0, le=1_048_576, description=(
+        "Tokens per record (TRL's max_length); longer ones are truncated (at most 1,048,576: no model "
+        "reads more)."))
+    lora_r: int = Field(16, gt=0, le=1024, description=(
+        "LoRA rank, e.g. 8-64 (at most 1024: a higher rank is no longer low-rank for any model)."))
+    lora_alpha: int = Field(32, gt=0, le=65536, description="LoRA alpha; the update is scaled by alpha / r.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     lora_target_modules: list[str] | str = Field(
         "all-linear", description="Modules to adapt; all-linear = every linear layer but the head.")
@@ -66,9 +79,9 @@ class TrainConfig(StageConfig):
     assistant_only_loss: bool = Field(
         True, description="Loss on assistant turns only (their end-of-turn token included).")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of records held out for eval loss.")
-    save_steps: int = Field(50, gt=0, description="Save a checkpoint every N optimizer steps.")
-    save_total_limit: int = Field(2, gt=0, description="Keep at most K checkpoints.")
-    logging_steps: int = Field(1, gt=0, description="Log loss every N steps.")
+    save_steps: int = Field(50, gt=0, le=10_000_000, description="Save a checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, gt=0, le=100, description="Keep at most K checkpoints (1 to 100).")
+    logging_steps: int = Field(1, gt=0, le=10_000_000, description="Log loss every N steps.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     packing: Literal["padding_free", "bfd", "none"] = Field("padding_free", description=(
         "padding_free: each micro-batch's records joined into one row, positions restarting per record "
@@ -81,11 +94,13 @@ class TrainConfig(StageConfig):
         "forge_varlen (sdpa record by record) for padding-free batches, else sdpa.")
     use_liger_kernel: bool | None = Field(
         None, description="liger-kernel fused CE/RMSNorm/RoPE/SwiGLU; default on when on CUDA and installed.")
-    seed: int = Field(42, description="Seed for the split, init and shuffling.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description=(
+        "Seed for the split, init and shuffling (0 to 2^32-1: numpy's seeds are 32-bit)."))
     resume: bool = Field(False, description="Continue from the highest-numbered checkpoint in the run dir.")
     memory_plan: bool = Field(True, description=(
         "On a GPU, choose micro-batch, accumulation (same effective batch) and checkpointing to fit free memory."))
-    num_processes: int = Field(1, ge=1, description="Processes (one per GPU; DDP over gloo on CPU) via torchrun.")
+    num_processes: int = Field(1, ge=1, le=64, description=(
+        "Processes (one per GPU; DDP over gloo on CPU) via torchrun; at most 64, a machine's GPUs."))
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-process strategy: ddp, or fsdp to shard.")
 
     def run_dir(self) -> Path:
@@ -369,7 +384,7 @@ FORGE_SETS = {"output_dir", "run_name", "packing", "use_liger_kernel", "assistan
 
 
 def _prepare_run(config: TrainConfig, on_progress: ProgressCallback | None) -> _Run:
-    run_dir = config.run_dir()
+    run_dir = check_output(config.run_dir(), "run dir")
     checkpoints_dir, adapter_dir = run_dir / "checkpoints", run_dir / "adapter"
     resume_from = None
     if config.resume:
@@ -386,6 +401,8 @@ def _prepare_run(config: TrainConfig, on_progress: ProgressCallback | None) -> _
         if device_kind() == "cpu":
             import bitsandbytes  # noqa: F401  (0.50 runs NF4 on CPU too; fail early if it is missing)
     run_dir.mkdir(parents=True, exist_ok=True)
+    local_base = Path(config.base_model) if Path(config.base_model).is_dir() else None
+    disk.ensure_space(run_dir, disk.train_bytes(local_base, config.lora_r, config.save_total_limit), "training")
     rank0 = _rank() == 0
     if rank0:
         atomic_write_json(run_dir / TRAIN_CONFIG_FILE, config.model_dump(mode="json"))
@@ -605,3 +622,35 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     }
     record_stage(run.dir, "train", out)
     return out
+
+
+MAX_STEPS_ENV = "FORGE_MAX_TRAIN_STEPS"
+DEFAULT_MAX_STEPS = 1_000_000
+
+
+def planned_steps(config: TrainConfig, records: int) -> int:
+    """Optimizer steps a config asks for on ``records`` records (before a memory plan reshapes batches)."""
+    import math
+
+    from forge.data import split
+
+    if config.max_steps > 0:
+        return config.max_steps
+    train_records = len(split(list(range(records)), config.eval_fraction, config.seed)[0])
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.num_processes
+    return math.ceil(math.ceil(train_records / per_step) * config.num_train_epochs)
+
+
+def check_plan(config: TrainConfig, records: int) -> int:
+    """Refuse a plan of more optimizer steps than FORGE_MAX_TRAIN_STEPS (default 1,000,000) before it
+    takes a slot in the queue; return the planned steps."""
+    steps = planned_steps(config, records)
+    limit = int(os.environ.get(MAX_STEPS_ENV) or DEFAULT_MAX_STEPS)
+    if steps > limit:
+        raise ForgeError(Codes.PLAN_TOO_LARGE,
+                         f"this run would take {steps:,} optimizer steps ({records:,} records, "
+                         f"num_train_epochs={config.num_train_epochs:g}, max_steps={config.max_steps}), over the "
+                         f"limit of {limit:,}",
+                         f"lower num_train_epochs or set max_steps; a limit this run truly needs is raised with "
+                         f"{MAX_STEPS_ENV} where Forge runs", details=[f"planned_steps: {steps}", f"limit: {limit}"])
+    return steps

@@ -1,4 +1,4 @@
-"""Where Forge keeps things (``FORGE_HOME``), file hashes, and all-or-nothing writes."""
+"""The workspace cache, file hashes and artifact records, and all-or-nothing writes."""
 
 from __future__ import annotations
 
@@ -12,33 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from forge.errors import Codes, ForgeError
-
-
-def forge_home() -> Path:
-    """The workspace root: ``$FORGE_HOME`` or ``~/.forge``. Created on first use."""
-    home = Path(os.environ.get("FORGE_HOME") or Path.home() / ".forge").expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    return home
-
-
-def allowed_roots() -> list[Path]:
-    """FORGE_HOME plus the roots listed in FORGE_ALLOWED_ROOTS (os.pathsep-separated)."""
-    roots = [forge_home()]
-    extra = os.environ.get("FORGE_ALLOWED_ROOTS", "")
-    roots += [Path(p).expanduser().resolve() for p in extra.split(os.pathsep) if p.strip()]
-    return roots
-
-
-def check_path(value: str | Path, what: str = "path") -> Path:
-    """Resolve (symlinks followed) and refuse anything outside the allowed roots."""
-    resolved = Path(value).expanduser().resolve()
-    roots = allowed_roots()
-    if not any(resolved == root or root in resolved.parents for root in roots):
-        raise ForgeError(Codes.PATH_NOT_ALLOWED,
-                         f"{what} {value} resolves to {resolved}, outside the allowed roots",
-                         f"use a path under {', '.join(str(r) for r in roots)}, or add its root to "
-                         "FORGE_ALLOWED_ROOTS (os.pathsep-separated) where Forge runs")
-    return resolved
+from forge.paths import check_output, forge_home, open_input
 
 
 def cache_dir() -> Path:
@@ -47,18 +21,25 @@ def cache_dir() -> Path:
     return path
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def _digest(fh, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
+    while block := fh.read(chunk):
+        digest.update(block)
     return digest.hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read through a checked descriptor when confined."""
+    with open_input(path, "file") as fh:
+        return _digest(fh)
+
+
 def artifact(path: Path, kind: str) -> dict:
-    """What a user needs to trust a file later: where it is, how big, and its sha256."""
-    path = Path(path)
-    return {"kind": kind, "path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    """What a user needs to trust a file later: where it is, how big, and its sha256 — size and hash
+    taken from the same open file."""
+    with open_input(path, f"{kind} file") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        return {"kind": kind, "path": str(path), "bytes": size, "sha256": _digest(fh)}
 
 
 def dir_artifacts(directory: Path, kind: str) -> list[dict]:
@@ -80,11 +61,11 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
 
     On any error the temp dir is removed and whatever was at ``final`` stays untouched.
     """
-    final = Path(final)
+    final = check_output(final)
     refuse_existing(final, force)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only; outputs are ordinary directories
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; outputs get the mode the umask gives
     try:
         yield tmp
     except BaseException:
@@ -100,8 +81,14 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
         tmp.rename(final)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
+    path = check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")

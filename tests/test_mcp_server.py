@@ -88,7 +88,7 @@ async def test_unknown_job_and_bad_hyperparameters_are_clear_errors(server):
         bad = await call(client, "forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
                                                  "hyperparameters": {"epochz": 3}})
     assert missing["error"]["code"] == "job_not_found"
-    assert bad["error"]["code"] == "config_invalid" and "hyperparameters.epochz" in bad["error"]["message"]
+    assert bad["error"]["code"] == "invalid_argument" and "hyperparameters.epochz" in bad["error"]["message"]
 
 
 @pytest.fixture(params=["in-process", "stdio"])

@@ -84,7 +84,7 @@ async def run(home: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from forge.workspace import forge_home
+    from forge.paths import forge_home
 
     home = Path(argv[0]).resolve() if argv else forge_home()
     return anyio.run(run, home)

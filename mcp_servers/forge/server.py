@@ -22,7 +22,8 @@ from mcp_types import CallToolResult, TextContent
 from pydantic import ValidationError
 
 import forge
-from forge.errors import Codes, ForgeError
+from forge.errors import Codes, ForgeError, error_from
+from forge.paths import confinement
 from mcp_servers.forge import resources, tools_follow, tools_jobs, tools_stages
 from mcp_servers.forge.context import ForgeState
 from mcp_servers.lib.runner import Runner
@@ -36,37 +37,59 @@ forge_job_wait (blocks up to timeout_s) or forge_job_status, then use next_actio
 jobs can be passed where a path is expected. Try it offline with forge_demo_assets."""
 
 
-def _error_result(error: dict) -> CallToolResult:
-    return CallToolResult(content=[TextContent(type="text", text=json.dumps(error))], is_error=True)
+def _error_result(error: ForgeError) -> CallToolResult:
+    """A tool error as an agent reads it: one JSON object, nothing around it."""
+    return CallToolResult(content=[TextContent(type="text", text=json.dumps(error.to_dict()))], is_error=True)
 
 
-def _validation_error(err: ValidationError) -> dict:
-    problems = [f"{'.'.join(str(p) for p in e['loc']) or '(arguments)'}: {e['msg']}" for e in err.errors()]
-    return ForgeError(Codes.CONFIG_INVALID, "invalid arguments: " + "; ".join(problems),
-                      "fix the arguments named; each tool's input schema lists them with descriptions",
-                      details=problems).to_dict()
+def _validation_error(err: ValidationError) -> ForgeError:
+    problems = []
+    for e in err.errors(include_url=False):
+        where = ".".join(str(p) for p in e["loc"]) or "(arguments)"
+        shown = repr(e.get("input"))
+        problems.append(f"{where}: {e['msg']} (got {shown[:80] + '…' if len(shown) > 80 else shown})")
+    return ForgeError(Codes.INVALID_ARGUMENT, "invalid arguments: " + "; ".join(problems[:5]),
+                      "fix the arguments named; each tool's input schema lists them with their descriptions",
+                      details=problems)
 
 
 class ForgeServer(MCPServer[ForgeState]):
-    """MCPServer whose tool errors are what an agent can branch on: one JSON object with a code."""
+    """MCPServer whose tool errors are what an agent can branch on: one JSON object with a code, for
+    our errors, argument validation and unknown arguments alike; tool bodies run confined to the roots."""
 
     runner: Runner
 
+    def _unknown_arguments(self, name: str, arguments: dict[str, Any]) -> ForgeError | None:
+        tool = self._tool_manager.get_tool(name)
+        if tool is None:
+            return ForgeError(Codes.INVALID_ARGUMENT, f"there is no tool named {name[:80]!r}",
+                              "list the tools with tools/list")
+        known = set(tool.parameters.get("properties", {}))
+        unknown = sorted(set(arguments) - known)
+        if not unknown:
+            return None
+        return ForgeError(Codes.INVALID_ARGUMENT,
+                          f"{name} has no argument(s) {', '.join(repr(u[:80]) for u in unknown[:5])}",
+                          f"its arguments are: {', '.join(sorted(known))}",
+                          details=[f"unknown argument: {u[:80]}" for u in unknown])
+
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None) -> Any:
+        refused = self._unknown_arguments(name, arguments)
+        if refused is not None:
+            return _error_result(refused)
         try:
-            return await super().call_tool(name, arguments, context)
+            with confinement():  # what an agent names is held to FORGE_HOME and the allowed roots
+                return await super().call_tool(name, arguments, context)
         except ToolError as exc:
             cause = exc.__cause__
-            if isinstance(cause, ForgeError):
-                return _error_result(cause.to_dict())
             if isinstance(cause, ValidationError):
                 return _error_result(_validation_error(cause))
-            if cause is None:  # the SDK's own refusal, e.g. an unknown tool name
-                return _error_result(ForgeError(Codes.CONFIG_INVALID, str(exc), "list the tools with tools/list")
-                                     .to_dict())
-            log.error("tool %s failed unexpectedly", name, exc_info=cause)
-            return _error_result(ForgeError(Codes.INTERNAL, f"{type(cause).__name__} in {name}",
-                                            "see the server's log; retry, or report it").to_dict())
+            if cause is None:  # the SDK's own refusal
+                return _error_result(ForgeError(Codes.INVALID_ARGUMENT, str(exc)[:500], "check the call"))
+            error = error_from(cause, near=self.runner.home)
+            if error.code == Codes.INTERNAL:
+                log.error("tool %s failed unexpectedly", name, exc_info=cause)
+            return _error_result(error)
 
 
 def create_server(home: Path | None = None) -> ForgeServer:
@@ -88,17 +111,21 @@ def create_server(home: Path | None = None) -> ForgeServer:
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+TOKEN_ENV = "FORGE_MCP_TOKEN"
+HOSTS_ENV = "FORGE_MCP_ALLOWED_HOSTS"
 
 
 def _bearer_app(app, token: str):
-    """Refuse HTTP requests without ``Authorization: Bearer <FORGE_MCP_TOKEN>``."""
+    """Refuse HTTP requests without ``Authorization: Bearer <FORGE_MCP_TOKEN>``; a header that is
+    missing, malformed or not UTF-8 is a 401 like a wrong token (compared as bytes, in constant time)."""
     import hmac
+
+    expected = b"Bearer " + token.encode("utf-8")
 
     async def guarded(scope, receive, send):
         if scope["type"] == "http":
-            headers = dict(scope.get("headers") or [])
-            got = headers.get(b"authorization", b"").decode()
-            if not hmac.compare_digest(got, f"Bearer {token}"):
+            got = b"".join(v for k, v in scope.get("headers") or [] if k.lower() == b"authorization")
+            if not hmac.compare_digest(got, expected):
                 body = b'{"error": "missing or wrong bearer token (FORGE_MCP_TOKEN)"}'
                 await send({"type": "http.response.start", "status": 401,
                             "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
@@ -109,31 +136,61 @@ def _bearer_app(app, token: str):
     return guarded
 
 
+def transport_security(bind_host: str, allowed: str | None):
+    """DNS-rebinding protection: the Host (and Origin) headers a request may carry. Loopback by default on
+    loopback; names must be listed (FORGE_MCP_ALLOWED_HOSTS, comma-separated) to serve anywhere else."""
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    names = [h.strip() for h in (allowed or "").split(",") if h.strip()]
+    if not names:
+        if bind_host not in LOOPBACK:
+            raise ForgeError(Codes.INVALID_ARGUMENT,
+                             f"serving HTTP on {bind_host} needs the host names clients will use",
+                             f"export {HOSTS_ENV}=forge.internal,192.168.1.50 (the names or addresses in the URL "
+                             "clients connect to)")
+        names = ["127.0.0.1", "localhost", "[::1]"]
+    hosts = [h for name in names for h in (name, f"{name}:*")]
+    origins = [f"{scheme}://{h}" for scheme in ("http", "https") for h in hosts]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
+                                     allowed_origins=origins)
+
+
+def _refuse_start(err: ForgeError) -> int:
+    import sys
+
+    print(f"error [{err.code}]: {err.message}\nhint: {err.hint}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
-    import sys
 
     parser = argparse.ArgumentParser(prog="forge-mcp", description="Forge MCP server")
     parser.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args(argv)
+    os.umask(0o077)  # FORGE_HOME, the store, logs and seals: the user's alone
     from forge.progress import quiet_libraries
 
     quiet_libraries()
-    token = os.environ.get("FORGE_MCP_TOKEN")
-    if args.transport == "http" and args.host not in LOOPBACK and not token:
-        print("error [token_required]: serving HTTP on a non-loopback address needs FORGE_MCP_TOKEN\n"
-              "hint: export FORGE_MCP_TOKEN=<a long random string>, or use --host 127.0.0.1", file=sys.stderr)
-        return 2
-    server = create_server()
+    token = os.environ.get(TOKEN_ENV)
+    # Every refusal comes before the store is opened: a server that does not start changes nothing.
+    try:
+        if args.transport == "http" and args.host not in LOOPBACK and not token:
+            raise ForgeError(Codes.TOKEN_REQUIRED, f"serving HTTP on {args.host} (not loopback) needs {TOKEN_ENV}",
+                             f"export {TOKEN_ENV}=<a long random string>, or use --host 127.0.0.1")
+        security = transport_security(args.host, os.environ.get(HOSTS_ENV)) if args.transport == "http" else None
+        server = create_server()
+    except ForgeError as err:
+        return _refuse_start(err)
     if args.transport == "stdio":
         server.run("stdio")
         return 0
     import uvicorn
 
-    app = server.streamable_http_app()
+    app = server.streamable_http_app(transport_security=security, host=args.host)
     if token:
         app = _bearer_app(app, token)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -3,6 +3,7 @@ Modelfile, a quick query, and seals."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -11,8 +12,11 @@ from mcp.server.mcpserver import Context
 from pydantic import Field
 
 from forge.data import FormatName
-from forge.errors import ForgeError
+from forge.errors import Codes, ForgeError
+from forge.modelfile import OLLAMA_NAME_PATTERN
+from forge.paths import check_path, model_ref
 from forge.runs import find_run_dir, load_stages
+from mcp_servers.forge.args import Message, Sampling, Text, path_arg
 from mcp_servers.forge.context import READ_ONLY, WRITES, runner_of
 from mcp_servers.forge.schemas import (
     DemoAssets,
@@ -24,7 +28,6 @@ from mcp_servers.forge.schemas import (
 )
 from mcp_servers.lib import results
 from mcp_servers.lib.errors import JobCodes
-from mcp_servers.lib.paths import check_model_ref, check_path
 from mcp_servers.lib.store import Status
 
 
@@ -36,7 +39,8 @@ async def forge_environment() -> Report:
 
 
 async def forge_demo_assets(
-    dir: Annotated[str | None, Field(description="Where to write the assets; default $FORGE_HOME/demo.")] = None,
+    dir: Annotated[str | None, Field(None, max_length=4096, description=(
+        "Where to write the assets, under an allowed root; default $FORGE_HOME/demo."))] = None,
 ) -> DemoAssets:
     """Write (or reuse) a tiny Qwen2-shaped model and a 60-record alpaca dataset, built locally with
     nothing downloaded, so the whole flow can be tried offline. Returns their paths."""
@@ -48,29 +52,30 @@ async def forge_demo_assets(
 
 
 async def forge_validate_dataset(
-    path: Annotated[str, Field(description="JSONL dataset under an allowed root.")],
+    path: Annotated[str, path_arg("A JSONL dataset under an allowed root, e.g. /data/datasets/support.jsonl.")],
     format: Annotated[FormatName, Field(description="Record format; auto detects it.")] = "auto",
-    base_model: Annotated[str | None, Field(description="Model dir or hub id whose tokenizer computes token stats.")]
-    = None,
-    max_length: Annotated[int, Field(gt=0, description="Tokens per record; longer ones are truncated.")] = 1024,
+    base_model: Annotated[str | None, Field(None, max_length=4096, description=(
+        "A model dir or hub id whose tokenizer and chat template compute token statistics."))] = None,
+    max_length: Annotated[int, Field(gt=0, le=1_048_576, description=(
+        "Tokens per record (the max_length training will use); longer records are truncated."))] = 1024,
 ) -> Report:
     """Check every line of a JSONL dataset (all problems at once, with line numbers and fixes); with
     base_model, also token statistics and the share of tokens in the loss."""
     from forge.data import DataConfig, validate
 
     config = DataConfig(path=check_path(path, "dataset"), format=format, max_length=max_length,
-                        base_model=check_model_ref(base_model) if base_model else None)
+                        base_model=model_ref(base_model, "base_model") if base_model else None)
     return Report(**await anyio.to_thread.run_sync(validate, config))
 
 
 async def forge_modelfile(
-    gguf: Annotated[str, Field(description="A .gguf path, or a quantize/pipeline job id.")],
+    gguf: Annotated[str, path_arg("A .gguf path under an allowed root, or a quantize/pipeline job id.")],
     ctx: Context,
-    system_prompt: Annotated[str | None, Field(description="SYSTEM message.")] = None,
-    parameters: Annotated[dict[str, float] | None, Field(description="Sampling parameters: temperature, top_p, "
-                                                                     "top_k, repeat_penalty, num_ctx, num_predict.")]
+    system_prompt: Annotated[Text, Field(description="The Modelfile's SYSTEM message.")] = None,
+    parameters: Annotated[Sampling | None, Field(description="Sampling parameters written as PARAMETER lines.")]
     = None,
-    model_name: Annotated[str | None, Field(description="Name for `ollama create`; default the GGUF's stem.")] = None,
+    model_name: Annotated[str | None, Field(None, max_length=200, pattern=OLLAMA_NAME_PATTERN, description=(
+        "Name for `ollama create`, e.g. support-bot or me/support-bot:q4; default from the GGUF's name."))] = None,
 ) -> ModelfileResult:
     """Write an Ollama Modelfile for a GGUF (path or quantize/pipeline job id): TEMPLATE for its chat
     family, a stop for every end-of-turn token, sampling parameters (temperature, top_p, top_k,
@@ -78,8 +83,9 @@ async def forge_modelfile(
     from forge.modelfile import ModelfileConfig, write_modelfile
 
     path = results.resolve_input(runner_of(ctx).store, gguf, "gguf", "gguf")
+    sampling = parameters.model_dump(exclude_none=True) if parameters else {}
     config = ModelfileConfig.build(gguf=path, system_prompt=system_prompt, model_name=model_name, force=True,
-                                   **(parameters or {}))
+                                   **sampling)
     out = await anyio.to_thread.run_sync(write_modelfile, config)
     return ModelfileResult(**{k: out[k] for k in ModelfileResult.model_fields})
 
@@ -93,17 +99,21 @@ def _query_target(ctx: Context, model: str) -> tuple[Path | None, str | None]:
         return gguf, load_stages(run_dir).get("modelfile", {}).get("model_name") if run_dir else None
     if "/" in model or model.endswith(".gguf") or Path(model).expanduser().exists():
         return check_path(model, "model"), None
+    if not re.fullmatch(OLLAMA_NAME_PATTERN, model):
+        raise ForgeError(Codes.INVALID_ARGUMENT, f"model {model[:80]!r} is neither a path, a job id nor an Ollama "
+                         "model name", "pass a .gguf path, a quantize/pipeline job id, or an Ollama model name")
     return None, model
 
 
 async def forge_query_model(
-    model: Annotated[str, Field(description="A .gguf path, a quantize/pipeline job id, or (with OLLAMA_HOST set) "
-                                            "a model Ollama has.")],
+    model: Annotated[str, path_arg("A .gguf path, a quantize/pipeline job id, or (with OLLAMA_HOST set) a model "
+                                   "Ollama has.")],
     ctx: Context,
-    messages: Annotated[list[dict[str, str]] | None, Field(description="Chat messages [{role, content}].")] = None,
-    prompt: Annotated[str | None, Field(description="A single user message (used when messages is absent).")] = None,
-    max_tokens: Annotated[int, Field(gt=0, description="Tokens to generate at most.")] = 64,
-    temperature: Annotated[float, Field(ge=0, description="Sampling temperature; 0 = greedy.")] = 0.0,
+    messages: Annotated[list[Message] | None, Field(None, min_length=1, max_length=200, description=(
+        "The conversation, e.g. [{\"role\": \"user\", \"content\": \"Hi\"}]."))] = None,
+    prompt: Annotated[Text, Field(description="A single user message (used when messages is absent).")] = None,
+    max_tokens: Annotated[int, Field(gt=0, le=8192, description="Tokens to generate at most (1-8192).")] = 64,
+    temperature: Annotated[float, Field(ge=0, le=10, description="Sampling temperature; 0 = greedy.")] = 0.0,
 ) -> QueryResult:
     """Ask a model something through its chat template — the quick "does it talk like it should"
     check after quantizing. model: a GGUF path or quantize/pipeline job id (llama-cpp-python), or,
@@ -111,16 +121,17 @@ async def forge_query_model(
     from forge.query import query
 
     gguf, ollama_name = _query_target(ctx, model)
-    msgs = messages or [{"role": "user", "content": prompt or "Hello"}]
+    msgs = [m.model_dump() for m in messages] if messages else [{"role": "user", "content": prompt or "Hello"}]
     out = await anyio.to_thread.run_sync(lambda: query(gguf, msgs, max_tokens, temperature, ollama_name))
     return QueryResult(**out)
 
 
 async def forge_seal_snapshot(
     ctx: Context,
-    job_ids: Annotated[list[str] | None, Field(description="Jobs whose runs to seal; default the newest succeeded "
-                                                           "pipeline job.")] = None,
-    note: Annotated[str | None, Field(description="A note kept in the record.")] = None,
+    job_ids: Annotated[list[Annotated[str, Field(max_length=64)]] | None, Field(None, min_length=1, max_length=100,
+                                                                                description=(
+        "Jobs whose runs to seal; default the newest succeeded pipeline job."))] = None,
+    note: Annotated[Text, Field(description="A note kept in the record.")] = None,
 ) -> SealResult:
     """Seal one or more jobs' runs: a canonical-JSON record (configs, base model, dataset and artifact
     sha256s, metrics and loss curve, versions, hardware, job outcomes, warnings) whose hash is its id,
@@ -145,8 +156,8 @@ async def forge_seal_snapshot(
 
 
 async def forge_seal_verify(
-    seal_id: Annotated[str | None, Field(description="sha256:… id or a prefix of its hex; default the newest seal.")]
-    = None,
+    seal_id: Annotated[str | None, Field(None, max_length=71, pattern=r"^(sha256:)?[0-9a-f]{4,64}$", description=(
+        "A seal id (sha256:…) or at least 4 hex digits of it; default the newest seal."))] = None,
 ) -> SealVerification:
     """Re-hash a seal's record (default: the newest) and every artifact it lists that still exists,
     and walk the chain of previous seals; each mismatch names the file, the expected and the found hash."""

@@ -8,6 +8,7 @@ class JobCodes:
     JOB_NOT_FINISHED = "job_not_finished"
     WORKER_LOST = "worker_lost"
     WORKER_CRASHED = "worker_crashed"
+    WORKER_KILLED = "worker_killed"
     INVALID_TRANSITION = "invalid_transition"
     WRONG_JOB_KIND = "wrong_job_kind"
 

@@ -6,6 +6,8 @@ HEAVY_KINDS = ("train", "merge", "quantize", "pipeline")
 
 
 def run_job(kind: str, params: dict, on_progress) -> dict:
+    # Keys starting with "_" are notes for people and seals (e.g. where a dataset was copied from).
+    params = {k: v for k, v in params.items() if not k.startswith("_")}
     if kind == "train":
         from forge.train import TrainConfig, train
 

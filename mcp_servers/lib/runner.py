@@ -12,9 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-from forge.errors import Codes
+from forge.paths import CONFINED_ENV, forge_home
 from forge.runs import runs_dir
-from forge.workspace import forge_home
 from mcp_servers.lib.errors import ForgeError, JobCodes
 from mcp_servers.lib.jobs import HEAVY_KINDS
 from mcp_servers.lib.store import TERMINAL, JobStore, Status
@@ -25,8 +24,13 @@ PUMP_INTERVAL_S = 0.5
 
 
 def default_concurrency() -> int:
-    if os.environ.get("FORGE_MAX_CONCURRENT_JOBS"):
-        return max(1, int(os.environ["FORGE_MAX_CONCURRENT_JOBS"]))
+    """FORGE_MAX_CONCURRENT_JOBS (0 holds every job in the queue), else one per GPU, one on a CPU."""
+    configured = os.environ.get("FORGE_MAX_CONCURRENT_JOBS", "").strip()
+    if configured:
+        try:
+            return max(0, int(configured))
+        except ValueError:
+            log.warning("FORGE_MAX_CONCURRENT_JOBS=%r is not a number; using the default", configured)
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
         gpus = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
@@ -51,7 +55,7 @@ class Runner:
     def __init__(self, home: Path | None = None, max_concurrent: int | None = None):
         self.home = Path(home) if home else forge_home()
         self.store = JobStore(self.home / "forge.db")
-        self.max_concurrent = max_concurrent or default_concurrency()
+        self.max_concurrent = default_concurrency() if max_concurrent is None else max_concurrent
         self.procs: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -109,7 +113,7 @@ class Runner:
             self.reconcile()
             running = sum(1 for j in self.store.active() if j["kind"] in HEAVY_KINDS)
             for job in self.store.queued():
-                if job["kind"] in HEAVY_KINDS and running >= self.max_concurrent:
+                if self.max_concurrent == 0 or (job["kind"] in HEAVY_KINDS and running >= self.max_concurrent):
                     break
                 self._spawn(job)
                 running += job["kind"] in HEAVY_KINDS
@@ -126,12 +130,13 @@ class Runner:
         run_dir = self.run_dir(job["id"])
         run_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k != "FORGE_MCP_TOKEN"}
-        env["FORGE_HOME"] = str(self.home)
+        env.update(FORGE_HOME=str(self.home), **{CONFINED_ENV: "1"})  # a job's inputs came from an agent
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(run_dir / "job.log", "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "mcp_servers.lib.worker", str(self.store.path), job["id"]],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                cwd=run_dir,  # relative names resolve in the job's own dir, never where the server started
                 start_new_session=True,  # its own process group: a server restart does not kill it
             )
         self.procs[job["id"]] = proc
@@ -168,17 +173,21 @@ class Runner:
         if job["status"] == Status.CANCELLING.value:
             self.store.transition(job["id"], Status.CANCELLED)
             return
-        if rc is not None and rc < 0:
-            sig = signal.Signals(-rc).name
-            hint = ("killed by SIGKILL, most often the out-of-memory killer: lower the batch size or max_length, "
-                    "or use qlora" if rc == -signal.SIGKILL else "the worker crashed; see the job log")
-            error = {"code": JobCodes.WORKER_CRASHED if rc != -signal.SIGKILL else Codes.OUT_OF_MEMORY,
-                     "message": f"the worker process died from {sig}", "hint": hint, "retryable": True}
+        if rc is not None and rc == -signal.SIGKILL:
+            error = {"code": JobCodes.WORKER_KILLED, "retryable": True,
+                     "message": "the worker was killed by a signal (SIGKILL), often the out-of-memory killer",
+                     "hint": "if memory ran out, lower per_device_train_batch_size or max_length, or use qlora; "
+                             "a train job continues from its last checkpoint with resume_from_job",
+                     "details": ["signal: SIGKILL"]}
+        elif rc is not None and rc < 0:
+            error = {"code": JobCodes.WORKER_CRASHED, "retryable": True,
+                     "message": f"the worker process died from {signal.Signals(-rc).name}",
+                     "hint": "the worker crashed; see the job log (forge://jobs/{id}/log)", "details": []}
         else:
             error = {"code": JobCodes.WORKER_LOST, "retryable": True,
                      "message": "the worker process ended without recording a final state",
                      "hint": "start the job again; a train job continues from its last checkpoint with "
-                             "resume_from_job"}
+                             "resume_from_job", "details": []}
         self.store.transition(job["id"], Status.FAILED, error=error)
 
     # ---- cancel ----

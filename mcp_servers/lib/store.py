@@ -10,6 +10,7 @@ import uuid
 from enum import StrEnum
 from pathlib import Path
 
+from forge.store_file import require_healthy
 from mcp_servers.lib.errors import ForgeError, JobCodes
 
 
@@ -66,6 +67,32 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE jobs DROP COLUMN cancel_requested_at;
         ALTER TABLE jobs DROP COLUMN parent_id;
     """),
+    # A retry key belongs to one kind of job: the same key for a merge must not return a train job.
+    ("0004_request_id_per_kind", """
+        CREATE TABLE jobs_new (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            status TEXT NOT NULL,
+            stage TEXT,
+            params TEXT NOT NULL,
+            client_request_id TEXT,
+            run_dir TEXT,
+            pid INTEGER,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            heartbeat_at REAL,
+            progress TEXT NOT NULL DEFAULT '{}',
+            result TEXT,
+            error TEXT,
+            UNIQUE (kind, client_request_id)
+        );
+        INSERT INTO jobs_new SELECT id, kind, status, stage, params, client_request_id, run_dir, pid, created_at,
+            started_at, finished_at, heartbeat_at, progress, result, error FROM jobs;
+        DROP TABLE jobs;
+        ALTER TABLE jobs_new RENAME TO jobs;
+        CREATE INDEX jobs_status ON jobs(status, created_at);
+    """),
 ]
 
 JSON_COLUMNS = ("params", "progress", "result", "error")
@@ -75,6 +102,7 @@ class JobStore:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        require_healthy(self.path)  # a damaged or empty file is refused before anything touches it
         self.migrate()
 
     def connect(self) -> sqlite3.Connection:
@@ -123,15 +151,26 @@ class JobStore:
     def create(self, kind: str, params: dict, client_request_id: str | None = None) -> tuple[dict, bool]:
         """Insert a queued job; the same client_request_id returns the existing job (created=False)."""
         with self._conn() as conn:
-            if client_request_id:
-                row = conn.execute("SELECT * FROM jobs WHERE client_request_id = ?", (client_request_id,)).fetchone()
-                if row:
-                    return self._row(row), False
-            job_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-            conn.execute(
-                "INSERT INTO jobs (id, kind, status, params, client_request_id, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, kind, Status.QUEUED.value, json.dumps(params, default=str), client_request_id, time.time()))
-            self._event(conn, job_id, "status", {"status": Status.QUEUED.value})
+            # One writer at a time across every server on this FORGE_HOME: look up, then insert, atomically.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if client_request_id:
+                    row = conn.execute("SELECT * FROM jobs WHERE kind = ? AND client_request_id = ?",
+                                       (kind, client_request_id)).fetchone()
+                    if row:
+                        conn.execute("COMMIT")
+                        return self._row(row), False
+                job_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+                conn.execute(
+                    "INSERT INTO jobs (id, kind, status, params, client_request_id, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (job_id, kind, Status.QUEUED.value, json.dumps(params, default=str), client_request_id,
+                     time.time()))
+                self._event(conn, job_id, "status", {"status": Status.QUEUED.value})
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
         return self.get(job_id), True
 
     def get(self, job_id: str) -> dict:

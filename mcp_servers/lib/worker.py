@@ -58,44 +58,37 @@ class ProgressTracker:
         return self.progress
 
 
-def _error_from(exc: BaseException) -> dict:
-    from forge.errors import Codes, ForgeError
+def _finish(store, job_id: str, status, home: Path, **fields) -> None:
+    """Record the job's final state. When the disk is full even for that, free the reserve kept under
+    FORGE_HOME for this moment and try once more."""
+    import sqlite3
 
-    if isinstance(exc, ForgeError):
-        return exc.to_dict()
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return {"code": Codes.OUT_OF_MEMORY, "message": f"{type(exc).__name__}: {exc}"[:500],
-                "hint": "lower the batch size or max_length, use qlora, or free memory; resume continues",
-                "retryable": True}
-    return {"code": Codes.INTERNAL, "message": f"{type(exc).__name__}: {exc}"[:500],
-            "hint": "see the job log (forge://jobs/{id}/log) for the traceback", "retryable": False}
+    from forge import disk
+
+    try:
+        store.transition(job_id, status, **fields)
+    except sqlite3.OperationalError as exc:
+        if "full" not in str(exc) or not disk.release_reserve(home):
+            raise
+        store.transition(job_id, status, **fields)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from mcp_servers.lib.store import JobStore, Status
+def _claim(store, job: dict) -> bool:
+    """Take the job the runner claimed for this process; False if it was cancelled in between."""
+    from mcp_servers.lib.store import Status
 
-    db_path, job_id = (argv if argv is not None else sys.argv[1:])[:2]
-    store = JobStore(Path(db_path))
-    job = store.get(job_id)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("forge.worker")
-    os.environ.pop("FORGE_MCP_TOKEN", None)  # jobs never need the server's bearer token
-
-    stop = threading.Event()
-
-    def heartbeat():
-        while not stop.wait(HEARTBEAT_S):
-            store.update(job_id, heartbeat_at=time.time())
-
-    threading.Thread(target=heartbeat, daemon=True).start()
     if job["status"] == Status.QUEUED.value:
-        store.transition(job_id, Status.RUNNING, pid=os.getpid(), heartbeat_at=time.time())
+        store.transition(job["id"], Status.RUNNING, pid=os.getpid(), heartbeat_at=time.time())
     elif job["status"] == Status.CANCELLING.value:  # cancelled between the claim and this start
-        store.transition(job_id, Status.CANCELLED)
-        return 0
+        store.transition(job["id"], Status.CANCELLED)
+        return False
     else:
-        store.update(job_id, pid=os.getpid(), heartbeat_at=time.time())
+        store.update(job["id"], pid=os.getpid(), heartbeat_at=time.time())
+    return True
 
+
+def _reporter(store, job_id: str):
+    """The stage's progress callback: progress, stage and events into the store."""
     tracker = ProgressTracker()
 
     def on_progress(event: dict) -> None:
@@ -110,25 +103,52 @@ def main(argv: list[str] | None = None) -> int:
         else:
             store.add_event(job_id, kind or "event", event)
 
+    return tracker, on_progress
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # what a job writes is the user's alone
+    from forge.errors import error_from
+    from forge.paths import confinement
     from forge.progress import quiet_libraries
     from forge.runs import Outcome
     from mcp_servers.lib.jobs import run_job
+    from mcp_servers.lib.paths import recheck
+    from mcp_servers.lib.store import JobStore, Status
 
+    db_path, job_id = (argv if argv is not None else sys.argv[1:])[:2]
+    store = JobStore(Path(db_path))
+    home = Path(db_path).parent
+    job = store.get(job_id)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("forge.worker")
+    os.environ.pop("FORGE_MCP_TOKEN", None)  # jobs never need the server's bearer token
+    stop = threading.Event()
+
+    def heartbeat():
+        while not stop.wait(HEARTBEAT_S):
+            store.update(job_id, heartbeat_at=time.time())
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    if not _claim(store, job):
+        return 0
+    tracker, on_progress = _reporter(store, job_id)
     quiet_libraries()
     log.info("job %s (%s) starting: %s", job_id, job["kind"], job["params"])
     try:
-        result = run_job(job["kind"], job["params"], on_progress)
+        with confinement():  # the params came from an agent: reads and writes stay inside the roots
+            recheck(job["params"])
+            result = run_job(job["kind"], job["params"], on_progress)
     except BaseException as exc:  # everything: the job must end in a final state, never silently
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         stop.set()
-        store.transition(job_id, Status.FAILED, error=_error_from(exc))
+        _finish(store, job_id, Status.FAILED, home, error=error_from(exc, near=job.get("run_dir") or home).to_dict())
         return 1
     stop.set()
     final = Status.CANCELLED if result.get("status") == Outcome.CANCELLED else Status.SUCCEEDED
     progress = tracker.finish() if final == Status.SUCCEEDED else tracker.progress
-    store.transition(job_id, final, result=result, progress=progress,
-                     stage="done" if final == Status.SUCCEEDED else None,
-                     run_dir=result.get("run_dir") or job.get("run_dir"))
+    _finish(store, job_id, final, home, result=result, progress=progress,
+            stage="done" if final == Status.SUCCEEDED else None, run_dir=result.get("run_dir") or job.get("run_dir"))
     log.info("job %s %s", job_id, final.value)
     return 0
 
