@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
+import re
 import statistics
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from pydantic import Field
 
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
-from forge.paths import forge_home, open_input
+from forge.paths import forge_home, fresh_temp, open_input
 
 
 class Formats:
@@ -216,7 +215,13 @@ def _detect_format(parsed: list[tuple[int, dict]], path: Path, problems: list[st
     return max(FORMAT_ORDER, key=lambda f: (counts[f], -FORMAT_ORDER.index(f)))
 
 
+def _line_number(problem: str) -> int:
+    match = re.match(r"line (\d+):", problem)
+    return int(match.group(1)) if match else 0
+
+
 def _dataset_error(path: Path, fmt: str, problems: list[str]) -> ForgeError:
+    problems = sorted(problems, key=_line_number)  # in file order, whichever check found them
     shown = problems[:MAX_REPORTED]
     if len(problems) > MAX_REPORTED:
         shown.append(f"… and {len(problems) - MAX_REPORTED} more problem(s) past the first {MAX_REPORTED}")
@@ -269,9 +274,9 @@ def snapshot(path: Path | str) -> tuple[Path, str]:
     target_dir = forge_home() / "datasets"
     target_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    tmp = target_dir / f".snapshot-{os.getpid()}-{time.monotonic_ns()}.tmp"
+    dst, tmp = fresh_temp(target_dir, ".snapshot-")
     try:
-        with open_input(path, "dataset") as src, open(tmp, "wb") as dst:
+        with open_input(path, "dataset") as src, dst:
             while block := src.read(1 << 20):
                 digest.update(block)
                 dst.write(block)

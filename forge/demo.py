@@ -13,7 +13,7 @@ from pydantic import Field
 
 from forge.config import StageConfig
 from forge.paths import forge_home
-from forge.workspace import atomic_dir
+from forge.workspace import atomic_dir, atomic_write_text
 
 # The pre-tokenizer split Qwen2 uses, so llama.cpp's "qwen2" pre-tokenizer matches ours exactly.
 QWEN2_SPLIT = (
@@ -119,9 +119,7 @@ def write_demo_assets(config: DemoAssetsConfig | None = None) -> dict:
 
     records = sample_records()
     root.mkdir(parents=True, exist_ok=True)
-    tmp_ds = dataset.with_suffix(".jsonl.tmp")
-    tmp_ds.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    tmp_ds.replace(dataset)
+    atomic_write_text(dataset, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
     texts = [SYSTEM_PROMPT] + [" ".join(r.values()) for r in records]
     tokenizer = _train_tokenizer(texts * 4, config.vocab_size)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
 from forge.errors import Codes, ForgeError
 
 MIB = 1024 * 1024
-SLACK = 64 * MIB  # logs, configs, tokenizer files, and room for the job store to record the outcome
+SLACK_ENV = "FORGE_DISK_SLACK_MIB"
+DEFAULT_SLACK_MIB = 64  # logs, configs, tokenizer files, and room for the job store to record the outcome
 # Below this much free space, an I/O failure is taken for a full disk.
 LOW_WATER = 32 * MIB
 # Bytes per parameter of each GGUF type (llama.cpp's block sizes, rounded up).
@@ -49,10 +51,18 @@ def disk_full(path: Path, needed: int | None = None, what: str = "this stage") -
                       details=[f"path: {path}", f"free_bytes: {free}", f"needed_bytes: {needed}"])
 
 
+def slack() -> int:
+    """Bytes kept free beyond a stage's estimate: FORGE_DISK_SLACK_MIB (default 64)."""
+    try:
+        return max(0, int(float(os.environ.get(SLACK_ENV) or DEFAULT_SLACK_MIB) * MIB))
+    except ValueError:
+        return DEFAULT_SLACK_MIB * MIB
+
+
 def ensure_space(path: Path, needed: int, what: str) -> None:
-    """Refuse to start a stage that would not fit: ``needed`` bytes plus slack must be free at ``path``."""
-    if free_bytes(path) < needed + SLACK:
-        raise disk_full(Path(path), needed + SLACK, what)
+    """Refuse to start a stage that would not fit: ``needed`` bytes plus the slack must be free at ``path``."""
+    if free_bytes(path) < needed + slack():
+        raise disk_full(Path(path), needed + slack(), what)
 
 
 def is_disk_full(exc: BaseException, path: Path | None = None) -> bool:
@@ -124,16 +134,22 @@ def ensure_reserve(home: Path) -> bool:
     path = Path(home) / RESERVE_NAME
     if path.is_file() and path.stat().st_size == RESERVE_BYTES:
         return True
-    if free_bytes(home) < RESERVE_BYTES + SLACK:
+    if free_bytes(home) < RESERVE_BYTES + slack():
         return False
-    tmp = path.with_name(f"{RESERVE_NAME}.tmp")
+    from forge.paths import fresh_temp
+
     try:
-        with open(tmp, "wb") as fh:
+        fh, tmp = fresh_temp(home, f"{RESERVE_NAME}.")
+    except OSError:
+        return False
+    try:
+        with fh:
             fh.write(b"\0" * RESERVE_BYTES)
         tmp.replace(path)
     except OSError:
-        tmp.unlink(missing_ok=True)
         return False
+    finally:
+        tmp.unlink(missing_ok=True)
     return True
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import os
 import re
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +27,7 @@ from typing import BinaryIO
 from forge.errors import Codes, ForgeError
 
 MAX_PATH_CHARS = 4096
+MAX_COMPONENT_BYTES = 255  # NAME_MAX on Linux file systems
 MAX_NAME_CHARS = 100
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
@@ -95,11 +98,15 @@ def check_path(value: str | Path, what: str = "path") -> Path:
         raise _invalid(what, value, "contains a NUL byte", "pass a plain file-system path")
     if not text or len(text) > MAX_PATH_CHARS:
         raise _invalid(what, value, f"must be 1 to {MAX_PATH_CHARS} characters", "pass a shorter path")
+    if any(len(part.encode("utf-8", "surrogateescape")) > MAX_COMPONENT_BYTES for part in Path(text).parts):
+        raise _invalid(what, value, f"has a component longer than {MAX_COMPONENT_BYTES} bytes",
+                       "no file system holds such a name: pass the path of an existing file or directory")
     try:
         resolved = Path(text).expanduser().resolve()
-    except (OSError, RuntimeError) as exc:  # a component too long, a link loop
-        raise _invalid(what, value, f"cannot be resolved ({exc.__class__.__name__}: {exc.strerror or exc})",
-                       "pass an existing path with components under 255 bytes") from None
+    except (OSError, RuntimeError, ValueError) as exc:  # a link loop, an unreadable component
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise _invalid(what, value, f"cannot be resolved ({exc.__class__.__name__}: {reason})",
+                       "pass an existing path, without symlink loops") from None
     if not inside_roots(resolved):
         raise _refuse(what, value, resolved)
     return resolved
@@ -213,3 +220,32 @@ def check_output(path: str | Path, what: str = "output") -> Path:
     if path.is_symlink():
         raise _refuse(what, path, path.resolve())
     return parent / path.name
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A text file's content, read through a checked descriptor when confined."""
+    with open_input(path, what) as fh:
+        return fh.read().decode("utf-8")
+
+
+def open_output(path: str | Path, what: str = "output", append: bool = False, exclusive: bool = False) -> BinaryIO:
+    """A file to write. Never through a link: the final name is opened with O_NOFOLLOW (and O_EXCL for
+    a fresh temp file), and when confined the directory must resolve inside the roots."""
+    path = check_output(path, what)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags |= os.O_APPEND if append else os.O_TRUNC
+    if exclusive:
+        flags |= os.O_EXCL
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refuse(what, path, Path(path).resolve()) from None
+        raise
+    return os.fdopen(fd, "ab" if append else "wb")
+
+
+def fresh_temp(directory: str | Path, prefix: str) -> tuple[BinaryIO, Path]:
+    """A new, unguessable temp file in ``directory`` (created exclusively: nothing planted there is used)."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=check_output(Path(directory) / "x").parent)
+    return os.fdopen(fd, "wb"), Path(name)

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from forge.paths import open_output
+
 ProgressCallback = Callable[[dict], None]
 
 
@@ -23,8 +25,8 @@ class ProgressWriter:
     def __call__(self, event: dict) -> None:
         event = {"ts": round(time.time(), 3), **event}
         if self.path:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(event, default=str) + "\n")
+            with open_output(self.path, "progress file", append=True) as fh:  # never through a link
+                fh.write((json.dumps(event, default=str) + "\n").encode("utf-8"))
         if self.callback:
             self.callback(event)
 

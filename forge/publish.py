@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
-from forge.paths import check_input_dir, open_input
+from forge.paths import check_input_dir, open_input, read_text
 from forge.progress import ProgressCallback, ProgressWriter
 from forge.runs import Outcome
 
@@ -61,16 +61,16 @@ def _files(config: PublishConfig) -> list[Path]:
 def _seal_for(source: Path) -> dict | None:
     """The newest seal covering the run that source belongs to."""
     from forge.runs import find_run_dir
-    from forge.seal import seals_dir
+    from forge.seal import seal_dirs
 
     run_dir = find_run_dir(source if source.is_dir() else source.parent) or find_run_dir(source)
     if run_dir is None:
         return None
-    for seal_dir in sorted(seals_dir().glob("*-*"), reverse=True):
-        record = json.loads((seal_dir / "seal.json").read_text(encoding="utf-8"))
+    for seal_dir in seal_dirs():
+        record = json.loads(read_text(seal_dir / "seal.json", "seal record"))
         for run in record.get("runs", []):
             if run["run_dir"] == str(run_dir):
-                return {"id": (seal_dir / "seal.sha256").read_text(encoding="utf-8").strip(), "record": record,
+                return {"id": read_text(seal_dir / "seal.sha256", "seal id").strip(), "record": record,
                         "run": run}
     return None
 

@@ -23,7 +23,7 @@ from forge._gguf_convert import FALLBACK_MARKER
 from forge.config import StageConfig
 from forge.converter import ensure_converter, gguf_fields, gguf_module
 from forge.errors import Codes, ForgeError
-from forge.paths import check_input_dir, check_output
+from forge.paths import check_input_dir, check_output, fresh_temp, open_output
 from forge.progress import ProgressCallback, ProgressWriter
 from forge.runs import Outcome, progress_path, record_stage_near
 from forge.workspace import artifact, refuse_existing
@@ -95,13 +95,15 @@ def convert(model_dir: Path, out_path: Path, outtype: str, pre_tokenizer: str | 
         fallback = "-"  # no fallback: an unknown tokenizer hash is an error
     else:
         fallback = pre_tokenizer or PRE_TOKENIZER_BY_MODEL_TYPE.get(_model_type(model_dir)) or "-"
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    fh, tmp = fresh_temp(out_path.parent, f".{out_path.name}.")  # unguessable: no planted link is written through
+    fh.close()
     cmd = [sys.executable, "-m", "forge._gguf_convert", str(converter_dir), fallback, "--",
            str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    log_path.write_text(proc.stdout + proc.stderr, encoding="utf-8")
+    with open_output(log_path, "converter log") as log:
+        log.write((proc.stdout + proc.stderr).encode("utf-8", "replace"))
     used = re.search(rf"^{FALLBACK_MARKER} (\S+)$", proc.stderr, re.M)
-    if proc.returncode != 0 or not tmp.is_file():
+    if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
         tmp.unlink(missing_ok=True)
         if "BPE pre-tokenizer was not recognized" in proc.stderr:
             raise ForgeError(Codes.UNKNOWN_PRE_TOKENIZER,
@@ -120,7 +122,7 @@ def _stderr_to(log_path: Path):
     """llama.cpp's C code logs straight to fd 2: send it to the stage's log file instead."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with open(log_path, "ab") as log:
+    with open_output(log_path, "log", append=True) as log:
         os.dup2(log.fileno(), 2)
         try:
             yield
@@ -135,10 +137,11 @@ def quantize_file(src: Path, dst: Path, quant: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = quant_ftype(quant)
     params.nthread = 0  # all cores
-    tmp = dst.with_name(f".{dst.name}.tmp")
+    fh, tmp = fresh_temp(dst.parent, f".{dst.name}.")
+    fh.close()
     with _stderr_to(dst.parent / "quantize.log"):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-    if rc != 0 or not tmp.is_file():
+    if rc != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
         tmp.unlink(missing_ok=True)
         if disk.free_bytes(dst.parent) < disk.LOW_WATER:
             raise disk.disk_full(dst.parent, None, f"quantizing to {quant}")

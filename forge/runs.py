@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from forge.paths import forge_home
+from forge.paths import forge_home, read_text
 from forge.workspace import atomic_write_text
 
 # The one list of Forge's stages, in the order a pipeline runs them.
@@ -73,7 +73,7 @@ def load_stages(run_dir: Path) -> dict[str, dict]:
     for stage in RECORDED_STAGES:
         path = Path(run_dir) / STAGES_DIR / f"{stage}.json"
         if path.is_file():
-            stages[stage] = json.loads(path.read_text(encoding="utf-8"))
+            stages[stage] = json.loads(read_text(path, f"{stage} record"))
     return stages
 
 
@@ -89,7 +89,7 @@ def progress_warnings(run_dir: Path) -> list[str]:
     """The warning events every stage of a run wrote to its progress files."""
     found = []
     for path in sorted(Path(run_dir).rglob(PROGRESS_FILE)):
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in read_text(path, "progress file").splitlines():
             if '"warning"' not in line:
                 continue
             event = json.loads(line)

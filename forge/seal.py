@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -22,12 +23,13 @@ from pydantic import Field
 
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
-from forge.paths import forge_home
+from forge.paths import check_path, confined, forge_home, open_input, read_text
 from forge.retrospective import plot_loss_curve, render_retrospective, results_table
 from forge.runs import ARTIFACT_GLOBS, STAGES_DIR, TRAIN_CONFIG_FILE, Outcome, load_stages, progress_warnings
 from forge.workspace import artifact, atomic_write_text, sha256_file
 
 SCHEMA = "forge.seal/2"
+SEAL_ID = re.compile(r"sha256:[0-9a-f]{64}")
 ID_FILE = "seal.sha256"
 
 
@@ -66,7 +68,7 @@ def hub_revision(ref: str | None) -> str | None:
 
 
 def run_record(run_dir: Path) -> dict:
-    run_dir = Path(run_dir).resolve()
+    run_dir = check_path(run_dir, "run dir") if confined() else Path(run_dir).resolve()
     stages = load_stages(run_dir)
     if not stages:
         raise ForgeError(Codes.SEAL_NOT_FOUND, f"{run_dir} holds no stage results ({STAGES_DIR}/*.json)",
@@ -80,7 +82,7 @@ def run_record(run_dir: Path) -> dict:
                      if (run_dir / d / "chat_template.jinja").is_file()), None)
     configs = {s: r["config"] for s, r in stages.items() if "config" in r}
     if (run_dir / TRAIN_CONFIG_FILE).is_file():
-        configs["train"] = json.loads((run_dir / TRAIN_CONFIG_FILE).read_text(encoding="utf-8"))
+        configs["train"] = json.loads(read_text(run_dir / TRAIN_CONFIG_FILE, "train config"))
     warnings = list(dict.fromkeys([w for s in stages.values() for w in s.get("warnings", [])]
                                   + progress_warnings(run_dir)))
     quant = stages.get("quantize", {})
@@ -141,7 +143,10 @@ def _chain_lock():
 
 def head_id() -> str | None:
     head = seals_dir() / "HEAD"
-    return head.read_text(encoding="utf-8").strip() or None if head.is_file() else None
+    if not head.is_file():
+        return None
+    found = read_text(head, "seal HEAD").strip()
+    return found if SEAL_ID.fullmatch(found) else None
 
 
 def seal(config: SealConfig) -> dict:
@@ -187,14 +192,23 @@ def seal(config: SealConfig) -> dict:
 
 # ---- finding and verifying ----
 
+def seal_dirs() -> list[Path]:
+    """The seal dirs under $FORGE_HOME/seals, newest first: real directories only, never links."""
+    return sorted((d for d in seals_dir().iterdir() if d.is_dir() and not d.is_symlink() and (d / ID_FILE).is_file()),
+                  reverse=True)
+
+
+def _id_of(seal_dir: Path) -> str:
+    return read_text(seal_dir / ID_FILE, "seal id").strip()
+
+
 def find_seal(ref: str | None = None) -> Path:
     """A seal dir by id (sha256:…, its hex, or a prefix of it); the newest seal when ref is None."""
     ref = ref or head_id()
     if not ref:
         raise ForgeError(Codes.SEAL_NOT_FOUND, f"no seal yet in {seals_dir()}", "make one with forge seal create")
     want = ref.removeprefix("sha256:")
-    matches = [d for d in seals_dir().iterdir() if d.is_dir() and (d / ID_FILE).is_file()
-               and (d / ID_FILE).read_text(encoding="utf-8").strip().removeprefix("sha256:").startswith(want)]
+    matches = [d for d in seal_dirs() if _id_of(d).removeprefix("sha256:").startswith(want)]
     if len(matches) != 1:
         raise ForgeError(Codes.SEAL_NOT_FOUND,
                          f"{'no' if not matches else len(matches)} seal(s) match {ref!r} in {seals_dir()}",
@@ -208,10 +222,11 @@ def verify(ref: str | None = None) -> dict:
     missing: list[str] = []
     chain: list[str] = []
     seal_dir = find_seal(ref)
-    expected = (seal_dir / ID_FILE).read_text(encoding="utf-8").strip()
+    expected = _id_of(seal_dir)
     first = True
     while True:
-        data = (seal_dir / "seal.json").read_bytes()
+        with open_input(seal_dir / "seal.json", "seal record") as fh:
+            data = fh.read()
         found = seal_id(data)
         if found != expected:
             mismatches.append({"file": str(seal_dir / "seal.json"), "expected": expected, "found": found})

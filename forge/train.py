@@ -32,7 +32,7 @@ from forge.packing import (
     single_rows,
     truncate_records,
 )
-from forge.paths import check_output
+from forge.paths import check_output, open_output
 from forge.progress import ProgressCallback, ProgressWriter
 from forge.runs import PROGRESS_FILE, STAGES_DIR, TRAIN_CONFIG_FILE, Outcome, record_stage, runs_dir
 from forge.workspace import atomic_dir, atomic_write_json, dir_artifacts
@@ -320,7 +320,7 @@ def launch_distributed(config: TrainConfig, run_dir: Path, writer: ProgressWrite
     writer.stage("launching", num_processes=config.num_processes, distributed=config.distributed)
     progress_path = run_dir / PROGRESS_FILE
     seen = len(progress_path.read_text(encoding="utf-8").splitlines()) if progress_path.is_file() else 0
-    with open(run_dir / "ranks.log", "ab") as log:
+    with open_output(run_dir / "ranks.log", "ranks log", append=True) as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=False)
         try:
             while True:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from forge.errors import Codes, ForgeError
-from forge.paths import check_output, forge_home, open_input
+from forge.paths import check_output, forge_home, fresh_temp, open_input
 
 
 def cache_dir() -> Path:
@@ -90,9 +90,14 @@ def _umask() -> int:
 def atomic_write_text(path: Path, text: str) -> None:
     path = check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    fh, tmp = fresh_temp(path.parent, f".{path.name}.")
+    try:
+        with fh:
+            fh.write(text.encode("utf-8"))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the umask decides
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, data) -> None:

@@ -127,6 +127,56 @@ async def test_http_bearer_token_is_required_off_loopback_and_checked(home, monk
         proc.wait()
 
 
+def raw_post(port: int, headers: dict[bytes, bytes]) -> int:
+    """POST an initialize to /mcp with exactly these header bytes (no client library to tidy them); the status."""
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}).encode()
+    lines = [b"POST /mcp HTTP/1.1", b"Content-Type: application/json", b"Accept: application/json, text/event-stream",
+             b"Content-Length: " + str(len(body)).encode(), b"Connection: close"]
+    lines += [k + b": " + v for k, v in headers.items()]
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        reply = sock.recv(4096)
+    return int(reply.split(b" ", 2)[1])
+
+
+async def test_http_off_loopback_takes_the_allowed_hosts_and_refuses_others_and_bad_headers(home):
+    port = free_port()
+    env = {**server_env(home), "FORGE_MCP_TOKEN": "s3cret-token", "FORGE_MCP_ALLOWED_HOSTS": "forge.internal"}
+    proc = subprocess.Popen([sys.executable, "-m", "mcp_servers.forge.server", "--transport", "http",
+                             "--host", "0.0.0.0", "--port", str(port)], env=env, cwd=str(ROOT))
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/mcp", proc)
+        good = {b"Host": f"forge.internal:{port}".encode(), b"Authorization": b"Bearer s3cret-token"}
+        statuses = {
+            "allowed host": raw_post(port, good),
+            "allowed host and origin": raw_post(port, {**good, b"Origin": f"http://forge.internal:{port}".encode()}),
+            "other host": raw_post(port, {**good, b"Host": f"192.168.1.50:{port}".encode()}),
+            "other origin": raw_post(port, {**good, b"Origin": b"http://evil.example"}),
+            "no token": raw_post(port, {b"Host": good[b"Host"]}),
+            "wrong token": raw_post(port, {**good, b"Authorization": b"Bearer nope"}),
+            "non-ascii token": raw_post(port, {**good, b"Authorization": "Bearer é".encode()}),
+            "invalid utf-8": raw_post(port, {**good, b"Authorization": b"Bearer \xff\xfe"}),
+            "no scheme": raw_post(port, {**good, b"Authorization": b"s3cret-token"}),
+        }
+    finally:
+        proc.terminate()
+        proc.wait()
+    assert statuses["allowed host"] == 200 and statuses["allowed host and origin"] == 200, statuses
+    assert statuses["other host"] == 421 and statuses["other origin"] == 403, statuses
+    assert all(statuses[k] == 401 for k in ("no token", "wrong token", "non-ascii token", "invalid utf-8",
+                                           "no scheme")), statuses
+
+
+def test_serving_off_loopback_without_allowed_hosts_is_refused_and_changes_nothing(home, monkeypatch, capsys):
+    monkeypatch.setenv("FORGE_MCP_TOKEN", "s3cret-token")
+    monkeypatch.delenv("FORGE_MCP_ALLOWED_HOSTS", raising=False)
+    assert server_main(["--transport", "http", "--host", "0.0.0.0", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "FORGE_MCP_ALLOWED_HOSTS" in err and "Traceback" not in err
+    assert not (home / "forge.db").exists()  # refused before the store was opened: no migration, no reconcile
+
+
 def test_mcp_inspector_cli_lists_tools_and_calls_environment(home):
     inspector = ROOT / ".inspector" / "node_modules" / ".bin" / "mcp-inspector"
     assert inspector.exists(), "the MCP Inspector is not installed: run `make test`, which installs it"

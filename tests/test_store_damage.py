@@ -20,9 +20,10 @@ def make_store(home: Path, jobs: int = 30) -> Path:
     store = JobStore(home / "forge.db")
     for i in range(jobs):
         store.create("train", {"n": i, "pad": "x" * 2000}, client_request_id=f"req-{i}")
+    store.close()
     conn = sqlite3.connect(store.path)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file, as after a clean stop
-    conn.close()
+    conn.close()  # the last connection: SQLite removes -wal and -shm, as after a clean stop
     return store.path
 
 

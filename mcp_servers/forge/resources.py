@@ -8,6 +8,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 
 from forge.errors import ForgeError
+from forge.paths import open_input, read_text
 from mcp_servers.forge.context import runner_of
 from mcp_servers.forge.replies import status_of
 
@@ -28,8 +29,15 @@ def job_resource(job_id: str, ctx: Context) -> str:
 
 def job_log(job_id: str, ctx: Context) -> str:
     """The last 200 lines of a job's log (tracebacks live here, not in statuses)."""
-    path = Path(_job(ctx, job_id)["run_dir"] or "") / "job.log"
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    run_dir = _job(ctx, job_id)["run_dir"]
+    path = Path(run_dir) / "job.log" if run_dir else None
+    if path is None or not path.is_file():
+        return ""
+    try:
+        with open_input(path, "job log") as fh:  # confined: a log planted as a link is refused, not served
+            lines = fh.read().decode("utf-8", errors="replace").splitlines()
+    except ForgeError as err:
+        raise ResourceNotFoundError(err.message) from None
     return "\n".join(lines[-LOG_TAIL_LINES:])
 
 
@@ -37,7 +45,7 @@ def _seal_file(seal_id: str, name: str) -> str:
     from forge.seal import find_seal
 
     try:
-        return (find_seal(seal_id) / name).read_text(encoding="utf-8")
+        return read_text(find_seal(seal_id) / name, "seal file")
     except ForgeError as err:
         raise ResourceNotFoundError(err.message) from None
 

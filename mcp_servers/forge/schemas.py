@@ -23,6 +23,7 @@ class ErrorInfo(BaseModel):
     message: str
     hint: str = ""
     retryable: bool = False
+    details: list[str] = Field(default_factory=list)
 
 
 class Artifact(BaseModel):

@@ -73,6 +73,10 @@ class ForgeServer(MCPServer[ForgeState]):
                           f"its arguments are: {', '.join(sorted(known))}",
                           details=[f"unknown argument: {u[:80]}" for u in unknown])
 
+    async def read_resource(self, uri: Any, context: Context | None = None) -> Any:
+        with confinement():  # resources read files an agent named too
+            return await super().read_resource(uri, context)
+
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None) -> Any:
         refused = self._unknown_arguments(name, arguments)
         if refused is not None:

@@ -10,20 +10,20 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from forge.errors import ForgeError
+from forge.errors import Codes, ForgeError
+from forge.paths import check_path, check_tree
 from forge.runs import STAGES, STAGES_DIR, find_run_dir
 from mcp_servers.lib.errors import JobCodes
-from mcp_servers.lib.paths import check_path
 from mcp_servers.lib.store import ACTIVE, JobStore, Status
 
 JOB_KINDS = ("train", "merge", "quantize", "pipeline", "publish")
-JOB_ID = re.compile(rf"^(?:{'|'.join(JOB_KINDS)})-\d{{8}}-\d{{6}}-[0-9a-f]{{6}}$")
+JOB_ID = re.compile(rf"(?:{'|'.join(JOB_KINDS)})-\d{{8}}-\d{{6}}-[0-9a-f]{{6}}")
 ARTIFACT_KEYS = ("kind", "path", "bytes", "sha256")
 CURVES = ("loss_curve", "eval_curve")
 
 
 def is_job_id(ref: str) -> bool:
-    return bool(JOB_ID.match(ref))
+    return bool(JOB_ID.fullmatch(ref))
 
 
 # ---- reading a result ----
@@ -69,8 +69,13 @@ def resolve_input(store: JobStore, ref: str, output: str, what: str) -> Path:
     ``output`` its result holds; anything else is a path, checked against the allowed roots."""
     if is_job_id(ref):
         kinds, pick = OUTPUTS[output]
-        return check_path(pick(store.require(ref, kinds)["result"]), what)
-    return check_path(ref, what)
+        path = check_path(pick(store.require(ref, kinds)["result"]), what)
+    else:
+        path = check_path(ref, what)
+    if not path.exists():
+        raise ForgeError(Codes.FILE_NOT_FOUND, f"{what} {ref} does not exist ({path})",
+                         "pass an existing path, or the id of a job that made it")
+    return check_tree(path, what) if path.is_dir() else path
 
 
 def run_dir_of(job: dict) -> Path | None:

@@ -12,7 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-from forge.paths import CONFINED_ENV, forge_home
+from forge import disk
+from forge.errors import Codes
+from forge.paths import CONFINED_ENV, forge_home, open_output
 from forge.runs import runs_dir
 from mcp_servers.lib.errors import ForgeError, JobCodes
 from mcp_servers.lib.jobs import HEAVY_KINDS
@@ -65,6 +67,7 @@ class Runner:
 
     def start(self) -> None:
         if self._thread is None:
+            disk.ensure_reserve(self.home)  # room for a job to record that the disk filled up
             self.reconcile()
             self._thread = threading.Thread(target=self._loop, name="forge-runner", daemon=True)
             self._thread.start()
@@ -127,12 +130,15 @@ class Runner:
             if err.code == JobCodes.INVALID_TRANSITION:
                 return
             raise
-        run_dir = self.run_dir(job["id"])
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir, log = self._prepare_run_dir(job["id"])
+        except ForgeError as err:
+            self.store.transition(job["id"], Status.FAILED, error=err.to_dict())
+            return
         env = {k: v for k, v in os.environ.items() if k != "FORGE_MCP_TOKEN"}
         env.update(FORGE_HOME=str(self.home), **{CONFINED_ENV: "1"})  # a job's inputs came from an agent
         env.setdefault("PYTHONUNBUFFERED", "1")
-        with open(run_dir / "job.log", "ab") as log:
+        with log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "mcp_servers.lib.worker", str(self.store.path), job["id"]],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -141,6 +147,15 @@ class Runner:
             )
         self.procs[job["id"]] = proc
         self.store.update(job["id"], pid=proc.pid)
+
+    def _prepare_run_dir(self, job_id: str):
+        """The job's run dir under FORGE_HOME/runs and its open log; a link planted there is refused."""
+        run_dir = self.run_dir(job_id)
+        if run_dir.is_symlink() or not run_dir.resolve().is_relative_to(self.home):
+            raise ForgeError(Codes.PATH_NOT_ALLOWED, f"the job's run dir {run_dir} is a link, or leads outside "
+                             f"{self.home}", "remove what was put at that path and start the job again")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir, open_output(run_dir / "job.log", "job log", append=True)  # never through a link
 
     # ---- restart and crash handling ----
 

@@ -104,11 +104,18 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         require_healthy(self.path)  # a damaged or empty file is refused before anything touches it
         self.migrate()
+        # Held open for the life of the process, so SQLite's -wal and -shm files stay: each query's own
+        # connection then needs to create nothing, and reads keep working when the disk is full.
+        self._keeper = self.connect()
+        self._keeper.execute("SELECT count(*) FROM _migrations").fetchone()  # opened for real: SQLite is lazy
+
+    def close(self) -> None:
+        """Let go of the connection held open for the process (SQLite may then tidy -wal and -shm away)."""
+        self._keeper.close()
 
     def connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=30000")
         return conn
 
@@ -116,6 +123,7 @@ class JobStore:
         """Apply the migrations not yet recorded; return their names."""
         applied = []
         with self._conn() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")  # kept in the file: set once, not on every connection
             conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
             done = {r["name"] for r in conn.execute("SELECT name FROM _migrations")}
             for name, sql in MIGRATIONS:
