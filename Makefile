@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.forge-installed
 TORCH_CPU := torch==2.13.0
 
-.PHONY: demo test lint install go inspector clean
+.PHONY: demo test lint install go inspector clean fuzz
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ demo: $(STAMP)
 
 test: $(STAMP) go inspector lint
 	$(BIN)/python -m pytest
+
+# Property-based fuzzing of dataset files and tool calls, ten times the examples `make test` runs.
+fuzz: $(STAMP)
+	FORGE_FUZZ_SCALE=10 $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -114,9 +114,13 @@ def gguf_module(converter_dir: Path | None = None):
 def gguf_fields(path: Path, keys: tuple[str, ...]) -> tuple[dict, list]:
     """Values of the header ``keys`` (None when absent) and the tensor list of a GGUF file."""
     gguf = gguf_module()
-    reader = gguf.GGUFReader(str(path))
-    values = {}
-    for key in keys:
-        field = reader.fields.get(key)
-        values[key] = field.contents() if field is not None else None
-    return values, list(reader.tensors)
+    try:
+        reader = gguf.GGUFReader(str(path))
+        values = {}
+        for key in keys:
+            field = reader.fields.get(key)
+            values[key] = field.contents() if field is not None else None
+        return values, list(reader.tensors)
+    except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as exc:  # gguf-py's damaged-file errors
+        raise ForgeError(Codes.GGUF_INVALID, f"{path} is not a readable GGUF: {str(exc)[:200]}",
+                         "pass a .gguf written by forge quantize (or llama.cpp), whole and unmodified") from None

@@ -274,9 +274,10 @@ def snapshot(path: Path | str) -> tuple[Path, str]:
     target_dir = forge_home() / "datasets"
     target_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
+    src = open_input(path, "dataset")  # first: a path that cannot be read leaves nothing behind
     dst, tmp = fresh_temp(target_dir, ".snapshot-")
     try:
-        with open_input(path, "dataset") as src, dst:
+        with src, dst:
             while block := src.read(1 << 20):
                 digest.update(block)
                 dst.write(block)
@@ -287,10 +288,16 @@ def snapshot(path: Path | str) -> tuple[Path, str]:
     return final, digest.hexdigest()
 
 
+SHOWN_MESSAGES = 4
+
+
 def shown_record(messages: list[dict]) -> list[dict]:
-    """A record as a report echoes it: each text cut to a few hundred characters."""
-    return [{k: (v if len(v) <= SHOWN_CHARS else v[:SHOWN_CHARS] + f"… ({len(v)} characters)")
-             for k, v in m.items()} for m in messages]
+    """A record as a report echoes it: its first few messages, each text cut to a few hundred characters."""
+    shown = [{k: (v if len(v) <= SHOWN_CHARS else v[:SHOWN_CHARS] + f"… ({len(v)} characters)")
+              for k, v in m.items()} for m in messages[:SHOWN_MESSAGES]]
+    if len(messages) > SHOWN_MESSAGES:
+        shown.append({"role": "note", "content": f"… and {len(messages) - SHOWN_MESSAGES} more messages"})
+    return shown
 
 
 def split(conversations: list, eval_fraction: float, seed: int) -> tuple[list, list]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import Field
 
 from forge.config import StageConfig
+from forge.errors import Codes, ForgeError
 from forge.paths import forge_home
 from forge.workspace import atomic_dir, atomic_write_text
 
@@ -114,6 +115,10 @@ def write_demo_assets(config: DemoAssetsConfig | None = None) -> dict:
     config = config or DemoAssetsConfig()
     root = Path(config.dir) if config.dir else forge_home() / "demo"
     model_dir, dataset = root / "tiny-qwen2", root / "sample_alpaca.jsonl"
+    blocked = next((p for p in [root, *root.parents] if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ForgeError(Codes.INVALID_ARGUMENT, f"cannot write the demo assets into {root}: {blocked} is a file",
+                         "pass a directory (existing or new), not a file")
     if model_dir.is_dir() and dataset.is_file() and not config.force:
         return {"model_dir": str(model_dir), "dataset": str(dataset), "reused": True}
 

@@ -27,6 +27,7 @@ class Codes:
     NO_CHECKPOINT = "no_checkpoint"
     MODELFILE_INVALID = "modelfile_invalid"
     GGUF_NOT_FOUND = "gguf_not_found"
+    GGUF_INVALID = "gguf_invalid"
     PATH_NOT_ALLOWED = "path_not_allowed"
     INVALID_ARGUMENT = "invalid_argument"
     FILE_NOT_FOUND = "file_not_found"

@@ -23,7 +23,11 @@ def query(gguf: Path | None, messages: list[dict], max_tokens: int = 64, tempera
     check_gguf(gguf)
     from forge.quantize import load_llama
 
-    llm = load_llama(gguf, n_ctx=2048)
+    try:
+        llm = load_llama(gguf, n_ctx=2048)
+    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+        raise ForgeError(Codes.GGUF_INVALID, f"llama.cpp cannot load {gguf}: {str(exc)[:200]}",
+                         "pass a .gguf written by forge quantize (or llama.cpp), whole and unmodified") from None
     out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature)
     choice = out["choices"][0]
     return {"reply": choice["message"]["content"], "finish_reason": choice["finish_reason"],

@@ -13,6 +13,7 @@ import anyio
 from mcp.server.mcpserver import Context
 from pydantic import Field
 
+from forge.errors import Codes, ForgeError
 from forge.paths import check_output, check_path, model_ref
 from forge.train import Method
 from mcp_servers.forge.args import (
@@ -97,6 +98,9 @@ async def forge_merge(
 
     runner = runner_of(ctx)
     adapter_dir = results.resolve_input(runner.store, adapter, "adapter", "adapter")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ForgeError(Codes.ADAPTER_NOT_FOUND, f"{adapter_dir} holds no adapter_config.json",
+                         "pass the adapter dir a train job wrote (<run dir>/adapter), or the train job's id")
     params: dict[str, Any] = {"adapter_dir": str(adapter_dir), "dtype": dtype}
     if base_model:
         params["base_model"] = model_ref(base_model, "base_model")
@@ -120,6 +124,9 @@ async def forge_quantize(
 
     runner = runner_of(ctx)
     model_dir = results.resolve_input(runner.store, model, "merged", "model")
+    if not (model_dir / "config.json").is_file():
+        raise ForgeError(Codes.MODEL_NOT_FOUND, f"{model_dir} holds no config.json, so it is not a model dir",
+                         "pass the merged model dir a merge job wrote (<run dir>/merged), or the merge job's id")
     params: dict[str, Any] = {"model_dir": str(model_dir), "quantizations": quantizations or ["Q4_K_M"]}
     if gguf_name:
         params["gguf_name"] = gguf_name

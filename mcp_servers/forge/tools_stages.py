@@ -12,7 +12,7 @@ from mcp.server.mcpserver import Context
 from pydantic import Field
 
 from forge.data import FormatName
-from forge.errors import Codes, ForgeError
+from forge.errors import ForgeError
 from forge.modelfile import OLLAMA_NAME_PATTERN
 from forge.paths import check_path, model_ref
 from forge.runs import find_run_dir, load_stages
@@ -97,12 +97,10 @@ def _query_target(ctx: Context, model: str) -> tuple[Path | None, str | None]:
         gguf = results.resolve_input(store, model, "gguf", "model")
         run_dir = find_run_dir(gguf.parent)  # a Modelfile written for this run names the Ollama model
         return gguf, load_stages(run_dir).get("modelfile", {}).get("model_name") if run_dir else None
-    if "/" in model or model.endswith(".gguf") or Path(model).expanduser().exists():
-        return check_path(model, "model"), None
-    if not re.fullmatch(OLLAMA_NAME_PATTERN, model):
-        raise ForgeError(Codes.INVALID_ARGUMENT, f"model {model[:80]!r} is neither a path, a job id nor an Ollama "
-                         "model name", "pass a .gguf path, a quantize/pipeline job id, or an Ollama model name")
-    return None, model
+    if "/" not in model and not model.endswith(".gguf") and re.fullmatch(OLLAMA_NAME_PATTERN, model) \
+            and not Path(model).exists():
+        return None, model  # an Ollama model name (the pattern keeps it short enough to look up)
+    return check_path(model, "model"), None
 
 
 async def forge_query_model(
