@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.forge-installed
 TORCH_CPU := torch==2.13.0
 
-.PHONY: demo test lint install go inspector clean fuzz
+.PHONY: demo test lint install go inspector tsclient clean fuzz
 
 install: $(STAMP)
 
@@ -31,6 +31,13 @@ go:
 		(apt-get update -qq && apt-get install -y -qq golang-go) >/dev/null || \
 		(sudo apt-get update -qq && sudo apt-get install -y -qq golang-go) >/dev/null; }
 
+# The official MCP TypeScript SDK, for the test that drives Forge with its client (tests/ts/).
+tsclient:
+	@test -f .tsclient/node_modules/@modelcontextprotocol/sdk/package.json || { \
+		echo "installing the MCP TypeScript SDK 1.32 (npm)"; \
+		mkdir -p .tsclient && cd .tsclient && \
+		npm install --silent --no-audit --no-fund @modelcontextprotocol/sdk@1.32.2; }
+
 inspector:
 	@test -x .inspector/node_modules/.bin/mcp-inspector || { \
 		echo "installing the MCP Inspector CLI 0.15.x (npm)"; \
@@ -41,7 +48,7 @@ inspector:
 demo: $(STAMP)
 	$(BIN)/python -m mcp_servers.forge.demo_agent
 
-test: $(STAMP) go inspector lint
+test: $(STAMP) go inspector tsclient lint
 	$(BIN)/python -m pytest
 
 # Property-based fuzzing of dataset files and tool calls, ten times the examples `make test` runs.
@@ -52,4 +59,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf .pytest_cache .inspector
+	rm -rf .pytest_cache .inspector .tsclient

@@ -53,7 +53,7 @@ class StageConfig(BaseModel):
 
 
     @classmethod
-    def overrides_model(cls, name: str, fields: tuple[str, ...], doc: str) -> type[BaseModel]:
+    def overrides_model(cls, name: str, fields: tuple[str, ...], doc: str | None) -> type[BaseModel]:
         """A model of some of this config's fields, each optional (unset = the config's default), with
         the same names, descriptions and bounds: for tools that let a caller override a few of them."""
         definitions = {}

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
-from forge.paths import check_output
+from forge.paths import check_output, read_text
 from forge.runs import Outcome, record_stage_near
 from forge.workspace import artifact, atomic_write_text, refuse_existing
 
@@ -142,6 +142,9 @@ class ModelfileConfig(StageConfig):
     num_ctx: int | None = Field(None, gt=0, description="Context window in tokens.")
     num_predict: int | None = Field(None, description="Max tokens to generate (-1: unlimited).")
     force: bool = Field(False, description="Replace an existing Modelfile.")
+    keep_existing: bool = Field(False, description=(
+        "Never change an existing Modelfile (a seal may list it): one with the same content is reused, other "
+        "content goes to Modelfile-2, Modelfile-3, ..."))
 
 
 SAMPLING = ("temperature", "top_p", "top_k", "repeat_penalty", "num_ctx", "num_predict")
@@ -170,7 +173,8 @@ def write_modelfile(config: ModelfileConfig) -> dict:
     gguf_path = Path(config.gguf)
     check_gguf(gguf_path)
     out = check_output(Path(config.output) if config.output else gguf_path.parent / "Modelfile", "Modelfile")
-    refuse_existing(out, config.force)
+    if not config.keep_existing:
+        refuse_existing(out, config.force)
     info = gguf_tokens(gguf_path)
     family = detect_family(info["chat_template"]) if config.template is None else None
     stops = list(dict.fromkeys([*(family.stops if family else ()), *info["eos_tokens"]]))
@@ -188,7 +192,10 @@ def write_modelfile(config: ModelfileConfig) -> dict:
     lines += [f"PARAMETER {k} {v}" for k, v in params.items()]
     content = "\n".join(lines) + "\n"
     parse_modelfile(content, base_dir=out.parent)  # never write a Modelfile we would reject
-    atomic_write_text(out, content)
+    if config.keep_existing:
+        out = _unchanged_or_new(out, content)
+    if not (out.is_file() and read_text(out, "Modelfile") == content):
+        atomic_write_text(out, content)
     name = config.model_name or re.sub(r"[^a-z0-9._-]+", "-", gguf_path.stem.lower()).strip("-._") or "model"
     result = {"status": Outcome.SUCCEEDED, "path": str(out), "content": content,
               "template_family": family.name if family else "custom", "stop_tokens": stops, "parameters": params,
@@ -196,6 +203,16 @@ def write_modelfile(config: ModelfileConfig) -> dict:
               "artifacts": [artifact(out, "modelfile")], "config": config.model_dump(mode="json")}
     record_stage_near(out, "modelfile", result)
     return result
+
+
+def _unchanged_or_new(out: Path, content: str) -> Path:
+    """``out`` if it is free or already holds ``content``; else the first Modelfile-N that is."""
+    candidates = [out, *(out.with_name(f"{out.name}-{n}") for n in range(2, 1000))]
+    for candidate in candidates:
+        if not candidate.exists() or (candidate.is_file() and read_text(candidate, "Modelfile") == content):
+            return check_output(candidate, "Modelfile")
+    raise ForgeError(Codes.OUTPUT_EXISTS, f"{out.parent} already holds {len(candidates)} Modelfiles",
+                     "remove the ones no seal needs, or pass output= a new path")
 
 
 def json_string(text: str) -> str:

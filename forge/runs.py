@@ -26,7 +26,7 @@ STAGES = ("train", "merge", "quantize", "modelfile", "seal")
 # Stages that leave a record in the run dir (the seal records itself elsewhere).
 RECORDED_STAGES = STAGES[:-1]
 # Files a seal hashes, by artifact kind, relative to the run dir.
-ARTIFACT_GLOBS = {"adapter": "adapter/*", "merged": "merged/*", "gguf": "gguf/*.gguf", "modelfile": "gguf/Modelfile"}
+ARTIFACT_GLOBS = {"adapter": "adapter/*", "merged": "merged/*", "gguf": "gguf/*.gguf", "modelfile": "gguf/Modelfile*"}
 PROGRESS_FILE = "progress.jsonl"
 STAGES_DIR = "stages"
 TRAIN_CONFIG_FILE = "train_config.json"

@@ -53,33 +53,27 @@ class TrainConfig(StageConfig):
     dataset_format: FormatName = Field("auto", description="Dataset record format.")
     system_prompt: str | None = Field(None, description="System message added to records without one.")
     num_train_epochs: float = Field(1.0, gt=0, le=1000, description=(
-        "Passes over the training split (at most 1000: past a few dozen a LoRA only memorises)."))
-    max_steps: int = Field(-1, ge=-1, le=10_000_000, description=(
-        "Stop after this many optimizer steps; -1: as many as num_train_epochs take (at most 10 million)."))
-    learning_rate: float = Field(2e-4, gt=0, le=1, description=(
-        "Peak learning rate of the adapter, e.g. 2e-4 (at most 1: larger steps only diverge)."))
+        "Passes over the data (past dozens a LoRA memorises)."))
+    max_steps: int = Field(-1, ge=-1, le=10_000_000, description="Steps to stop at; -1 = use epochs.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak rate, e.g. 2e-4 (above 1 diverges).")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
     warmup_steps: float = Field(0.03, ge=0, le=10_000_000,
                                 description="Warm-up: steps, or a fraction of all steps if < 1.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay (0 to 1).")
-    per_device_train_batch_size: int = Field(4, gt=0, le=4096, description=(
-        "Records per micro-batch (at most 4096; memory, not this bound, is the real limit)."))
-    gradient_accumulation_steps: int = Field(1, gt=0, le=4096, description=(
-        "Micro-batches per optimizer step (at most 4096)."))
+    per_device_train_batch_size: int = Field(4, gt=0, le=4096, description="Records per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, gt=0, le=4096, description="Micro-batches per optimizer step.")
     max_length: int = Field(1024, gt=0, le=1_048_576, description=(
-        "Tokens per record (TRL's max_length); longer ones are truncated (at most 1,048,576: no model "
-        "reads more)."))
-    lora_r: int = Field(16, gt=0, le=1024, description=(
-        "LoRA rank, e.g. 8-64 (at most 1024: a higher rank is no longer low-rank for any model)."))
-    lora_alpha: int = Field(32, gt=0, le=65536, description="LoRA alpha; the update is scaled by alpha / r.")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+        "Tokens per record (TRL's max_length); longer are cut."))
+    lora_r: int = Field(16, gt=0, le=1024, description="LoRA rank, e.g. 16 (past 1024, not low-rank).")
+    lora_alpha: int = Field(32, gt=0, le=65536, description="Updates scale by alpha / r.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on LoRA inputs.")
     lora_target_modules: list[str] | str = Field(
         "all-linear", description="Modules to adapt; all-linear = every linear layer but the head.")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
     assistant_only_loss: bool = Field(
         True, description="Loss on assistant turns only (their end-of-turn token included).")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of records held out for eval loss.")
-    save_steps: int = Field(50, gt=0, le=10_000_000, description="Save a checkpoint every N optimizer steps.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share held out for eval loss.")
+    save_steps: int = Field(50, gt=0, le=10_000_000, description="Checkpoint every N steps.")
     save_total_limit: int = Field(2, gt=0, le=100, description="Keep at most K checkpoints (1 to 100).")
     logging_steps: int = Field(1, gt=0, le=10_000_000, description="Log loss every N steps.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
@@ -94,13 +88,11 @@ class TrainConfig(StageConfig):
         "forge_varlen (sdpa record by record) for padding-free batches, else sdpa.")
     use_liger_kernel: bool | None = Field(
         None, description="liger-kernel fused CE/RMSNorm/RoPE/SwiGLU; default on when on CUDA and installed.")
-    seed: int = Field(42, ge=0, le=2**32 - 1, description=(
-        "Seed for the split, init and shuffling (0 to 2^32-1: numpy's seeds are 32-bit)."))
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed (numpy's are 32-bit).")
     resume: bool = Field(False, description="Continue from the highest-numbered checkpoint in the run dir.")
     memory_plan: bool = Field(True, description=(
         "On a GPU, choose micro-batch, accumulation (same effective batch) and checkpointing to fit free memory."))
-    num_processes: int = Field(1, ge=1, le=64, description=(
-        "Processes (one per GPU; DDP over gloo on CPU) via torchrun; at most 64, a machine's GPUs."))
+    num_processes: int = Field(1, ge=1, le=64, description="One per GPU (torchrun).")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-process strategy: ddp, or fsdp to shard.")
 
     def run_dir(self) -> Path:

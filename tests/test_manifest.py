@@ -1,24 +1,47 @@
+"""The MCP registry entry installs and starts as written, and validates against the registry's schema.
+
+tests/fixtures/server.schema.2025-12-11.json is the registry's server.json schema (MIT, from
+github.com/modelcontextprotocol/registry), as published at the URL its "$id" names; kept here so the
+check needs no network."""
+
 import json
+import tomllib
 from pathlib import Path
+
+import jsonschema
 
 import forge
 
 ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = ROOT / "tests" / "fixtures" / "server.schema.2025-12-11.json"
 
 
-def test_server_manifest_matches_the_package_and_the_registry_schema():
-    manifest = json.loads((ROOT / "server_manifest.json").read_text(encoding="utf-8"))
-    # required by server.schema.json (2025-12-11): name, description, version
-    for key in ("name", "description", "version"):
-        assert manifest.get(key), key
-    assert manifest["$schema"].endswith("/2025-12-11/server.schema.json")
-    assert "/" in manifest["name"] and len(manifest["description"]) <= 100
-    assert manifest["version"] == forge.__version__
-    package = manifest["packages"][0]
-    assert package["registryType"] == "pypi" and package["transport"] == {"type": "stdio"}
-    assert package["version"] == forge.__version__
-    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    assert f'name = "{package["identifier"]}"' in pyproject and f'version = "{forge.__version__}"' in pyproject
+def manifest() -> dict:
+    return json.loads((ROOT / "server_manifest.json").read_text(encoding="utf-8"))
+
+
+def test_the_manifest_validates_against_the_registry_schema_it_names():
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    entry = manifest()
+    assert entry["$schema"] == schema["$id"]
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(entry), key=str)
+    assert errors == [], [e.message for e in errors]
+    broken = {**entry, "packages": [{**entry["packages"][0], "version": "latest"}]}
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(broken))  # the check can fail
+
+
+def test_the_registry_entry_names_a_command_the_package_installs():
+    entry, project = manifest(), tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    package = entry["packages"][0]
+    assert package["registryType"] == "pypi" and package["runtimeHint"] == "uvx"
+    assert package["identifier"] == project["name"] and package["version"] == project["version"] == forge.__version__
+    # `uvx <identifier>` runs the console script named like the package: it must start the MCP server
+    assert project["scripts"][package["identifier"]] == project["scripts"]["forge-mcp"]
+    assert entry["version"] == forge.__version__ and len(entry["description"]) <= 100
     env = {v["name"]: v for v in package["environmentVariables"]}
-    assert set(env) == {"FORGE_HOME", "FORGE_ALLOWED_ROOTS", "HF_TOKEN"}
-    assert env["HF_TOKEN"]["isSecret"] is True and env["FORGE_HOME"]["isSecret"] is False
+    assert set(env) == {"FORGE_HOME", "FORGE_ALLOWED_ROOTS", "HF_TOKEN"} and env["HF_TOKEN"]["isSecret"] is True
+
+
+def test_the_readme_carries_the_mcp_name_the_registry_checks_for():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"mcp-name: {manifest()['name']}" in readme

@@ -27,16 +27,21 @@ async def call(client: Client, name: str, args: dict | None = None) -> dict:
 
 
 async def follow(client: Client, handle: dict) -> dict:
+    """forge_job_wait, call after call (each returns within its timeout, well under a client's 60 s),
+    until the job ends; progress notifications are printed as they come."""
     queued = f" (queue position {handle['queue_position']})" if handle["queue_position"] else ""
     print(f"  ← job {handle['job_id']} {handle['status']}{queued}", flush=True)
-    args = {"job_id": handle["job_id"], "timeout_s": 600}
-    show_call("forge_job_wait", args)
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         print(f"    … {progress:5.1f}% {message or ''}", flush=True)
 
-    result = await client.call_tool("forge_job_wait", args, progress_callback=on_progress)
-    status = result.structured_content
+    while True:
+        show_call("forge_job_wait", {"job_id": handle["job_id"]})
+        result = await client.call_tool("forge_job_wait", {"job_id": handle["job_id"]}, progress_callback=on_progress)
+        status = result.structured_content
+        if status["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        print(f"  ← still {status['status']} ({status['stage']}): waiting again", flush=True)
     metrics = {k: status["metrics"][k] for k in ("train_loss", "eval_loss", "tokens_per_s") if k in status["metrics"]}
     print(f"  ← {status['status']} | stage {status['stage']} | {len(status['artifacts'])} artifacts"
           + (f" | {metrics}" if metrics else "") + (f" | error {status['error']}" if status["error"] else ""))

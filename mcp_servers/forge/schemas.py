@@ -1,4 +1,5 @@
-"""Pydantic models the tools return as structured content, sized for an agent's context."""
+"""What the tools return as structured content: sized for an agent's context (summaries in lists,
+detail on request), every field described once."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ AGENT_TRAIN_FIELDS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "eval_fraction", "save_steps", "seed",
     "num_processes",
 )
-Hyperparameters = TrainConfig.overrides_model(
-    "Hyperparameters", AGENT_TRAIN_FIELDS, "Training knobs an agent may set; anything else is rejected.")
+Hyperparameters = TrainConfig.overrides_model("Hyperparameters", AGENT_TRAIN_FIELDS, None)
+
+EPOCH_S = "Unix time, seconds."
 
 
 class ErrorInfo(BaseModel):
+    """Why a job failed: branch on code; hint says what to do."""
+
     code: str
     message: str
     hint: str = ""
@@ -27,13 +31,15 @@ class ErrorInfo(BaseModel):
 
 
 class Artifact(BaseModel):
-    kind: str
+    kind: str = Field(description="adapter, merged, gguf, modelfile, seal or retrospective.")
     path: str
     bytes: int
     sha256: str
 
 
 class Progress(BaseModel):
+    """Of the stage running (a pipeline's percent spans all its stages and only moves forward)."""
+
     step: int | None = None
     total_steps: int | None = None
     epoch: float | None = None
@@ -44,12 +50,11 @@ class Progress(BaseModel):
 
 
 class JobHandle(BaseModel):
-    job_id: str
+    job_id: str = Field(description="Pass to forge_job_wait / forge_job_status, or where a later tool takes a path.")
     kind: str
     status: str
     queue_position: int | None = Field(None, description="1 = next to start; null when not queued.")
     poll_after_s: float = Field(description="Suggested wait before the next status call.")
-    how_to_follow: str
 
 
 class StageState(BaseModel):
@@ -58,33 +63,48 @@ class StageState(BaseModel):
 
 
 class JobStatus(BaseModel):
+    """A job in full."""
+
     job_id: str
-    kind: str
+    kind: str = Field(description="train, merge, quantize, pipeline or publish.")
     status: str = Field(description="queued, running, cancelling, succeeded, failed or cancelled.")
-    stage: str | None = None
+    stage: str | None = Field(None, description="What the job is doing, e.g. training or train:training.")
     queue_position: int | None = None
     progress: Progress = Field(default_factory=Progress)
-    created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
+    created_at: float = Field(description=EPOCH_S)
+    started_at: float | None = Field(None, description=EPOCH_S)
+    finished_at: float | None = Field(None, description=EPOCH_S)
     inputs: dict[str, Any] = Field(default_factory=dict)
-    stages: list[StageState] = Field(default_factory=list, description="A pipeline's child stages, in order.")
+    stages: list[StageState] = Field(default_factory=list, description="A pipeline's stages, in order.")
     run_dir: str | None = None
     artifacts: list[Artifact] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     error: ErrorInfo | None = None
     result: dict[str, Any] | None = Field(None, description="A publish job's result (its plan on a dry run).")
-    next_actions: list[str] = Field(default_factory=list)
+    next_actions: list[str] = Field(default_factory=list, description="Tool calls that usually come next.")
+
+
+class JobSummary(BaseModel):
+    """A job in one line; forge_job_status has the rest."""
+
+    job_id: str
+    kind: str
+    status: str
+    stage: str | None = None
+    percent: float | None = None
+    created_at: float = Field(description=EPOCH_S)
+    finished_at: float | None = Field(None, description=EPOCH_S)
+    error_code: str | None = None
 
 
 class JobList(BaseModel):
-    jobs: list[JobStatus]
-    next_cursor: str | None = Field(None, description="Pass as cursor to get older jobs.")
+    jobs: list[JobSummary] = Field(description="Newest first.")
+    next_cursor: str | None = Field(None, description="Pass as cursor for older jobs; null on the last page.")
 
 
 class JobEvent(BaseModel):
     seq: int
-    ts: float
+    ts: float = Field(description=EPOCH_S)
     type: str
     data: dict[str, Any]
 
@@ -104,31 +124,33 @@ class Report(BaseModel):
 class DemoAssets(BaseModel):
     model_dir: str
     dataset: str
-    reused: bool
+    reused: bool = Field(description="True when assets already there were kept.")
 
 
 class ModelfileResult(BaseModel):
-    path: str
+    path: str = Field(description="The Modelfile written (a new name when one with other content was there).")
     content: str
     template_family: str
     stop_tokens: list[str]
-    ollama_create: str
+    ollama_create: str = Field(description="The shell command that creates the model in Ollama, quoted.")
+    next_actions: list[str] = Field(default_factory=list, description="Tool calls that usually come next.")
 
 
 class QueryResult(BaseModel):
     reply: str
-    finish_reason: str | None
+    finish_reason: str | None = Field(description="stop: the model ended its turn; length: max_tokens ran out.")
     prompt_tokens: int
     completion_tokens: int
-    backend: str
+    backend: str = Field(description="llama-cpp-python or ollama.")
 
 
 class SealResult(BaseModel):
-    seal_id: str
+    seal_id: str = Field(description="sha256 of the record; pass to forge_seal_verify.")
     previous: str | None = Field(None, description="The seal before this one in the chain.")
     seal_path: str
     retrospective_path: str
     summary: str
+    next_actions: list[str] = Field(default_factory=list, description="Tool calls that usually come next.")
 
 
 class Mismatch(BaseModel):

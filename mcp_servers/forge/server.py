@@ -9,6 +9,7 @@ tools_follow, resources); they reach the job runner through the lifespan context
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 
 import forge
 from forge.errors import Codes, ForgeError, error_from
-from forge.paths import confinement
+from forge.paths import MAX_PATH_CHARS, confinement
 from mcp_servers.forge import resources, tools_follow, tools_jobs, tools_stages
 from mcp_servers.forge.context import ForgeState
 from mcp_servers.lib.runner import Runner
@@ -53,6 +54,70 @@ def _validation_error(err: ValidationError) -> ForgeError:
                       details=problems)
 
 
+def compact_schema(node: Any, output: bool = False, depth: int = 0) -> Any:
+    """A tool's JSON schema as small as it can be for what it is for (tools/list goes into every agent's
+    context): no generated titles, no null defaults, no ``additionalProperties: true``, no ``minLength: 1``.
+    An input schema keeps its descriptions and bounds; an optional argument is typed as what to send
+    (omit it for the default). An output schema keeps the shape of the reply: the type of each top-level
+    field, whether it may be null, and the fields of the objects in it; the tool's description says what
+    the fields mean."""
+    if isinstance(node, list):
+        return [compact_schema(item, output, depth) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if (key == "title" and isinstance(value, str)) or (key == "default" and value is None):
+            continue
+        if (key == "additionalProperties" and value is True) or (key == "minLength" and value == 1):
+            continue
+        if key == "maxLength" and value >= MAX_PATH_CHARS:  # a safety cap the server enforces, not a rule to teach
+            continue
+        if output and key in ("description", "default", "examples"):
+            continue
+        if key in ("properties", "$defs", "definitions"):
+            out[key] = {name: compact_schema(sub, output, depth + 1) for name, sub in value.items()}
+        else:
+            out[key] = compact_schema(value, output, depth)
+    if out.get("type") == "integer" and out.get("exclusiveMinimum") == 0:
+        del out["exclusiveMinimum"]
+        out["minimum"] = 1
+    options = out.get("anyOf")
+    if isinstance(options, list) and len(options) == 2 and {"type": "null"} in options:
+        other = next(o for o in options if o != {"type": "null"})
+        if not output:  # an argument: say what to send; leaving it out gives the default
+            del out["anyOf"]
+            out = {**other, **out}
+        elif isinstance(other.get("type"), str) and "$ref" not in other:
+            del out["anyOf"]
+            out = {**other, **out, "type": [other["type"], "null"]}
+    return out
+
+
+def _types(node: dict) -> list[str]:
+    if "$ref" in node:
+        return ["object"]
+    if "anyOf" in node:
+        return sorted({t for option in node["anyOf"] for t in _types(option)})
+    found = node.get("type", [])
+    return [found] if isinstance(found, str) else list(found)
+
+
+def _shape(node: dict) -> dict:
+    """An output field's JSON type only: nested objects are described by the tool, not spelled out."""
+    types = _types(node)
+    shape: dict = {"type": types[0] if len(types) == 1 else types} if types else {}
+    if "enum" in node:
+        shape["enum"] = node["enum"]
+    return shape
+
+
+def output_shape(schema: dict) -> dict:
+    """An output schema cut to the type of each top-level field (every field is always sent)."""
+    schema = compact_schema(schema, output=True)
+    return {"type": "object", "properties": {k: _shape(v) for k, v in schema.get("properties", {}).items()}}
+
+
 class ForgeServer(MCPServer[ForgeState]):
     """MCPServer whose tool errors are what an agent can branch on: one JSON object with a code, for
     our errors, argument validation and unknown arguments alike; tool bodies run confined to the roots."""
@@ -73,6 +138,14 @@ class ForgeServer(MCPServer[ForgeState]):
                           f"its arguments are: {', '.join(sorted(known))}",
                           details=[f"unknown argument: {u[:80]}" for u in unknown])
 
+    async def list_tools(self) -> list:
+        tools = await super().list_tools()
+        for tool in tools:
+            tool.input_schema = compact_schema(tool.input_schema)
+            if tool.output_schema is not None:
+                tool.output_schema = output_shape(tool.output_schema)
+        return tools
+
     async def read_resource(self, uri: Any, context: Context | None = None) -> Any:
         with confinement():  # resources read files an agent named too
             return await super().read_resource(uri, context)
@@ -83,7 +156,12 @@ class ForgeServer(MCPServer[ForgeState]):
             return _error_result(refused)
         try:
             with confinement():  # what an agent names is held to FORGE_HOME and the allowed roots
-                return await super().call_tool(name, arguments, context)
+                result = await super().call_tool(name, arguments, context)
+            if isinstance(result, CallToolResult) and result.structured_content is not None:
+                # The text twin of the structured content, compact: it goes into the agent's context too.
+                text = json.dumps(result.structured_content, separators=(",", ":"), ensure_ascii=False)
+                result.content = [TextContent(type="text", text=text)]
+            return result
         except ToolError as exc:
             cause = exc.__cause__
             if isinstance(cause, ValidationError):
@@ -108,7 +186,7 @@ def create_server(home: Path | None = None) -> ForgeServer:
                          lifespan=lifespan)
     server.runner = runner  # tests and the CLI reach the runner through the server
     for fn, title, hints in [*tools_stages.TOOLS, *tools_jobs.TOOLS, *tools_follow.TOOLS]:
-        server.add_tool(fn, title=title, annotations=hints)
+        server.add_tool(fn, title=title, description=inspect.cleandoc(fn.__doc__ or ""), annotations=hints)
     for uri, fn, mime_type in resources.RESOURCES:
         server.resource(uri, mime_type=mime_type)(fn)
     return server

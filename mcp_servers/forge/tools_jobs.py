@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import anyio
 from mcp.server.mcpserver import Context
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from forge.errors import Codes, ForgeError
 from forge.paths import check_output, check_path, model_ref
@@ -26,17 +26,16 @@ from mcp_servers.forge.args import (
     name_arg,
     path_arg,
 )
-from mcp_servers.forge.context import STARTS_JOB, runner_of
+from mcp_servers.forge.context import PUBLISHES, STARTS_JOB, STARTS_LOCAL_JOB, runner_of
 from mcp_servers.forge.replies import handle_of
 from mcp_servers.forge.schemas import Hyperparameters, JobHandle
 from mcp_servers.lib import results
 
 MethodArg = Annotated[Method, Field(description="lora, or qlora (4-bit NF4 base, bitsandbytes).")]
 HyperparametersArg = Annotated[Hyperparameters | None, Field(description=(
-    "Training knobs by TrainConfig's names, e.g. {\"num_train_epochs\": 2, \"learning_rate\": 2e-4}; unset ones "
-    "keep their defaults."))]
+    "e.g. {\"num_train_epochs\": 2}; unset ones keep their defaults."))]
 RunName = Annotated[str | None, name_arg(
-    "Name of the run dir under $FORGE_HOME/runs, e.g. support-bot-v2; default the job id.")]
+    "Run dir name under $FORGE_HOME/runs; default the job id.")]
 
 
 def _checked_dataset(dataset: str, train_fields: dict) -> dict:
@@ -53,6 +52,18 @@ def _checked_dataset(dataset: str, train_fields: dict) -> dict:
                                                                    "records": records}}
 
 
+def _hyperparameters(given: dict | None) -> Any:
+    """The pipeline's hyperparameters, held to forge_train's model (unknown knobs named in the error)."""
+    if given is None:
+        return None
+    try:
+        return Hyperparameters.model_validate(given)
+    except ValidationError as err:
+        problems = [f"hyperparameters.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ForgeError(Codes.INVALID_ARGUMENT, "invalid arguments: " + "; ".join(problems),
+                         "use forge_train's hyperparameter names and bounds", details=problems) from None
+
+
 def _train_fields(hyperparameters: Any) -> dict:
     return hyperparameters.model_dump(exclude_none=True) if hyperparameters else {}
 
@@ -62,11 +73,11 @@ async def forge_train(
     run_name: RunName = None,
     hyperparameters: HyperparametersArg = None,
     resume_from_job: Annotated[str | None, Field(None, max_length=64, description=(
-        "A failed or cancelled train job to continue from its last checkpoint."))] = None,
+        "A failed or cancelled train job to continue."))] = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start training a LoRA/QLoRA adapter (TRL SFTTrainer + PEFT); returns a job handle at once.
-    resume_from_job continues a failed or cancelled train job from its last checkpoint."""
+    """Start training a LoRA/QLoRA adapter (TRL + PEFT) on assistant turns and their end-of-turn token.
+    Returns a job handle at once: forge_job_wait, then forge_merge(adapter=<job id>)."""
     runner = runner_of(ctx)
     fields: dict[str, Any] = {"base_model": model_ref(base_model, "base_model"), "method": method,
                               **_train_fields(hyperparameters)}
@@ -81,19 +92,17 @@ async def forge_train(
 
 
 async def forge_merge(
-    adapter: Annotated[str, path_arg("An adapter dir (adapter_config.json inside) under an allowed root, or a "
-                                     "train job id, e.g. train-20261126-101500-3f9a1c.")],
+    adapter: Annotated[str, path_arg("An adapter dir, or a train job id.")],
     ctx: Context,
     base_model: Annotated[str | None, Field(None, max_length=4096, description=(
-        "The base model; default the one the adapter records. A local dir or a hub id."))] = None,
+        "Default: the one the adapter names."))] = None,
     dtype: Annotated[Literal["auto", "float16", "bfloat16", "float32"],
                      Field(description="Saved dtype; auto = the base model's own.")] = "auto",
-    merged_name: Annotated[str | None, name_arg("Name of the merged model dir beside the adapter (in its run "
-                                                "dir); default merged.")] = None,
+    merged_name: Annotated[str | None, name_arg("Dir name beside the adapter; default merged.")] = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start merging an adapter (path or train job id) into its base: merged safetensors in the base
-    dtype with tokenizer and chat template, checked by a logits parity test. Returns a job handle."""
+    """Start merging an adapter into its base (base dtype, chat template kept, logits checked). Returns a
+    job handle: forge_job_wait, then forge_quantize(model=<job id>)."""
     from forge.merge import MergeConfig
 
     runner = runner_of(ctx)
@@ -112,14 +121,13 @@ async def forge_merge(
 
 
 async def forge_quantize(
-    model: Annotated[str, path_arg("A merged model dir under an allowed root, or a merge job id.")], ctx: Context,
+    model: Annotated[str, path_arg("A merged model dir, or a merge job id.")], ctx: Context,
     quantizations: Quantizations = None,
-    gguf_name: Annotated[str | None, name_arg("File name stem of the GGUFs, e.g. support-bot; default the run "
-                                              "dir's name.")] = None,
+    gguf_name: Annotated[str | None, name_arg("GGUF file name stem; default the run's name.")] = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start converting a merged model (path or merge job id) to GGUF and quantizing it (default
-    Q4_K_M); every file is verified by loading it in llama.cpp. Returns a job handle."""
+    """Start converting a merged model to GGUF and quantizing it, each file checked in llama.cpp. Returns
+    a job handle: forge_job_wait, then forge_modelfile(gguf=<job id>)."""
     from forge.quantize import QuantizeConfig
 
     runner = runner_of(ctx)
@@ -138,17 +146,18 @@ async def forge_quantize(
 async def forge_pipeline(
     base_model: ModelRef, dataset: DatasetPath, ctx: Context, method: MethodArg = "lora",
     quantizations: Quantizations = None,
-    system_prompt: Annotated[Text, Field(description="System message added to training records without one, "
-                                                     "and written as the Modelfile's SYSTEM.")] = None,
-    hyperparameters: HyperparametersArg = None,
+    system_prompt: Annotated[Text, Field(description="For records without one, and the Modelfile.")] = None,
+    hyperparameters: Annotated[dict[str, Any] | None, Field(description=(
+        "forge_train's hyperparameters."))] = None,
     run_name: RunName = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start the whole chain in one job: train → merge → quantize → modelfile → seal. Its status
-    shows the stage running (e.g. "train:training"); artifacts of every stage come with it."""
+    """Start train, merge, quantize, Modelfile and seal as one job. Returns a job handle: forge_job_wait,
+    then forge_query_model(model=<job id>)."""
     from forge.pipeline import PipelineConfig
 
     runner = runner_of(ctx)
+    hyperparameters = _hyperparameters(hyperparameters)
     train = {"base_model": model_ref(base_model, "base_model"), "method": method,
              "system_prompt": system_prompt, **_train_fields(hyperparameters)}
     checked = await anyio.to_thread.run_sync(lambda: _checked_dataset(dataset, train))
@@ -163,20 +172,18 @@ async def forge_pipeline(
 
 
 async def forge_publish(
-    source: Annotated[str, path_arg("What to upload: a path under an allowed root, or a train (adapter), merge "
-                                    "(merged) or quantize (gguf) job id.")],
+    source: Annotated[str, path_arg("A path, or a train, merge or quantize job id.")],
     repo_id: Annotated[str, Field(max_length=193, pattern=HUB_ID_PATTERN, description=(
-        "The Hub repo to upload to, owner/name, e.g. my-org/support-bot-gguf."))],
+        "owner/name, e.g. me/bot-gguf."))],
     ctx: Context,
-    private: Annotated[bool, Field(description="Create the repo private (default true).")] = True,
+    private: Annotated[bool, Field(description="Create the repo private.")] = True,
     kind: Annotated[Literal["adapter", "merged", "gguf"], Field(description="What source holds.")] = "adapter",
-    dry_run: Annotated[bool, Field(description="Return the exact plan in the job's result; nothing is uploaded.")]
+    dry_run: Annotated[bool, Field(description="Plan only; upload nothing.")]
     = False,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start publishing to the Hugging Face Hub (repo created if missing, one commit, a model card written
-    from the run's seal). source: a path, or a train (adapter), merge (merged) or quantize (gguf) job
-    id. dry_run returns the exact plan (files, bytes, card) in the job's result. Needs HF_TOKEN."""
+    """Start uploading an adapter, merged model or GGUFs to the Hugging Face Hub in one commit, with a card
+    from the run's seal (needs HF_TOKEN). dry_run: the plan, in the job's result. Returns a job handle."""
     from forge.publish import PublishConfig
 
     runner = runner_of(ctx)
@@ -190,7 +197,7 @@ async def forge_publish(
 TOOLS = [
     (forge_train, "Train an adapter", STARTS_JOB),
     (forge_merge, "Merge an adapter", STARTS_JOB),
-    (forge_quantize, "Convert to GGUF and quantize", STARTS_JOB),
+    (forge_quantize, "Convert to GGUF and quantize", STARTS_LOCAL_JOB),
     (forge_pipeline, "Run the whole pipeline", STARTS_JOB),
-    (forge_publish, "Publish to the Hugging Face Hub", STARTS_JOB),
+    (forge_publish, "Publish to the Hugging Face Hub", PUBLISHES),
 ]

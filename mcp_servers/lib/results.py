@@ -90,6 +90,21 @@ def run_dir_of(job: dict) -> Path | None:
     return None
 
 
+CHAIN_KINDS = ("train", "merge", "quantize", "pipeline")
+
+
+def latest_chain(store: JobStore, window: int = 200) -> list[dict]:
+    """The newest finished chain: the run dir of the job that succeeded last (train, merge, quantize or
+    pipeline), with every succeeded job that wrote into it, oldest first."""
+    done = [j for j in store.list(status=Status.SUCCEEDED.value, limit=window) if j["kind"] in CHAIN_KINDS]
+    newest = max(done, key=lambda j: j.get("finished_at") or 0, default=None)
+    run_dir = run_dir_of(newest) if newest else None
+    if run_dir is None:
+        raise ForgeError(JobCodes.JOB_NOT_FOUND, "there is no finished train, merge, quantize or pipeline job to seal",
+                         "run one first, or pass job_ids")
+    return sorted((j for j in done if run_dir_of(j) == run_dir), key=lambda j: j["created_at"])
+
+
 def pipeline_stages(job: dict, finished: dict[str, str]) -> list[dict]:
     """Each child stage of a pipeline job with its state; ``finished`` maps stage → final status."""
     if job["kind"] != "pipeline":
@@ -124,12 +139,15 @@ def next_actions(job: dict) -> list[str]:
         return {
             "train": [f'forge_merge(adapter="{jid}")'],
             "merge": [f'forge_quantize(model="{jid}")'],
-            "quantize": [f'forge_modelfile(gguf="{jid}")', f'forge_query_model(model="{jid}", prompt="Hello")'],
+            "quantize": [f'forge_modelfile(gguf="{jid}")', f'forge_query_model(model="{jid}", prompt="Hello")',
+                         "forge_seal_snapshot()"],
+            # a pipeline sealed its run already: what is left is trying the model and sharing it
             "pipeline": [f'forge_query_model(model="{jid}", prompt="Hello")',
-                         f'forge_seal_snapshot(job_ids=["{jid}"])'],
+                         f'forge_publish(source="{(job.get("result") or {}).get("run_dir", "")}/gguf", '
+                         'repo_id="OWNER/NAME", kind="gguf", dry_run=true)'],
         }.get(kind, [])
     if status in ACTIVE or status == Status.QUEUED:
-        return [f'forge_job_wait(job_id="{jid}", timeout_s=60)']
+        return [f'forge_job_wait(job_id="{jid}")']
     if kind == "train":
         return [f'forge_train(..., resume_from_job="{jid}")', f'forge_job_events(job_id="{jid}")']
     return [f'forge_job_events(job_id="{jid}")']
