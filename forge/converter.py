@@ -106,6 +106,11 @@ def gguf_module(converter_dir: Path | None = None):
     path = str(Path(converter_dir) / "gguf-py")
     if path not in sys.path:
         sys.path.insert(0, path)
+    loaded = sys.modules.get("gguf")
+    if loaded is not None and not str(getattr(loaded, "__file__", "")).startswith(path):
+        # PyPI's older gguf (transformers reads GGUFs with it) was imported first: take the converter's
+        for name in [m for m in sys.modules if m == "gguf" or m.startswith("gguf.")]:
+            del sys.modules[name]
     import gguf
 
     return gguf

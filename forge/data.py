@@ -40,6 +40,8 @@ class DataConfig(StageConfig):
     format: FormatName = Field("auto", description="Record format; 'auto' detects it from the keys.")
     system_prompt: str | None = Field(None, description="System message prepended to records without one.")
     base_model: str | None = Field(None, description="Model dir or hub id whose tokenizer computes the stats.")
+    chat_template: str | None = Field(None, description=(
+        "For a base model without one: a family (chatml, llama3, gemma, phi3, phi4, mistral) or a Jinja file."))
     max_length: int = Field(1024, gt=0, description="Tokens per record (TRL's max_length); longer ones are truncated.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of records held out for eval loss.")
     seed: int = Field(42, description="Seed of the deterministic train/eval split.")
@@ -397,19 +399,47 @@ def token_stats(tokens: TokenizedSet, max_length: int) -> dict:
     }
 
 
-def load_tokenizer(base_model: str):
+def prepare_tokenizer(base_model: str, chat_template: str | None = None) -> tuple[object, dict]:
+    """The model's tokenizer with the chat template training will use, and where that template came from.
+
+    A base model has no template: ``chat_template`` names a family or a Jinja file, and the family's
+    special tokens that the vocabulary lacks are added (training then learns their embeddings)."""
     from transformers import AutoTokenizer
 
-    from forge.model_ref import resolve_model
+    from forge import templates
+    from forge.model_ref import resolve_base
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(base_model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(base_model)[0])
+    info: dict = {"source": "model", "added_tokens": []}
+    if chat_template:
+        chosen = templates.choose(chat_template)
+        tokenizer.chat_template = chosen.jinja
+        info["source"] = chosen.source
+        if chosen.family is not None:
+            vocab = tokenizer.get_vocab()
+            missing = [t for t in chosen.family.special_tokens if t not in vocab]
+            if missing:
+                tokenizer.add_special_tokens({"additional_special_tokens": missing},
+                                            replace_extra_special_tokens=False)
+            tokenizer.eos_token = chosen.family.eos  # generation stops at the family's end of turn
+            if chosen.family.bos and tokenizer.bos_token is None:
+                tokenizer.bos_token = chosen.family.bos
+            info["added_tokens"] = missing
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
         raise ForgeError(Codes.UNSUPPORTED_TEMPLATE, f"{base_model} has no chat template",
-                         "use an instruct model, or add a chat_template to its tokenizer_config.json")
+                         "pass chat_template= a family (chatml, llama3, gemma, phi3, phi4, mistral) or a .jinja "
+                         "file; its special tokens are added and trained")
     if not tokenizer.is_fast:
         raise ForgeError(Codes.UNSUPPORTED_TEMPLATE, f"{base_model} has only a slow tokenizer",
                          "Forge needs a fast (tokenizer.json) tokenizer to locate assistant tokens")
-    return tokenizer
+    info["sha256"] = hashlib.sha256(tokenizer.chat_template.encode("utf-8")).hexdigest()
+    return tokenizer, info
+
+
+def load_tokenizer(base_model: str, chat_template: str | None = None):
+    return prepare_tokenizer(base_model, chat_template)[0]
 
 
 def validate(config: DataConfig) -> dict:
@@ -422,7 +452,7 @@ def validate(config: DataConfig) -> dict:
         "example": shown_record(ds.conversations[0]),
     }
     if config.base_model:
-        tokenizer = load_tokenizer(config.base_model)
+        tokenizer = load_tokenizer(config.base_model, config.chat_template)
         stats = token_stats(tokenize_all(tokenizer, ds.conversations), config.max_length)
         stats["max_length"] = config.max_length
         report["tokens"] = stats

@@ -75,6 +75,20 @@ def _strip_quantization(config_path: Path) -> list[str]:
     return removed
 
 
+def load_base(base_ref: str, adapter_dir: Path, **kwargs):
+    """The base model as the adapter expects it: with room for the tokens its chat template added (their
+    rows come from the adapter, which saved the resized embeddings)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_ref, **kwargs)
+    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            base.config.eos_token_id = tokenizer.eos_token_id
+    return base
+
+
 def parity(merged_dir: Path, adapter_dir: Path, base_ref: str, dtype: str) -> dict:
     """Max |logit difference| between the merged model and base + adapter, both computed in fp32."""
     import torch
@@ -82,7 +96,7 @@ def parity(merged_dir: Path, adapter_dir: Path, base_ref: str, dtype: str) -> di
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=torch.float32).eval()
+    base = load_base(base_ref, adapter_dir, dtype=torch.float32).eval()
     base_logits = _logits(base, tokenizer, PARITY_INPUTS)
     reference = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     ref_logits = _logits(reference, tokenizer, PARITY_INPUTS)
@@ -101,9 +115,8 @@ def _peft_merge(adapter_dir: Path, base_ref: str, out: Path, dtype: str, device:
     """The in-memory path: PEFT's merge_and_unload (holds the whole model)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=getattr(torch, dtype), device_map=device)
+    base = load_base(base_ref, adapter_dir, dtype=getattr(torch, dtype), device_map=device)
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir))
     except Exception as exc:  # safetensors/PEFT raise many types for a damaged or mismatched adapter
@@ -236,10 +249,10 @@ def stream_merge(adapter_dir: Path, base_dir: Path, out: Path, dtype: str) -> li
 def merge(config: MergeConfig, on_progress: ProgressCallback | None = None) -> dict:
     from transformers import AutoTokenizer, GenerationConfig
 
-    from forge.model_ref import resolve_model
+    from forge.model_ref import resolve_base
 
     adapter_dir = check_input_dir(Path(config.adapter_dir), "adapter_dir")
-    base_ref = resolve_model(config.base_model or _adapter_base(adapter_dir))
+    base_ref = resolve_base(config.base_model or _adapter_base(adapter_dir))[0]  # a GGUF: its converted dir
     merged_dir = check_output(config.merged_dir(), "merged model dir")
     refuse_existing(merged_dir, config.force)
     writer = ProgressWriter(progress_path(merged_dir), on_progress)
@@ -263,11 +276,18 @@ def merge(config: MergeConfig, on_progress: ProgressCallback | None = None) -> d
             _peft_merge(adapter_dir, base_ref, tmp, dtype, config.device, writer)
         # The adapter dir holds the tokenizer and chat template used in training: they come along.
         tokenizer_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_ref
-        AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_src)
+        tokenizer.save_pretrained(tmp)
         try:
-            GenerationConfig.from_pretrained(base_ref).save_pretrained(tmp)
+            generation = GenerationConfig.from_pretrained(base_ref)
         except OSError:
-            pass  # a base without generation_config.json: the merged model has none either
+            generation = None  # a base without generation_config.json: the merged model has none either
+        if generation is not None:
+            stops = generation.eos_token_id if isinstance(generation.eos_token_id, list) else \
+                [t for t in [generation.eos_token_id] if t is not None]
+            if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+                generation.eos_token_id = [tokenizer.eos_token_id, *stops]  # a template's own end of turn
+            generation.save_pretrained(tmp)
         removed = _strip_quantization(tmp / "config.json")
         report = None
         if config.parity_check:

@@ -6,7 +6,19 @@ import os
 from pathlib import Path
 
 from forge.errors import Codes, ForgeError
-from forge.paths import check_input_dir, is_hub_id
+from forge.paths import check_input_dir, check_path, confined, is_hub_id
+
+
+def resolve_base(ref: str | Path) -> tuple[str, dict | None]:
+    """A base model ready to load: a local dir, a hub id, or a GGUF turned (once, cached) into a local dir;
+    with what the GGUF was when one was given (its origin), else None."""
+    from forge import gguf_import
+
+    path = Path(ref).expanduser()
+    if path.is_file() and gguf_import.is_gguf(path):
+        model_dir, made = gguf_import.import_gguf(Path(check_path(path, "base_model") if confined() else path))
+        return str(model_dir), {**gguf_import.origin(model_dir), "converted_now": made, "model_dir": str(model_dir)}
+    return resolve_model(ref), None
 
 
 def resolve_model(ref: str | Path, code: str = Codes.BASE_MODEL_NOT_FOUND) -> str:

@@ -1,11 +1,10 @@
-"""Ollama Modelfiles: TEMPLATE in Ollama's Go-template syntax for the model's chat-template family,
-a stop for every end-of-turn and EOS token, sampling parameters, SYSTEM — and a parser/validator.
+"""Ollama Modelfiles: TEMPLATE in Ollama's Go-template syntax for the model's chat template, SYSTEM
+(the template's own default system message, or the one asked for), a stop for every end-of-turn and
+EOS token, sampling parameters — and a parser/validator.
 
-The family is detected from the GGUF's own Jinja chat template, so the Modelfile always matches
-what was trained. Ollama renders TEMPLATE with Go's text/template over ``.Messages``; each
-template below renders a conversation ending in a user turn exactly as the Hugging Face Jinja
-template does with ``add_generation_prompt=True`` (tests compare the two strings). The BOS token
-is left out: llama.cpp adds it when it tokenizes the prompt.
+The template is planned from the GGUF's own Jinja chat template (forge.templates), so Ollama renders
+exactly the prompt the model was trained on: tests render TEMPLATE with Go's text/template and compare it
+byte for byte with the Jinja template. The BOS token is left out: llama.cpp adds it when it tokenizes.
 """
 
 from __future__ import annotations
@@ -17,110 +16,12 @@ from pathlib import Path
 
 from pydantic import Field
 
+from forge import templates
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
 from forge.paths import check_output, read_text
 from forge.runs import Outcome, record_stage_near
 from forge.workspace import artifact, atomic_write_text, refuse_existing
-
-
-@dataclass(frozen=True)
-class TemplateFamily:
-    name: str
-    markers: tuple[str, ...]  # all must appear in the Jinja template
-    template: str  # Ollama TEMPLATE (Go text/template)
-    stops: tuple[str, ...]  # end-of-turn tokens
-    bos: str | None = None  # BOS text the Jinja template writes and llama.cpp adds itself
-
-
-_LAST = "{{- $last := eq (len (slice $.Messages $i)) 1 -}}"
-_SYSTEM = ('{{- $system := "" }}{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}'
-           "{{ end }}")
-
-FAMILIES: tuple[TemplateFamily, ...] = (
-    TemplateFamily(
-        name="chatml",
-        markers=("<|im_start|>", "<|im_end|>"),
-        template=(
-            "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
-            "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
-            '{{ if and $last (ne .Role "assistant") }}<|im_start|>assistant\n{{ end }}\n'
-            "{{- end }}"
-        ),
-        stops=("<|im_end|>",),
-    ),
-    TemplateFamily(
-        name="llama3",
-        markers=("<|start_header_id|>", "<|eot_id|>"),
-        template=(
-            "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
-            "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n"
-            '{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ end }}\n'
-            "{{- end }}"
-        ),
-        stops=("<|eot_id|>", "<|eom_id|>"),
-        bos="<|begin_of_text|>",
-    ),
-    TemplateFamily(
-        name="gemma",
-        markers=("<start_of_turn>", "<end_of_turn>"),
-        template=(
-            _SYSTEM + "\n{{- $first := true }}\n"
-            "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
-            '{{- if ne .Role "system" }}<start_of_turn>'
-            '{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
-            "{{ if $first }}{{ if $system }}{{ $system }}\n\n{{ end }}{{ $first = false }}{{ end }}"
-            "{{ .Content }}<end_of_turn>\n{{ end }}\n"
-            '{{- if and $last (ne .Role "assistant") }}<start_of_turn>model\n{{ end }}\n'
-            "{{- end }}"
-        ),
-        stops=("<end_of_turn>",),
-        bos="<bos>",
-    ),
-    TemplateFamily(
-        name="phi3",
-        markers=("<|user|>", "<|end|>", "<|assistant|>"),
-        template=(
-            "{{- range $i, $_ := .Messages }}\n" + _LAST + "\n"
-            "<|{{ .Role }}|>\n{{ .Content }}<|end|>\n"
-            '{{ if and $last (ne .Role "assistant") }}<|assistant|>\n{{ end }}\n'
-            "{{- end }}"
-        ),
-        stops=("<|end|>", "<|endoftext|>"),
-    ),
-    TemplateFamily(
-        name="mistral",
-        markers=("[INST]", "[/INST]"),
-        template=(
-            _SYSTEM + "\n{{- $first := true }}\n"
-            "{{- range .Messages }}\n"
-            '{{- if eq .Role "user" }}[INST] {{ if $first }}{{ if $system }}{{ $system }}\n\n{{ end }}'
-            "{{ $first = false }}{{ end }}{{ .Content }} [/INST]\n"
-            '{{- else if eq .Role "assistant" }}{{ .Content }}</s>\n'
-            "{{- end }}\n"
-            "{{- end }}"
-        ),
-        stops=("[INST]", "</s>"),
-        bos="<s>",
-    ),
-)
-
-
-def detect_family(chat_template: str | None) -> TemplateFamily:
-    if not chat_template:
-        raise ForgeError(Codes.UNSUPPORTED_TEMPLATE, "the model has no chat template",
-                         "train from an instruct model, or add a chat_template to the tokenizer before merging")
-    for family in FAMILIES:
-        if all(m in chat_template for m in family.markers):
-            return family
-    seen = sorted(set(re.findall(r"<[|a-z_]{2,}[|]?>|\[/?INST\]", chat_template)))[:8]
-    raise ForgeError(
-        Codes.UNSUPPORTED_TEMPLATE,
-        f"unknown chat-template family: none of {', '.join(f.name for f in FAMILIES)} matches "
-        f"(tokens seen in the template: {', '.join(seen) or 'none'})",
-        "pass template= with an Ollama Go template you wrote for this model",
-    )
-
 
 # Ollama model names: [namespace/]name[:tag]; nothing a shell would read as syntax.
 OLLAMA_NAME_PATTERN = (r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?"
@@ -158,15 +59,19 @@ def _quote(text: str) -> str:
 
 
 def gguf_tokens(gguf_path: Path) -> dict:
-    """Chat template and EOS/EOT token strings from a GGUF's header."""
+    """Chat template, BOS and EOS/EOT token strings from a GGUF's header."""
     from forge.converter import gguf_fields, gguf_module
 
     tok = gguf_module().Keys.Tokenizer
-    fields, _ = gguf_fields(gguf_path, (tok.CHAT_TEMPLATE, tok.LIST, tok.EOS_ID, tok.EOT_ID))
+    fields, _ = gguf_fields(gguf_path, (tok.CHAT_TEMPLATE, tok.LIST, tok.BOS_ID, tok.EOS_ID, tok.EOT_ID))
     tokens = fields[tok.LIST] or []
-    special = [fields[tok.EOS_ID], fields[tok.EOT_ID]]
-    return {"chat_template": fields[tok.CHAT_TEMPLATE],
-            "eos_tokens": [tokens[i] for i in special if i is not None and i < len(tokens)]}
+
+    def name(key: str) -> str | None:
+        index = fields[key]
+        return tokens[index] if index is not None and index < len(tokens) else None
+
+    return {"chat_template": fields[tok.CHAT_TEMPLATE], "bos": name(tok.BOS_ID),
+            "eos_tokens": [t for t in (name(tok.EOS_ID), name(tok.EOT_ID)) if t]}
 
 
 def write_modelfile(config: ModelfileConfig) -> dict:
@@ -176,17 +81,22 @@ def write_modelfile(config: ModelfileConfig) -> dict:
     if not config.keep_existing:
         refuse_existing(out, config.force)
     info = gguf_tokens(gguf_path)
-    family = detect_family(info["chat_template"]) if config.template is None else None
+    planned = None
+    if config.template is None:
+        eos = info["eos_tokens"][0] if info["eos_tokens"] else None
+        planned = templates.plan(info["chat_template"] or "", info["bos"], eos)
+    family = planned.family if planned else None
     stops = list(dict.fromkeys([*(family.stops if family else ()), *info["eos_tokens"]]))
+    system = config.system_prompt or (planned.default_system if planned else None)
     try:
         rel = Path(gguf_path.resolve()).relative_to(out.resolve().parent)
         source = f"./{rel.as_posix()}"
     except ValueError:
         source = str(gguf_path.resolve())
     lines = [f"# Modelfile written by Forge for {gguf_path.name}", f"FROM {source}", ""]
-    lines += [f"TEMPLATE {_quote(config.template or family.template)}", ""]
-    if config.system_prompt:
-        lines += [f"SYSTEM {_quote(config.system_prompt)}", ""]
+    lines += [f"TEMPLATE {_quote(config.template or planned.template)}", ""]
+    if system:
+        lines += [f"SYSTEM {_quote(system)}", ""]
     lines += [f"PARAMETER stop {json_string(s)}" for s in stops]
     params = {k: getattr(config, k) for k in SAMPLING if getattr(config, k) is not None}
     lines += [f"PARAMETER {k} {v}" for k, v in params.items()]
@@ -199,6 +109,8 @@ def write_modelfile(config: ModelfileConfig) -> dict:
     name = config.model_name or re.sub(r"[^a-z0-9._-]+", "-", gguf_path.stem.lower()).strip("-._") or "model"
     result = {"status": Outcome.SUCCEEDED, "path": str(out), "content": content,
               "template_family": family.name if family else "custom", "stop_tokens": stops, "parameters": params,
+              "system": system, "default_system": planned.default_system if planned else None,
+              "template_notes": planned.notes if planned else [],
               "ollama_create": f"ollama create {shlex.quote(name)} -f {shlex.quote(str(out))}", "model_name": name,
               "artifacts": [artifact(out, "modelfile")], "config": config.model_dump(mode="json")}
     record_stage_near(out, "modelfile", result)

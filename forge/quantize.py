@@ -88,13 +88,27 @@ def _model_type(model_dir: Path) -> str:
     return json.loads(cfg.read_text(encoding="utf-8")).get("model_type", "")
 
 
+def _origin_pre_tokenizer(model_dir: Path) -> str | None:
+    """The pre-tokenizer the GGUF a model came from declared (a base given as GGUF), if there was one: the
+    tokenizer rebuilt from it splits text the same way, whatever hash it has now."""
+    from forge import gguf_import
+    from forge.runs import find_run_dir, load_stages
+
+    found = gguf_import.origin(model_dir)
+    if found is None:
+        run_dir = find_run_dir(model_dir)
+        found = (load_stages(run_dir).get("train", {}).get("base_gguf") or {}) if run_dir else {}
+    return found.get("pre_tokenizer")
+
+
 def convert(model_dir: Path, out_path: Path, outtype: str, pre_tokenizer: str | None, log_path: Path) -> dict:
     """Run the converter in a subprocess; write to a temp name, rename on success."""
     converter_dir = ensure_converter()
     if pre_tokenizer == "none":
         fallback = "-"  # no fallback: an unknown tokenizer hash is an error
     else:
-        fallback = pre_tokenizer or PRE_TOKENIZER_BY_MODEL_TYPE.get(_model_type(model_dir)) or "-"
+        fallback = (pre_tokenizer or _origin_pre_tokenizer(model_dir)
+                    or PRE_TOKENIZER_BY_MODEL_TYPE.get(_model_type(model_dir)) or "-")
     fh, tmp = fresh_temp(out_path.parent, f".{out_path.name}.")  # unguessable: no planted link is written through
     fh.close()
     cmd = [sys.executable, "-m", "forge._gguf_convert", str(converter_dir), fallback, "--",

@@ -6,8 +6,42 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pydantic import Field
+
+from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
 from forge.modelfile import check_gguf
+
+
+class QueryConfig(StageConfig):
+    model: Path = Field(description="A .gguf file, or a run dir (its last GGUF: the most quantized).")
+    prompt: str = Field("Hello", description="The user message.")
+    system: str | None = Field(None, description="A system message before it.")
+    max_tokens: int = Field(64, gt=0, le=8192, description="Tokens to generate at most.")
+    temperature: float = Field(0.0, ge=0, le=10, description="Sampling temperature; 0 = greedy.")
+
+
+def gguf_of(model: Path) -> Path:
+    """A GGUF itself, or the last GGUF a run's quantize stage wrote."""
+    from forge.runs import find_run_dir, load_stages
+
+    model = Path(model)
+    if model.is_dir():
+        run_dir = find_run_dir(model)
+        outputs = (load_stages(run_dir).get("quantize") or {}).get("outputs") if run_dir else None
+        if not outputs:
+            raise ForgeError(Codes.GGUF_NOT_FOUND, f"{model} is not a run dir with GGUFs",
+                             "pass a .gguf, or a run dir after forge quantize")
+        return Path(outputs[-1]["path"])
+    return model
+
+
+def run_query(config: QueryConfig) -> dict:
+    """``forge query``: one question to a GGUF through its chat template, as forge_query_model asks it."""
+    messages = ([{"role": "system", "content": config.system}] if config.system else []) + [
+        {"role": "user", "content": config.prompt}]
+    gguf = gguf_of(config.model)
+    return {"model": str(gguf), **query(gguf, messages, config.max_tokens, config.temperature)}
 
 
 def query(gguf: Path | None, messages: list[dict], max_tokens: int = 64, temperature: float = 0.0,

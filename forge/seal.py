@@ -89,7 +89,8 @@ def run_record(run_dir: Path) -> dict:
     metrics = train.get("metrics", {})
     return {
         "run_dir": str(run_dir),
-        "base_model": {"ref": base_ref, "revision": hub_revision(base_ref)},
+        "base_model": {"ref": base_ref, "revision": hub_revision(base_ref),
+                       "from_gguf": train.get("base_gguf")},  # a GGUF base: what it was, where it was converted
         "method": train.get("method"),
         "dataset": train.get("dataset"),
         "configs": configs,
@@ -105,6 +106,7 @@ def run_record(run_dir: Path) -> dict:
                                                               "ollama_create", "model_name")}
         if "modelfile" in stages else None,
         "chat_template_sha256": sha256_file(template) if template else None,
+        "chat_template": train.get("chat_template"),  # the template trained with and where it came from
         "artifacts": artifacts,
         "warnings": warnings,
     }

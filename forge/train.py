@@ -46,6 +46,9 @@ class TrainConfig(StageConfig):
     base_model: str = Field(description="Local model dir or hub id to fine-tune.")
     dataset: Path = Field(description="JSONL dataset (alpaca, messages or prompt/completion).")
     output_dir: Path | None = Field(None, description="Run dir; default $FORGE_HOME/runs/<run_name>.")
+    chat_template: str | None = Field(None, description=(
+        "For a base model without one: a family (chatml, llama3, gemma, phi3, phi4, mistral) or a Jinja file; "
+        "tokens it needs are added and trained."))
     run_name: str | None = Field(None, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                                  description="Name of the run dir under $FORGE_HOME/runs (letters, digits, '.', "
                                  "'_', '-'; e.g. support-bot-v2).")
@@ -279,6 +282,17 @@ def _trainer_class():
             inputs.pop(ROW_LENGTHS_KEY, None)
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
+        plain_loss = False  # set when the LM head itself is trained (new chat tokens)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.plain_loss:
+                # TRL's fused LM head multiplies by lm_head.weight directly, which would skip the trained
+                # rows of new tokens: take the model's own forward and loss instead.
+                from transformers import Trainer
+
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
     return ForgeSFTTrainer
 
 
@@ -351,6 +365,7 @@ class _Run:
 @dataclass
 class _Data:
     tokenizer: object
+    template: dict  # the chat template trained with: source, sha256, tokens added to the vocabulary
     dataset: object  # forge.data.Dataset
     train_records: int
     eval_records: int
@@ -403,6 +418,21 @@ def _prepare_run(config: TrainConfig, on_progress: ProgressCallback | None) -> _
     return _Run(run_dir, checkpoints_dir, adapter_dir, resume_from, writer, rank0)
 
 
+def _base_model(config: TrainConfig, writer: ProgressWriter) -> tuple[str, dict | None]:
+    """The base model to load; a GGUF is turned into a model dir first (once), and the run says so."""
+    from forge.model_ref import resolve_base
+
+    if str(config.base_model).endswith(".gguf"):
+        writer.stage("converting_gguf")
+    model_ref, gguf = resolve_base(config.base_model)
+    if gguf is not None:
+        how = "converted" if gguf["converted_now"] else "found converted (cached by sha256)"
+        writer({"event": "warning", "message": (
+            f"the base model is a GGUF ({gguf.get('file_type')}), {how} at {model_ref}: its weights are the "
+            f"dequantized {gguf.get('file_type')} values, not the original full-precision ones")})
+    return model_ref, gguf
+
+
 def _prepare_data(config: TrainConfig, model_ref: str, writer: ProgressWriter) -> _Data:
     """Validate, split and tokenize through the chat template; rows packed as the config asks."""
     import datasets
@@ -412,7 +442,7 @@ def _prepare_data(config: TrainConfig, model_ref: str, writer: ProgressWriter) -
 
     datasets.disable_progress_bars()  # their bars are noise next to progress.jsonl
     writer.stage("preparing_data")
-    tokenizer = data.load_tokenizer(model_ref)
+    tokenizer, template = data.prepare_tokenizer(model_ref, config.chat_template)
     ds = data.load_dataset(config.dataset, config.dataset_format, config.system_prompt)
     train_convs, eval_convs = data.split(ds.conversations, config.eval_fraction, config.seed)
     train_tokens = data.tokenize_all(tokenizer, train_convs)
@@ -429,7 +459,7 @@ def _prepare_data(config: TrainConfig, model_ref: str, writer: ProgressWriter) -
     else:
         train_set = HFDataset.from_list(train_tokens.as_records())
         eval_set = HFDataset.from_list(eval_tokens.as_records()) if eval_tokens else None
-    return _Data(tokenizer, ds, len(train_convs), len(eval_convs), stats, train_set, eval_set, collator)
+    return _Data(tokenizer, template, ds, len(train_convs), len(eval_convs), stats, train_set, eval_set, collator)
 
 
 def _plan_memory(config: TrainConfig, model, on_cuda: bool, liger: bool, writer: ProgressWriter) -> _Plan:
@@ -479,17 +509,44 @@ def trainer_arguments(config: TrainConfig, plan: _Plan, checkpoints_dir: Path, e
     )
 
 
+def _grow_vocabulary(model, tokenizer) -> None:
+    """Room in the embeddings for the tokens a chat template added, and generation stopping at its end
+    of turn."""
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _new_token_modules(model, tokenizer, added: list[str]) -> dict | None:
+    """PEFT's trainable_token_indices for tokens a chat template added: the input embedding's rows, and the
+    output head's too unless it is tied to the embedding (then PEFT trains both as one)."""
+    if not added:
+        return None
+    ids = tokenizer.convert_tokens_to_ids(added)
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    targets = {names[model.get_input_embeddings()]: ids}
+    head = model.get_output_embeddings()
+    if head is not None and not getattr(model.config, "tie_word_embeddings", False):
+        targets[names[head]] = ids
+    return targets
+
+
 def _build_trainer(config: TrainConfig, model, data: _Data, args, writer: ProgressWriter, stop: _StopFlag):
     from peft import LoraConfig
     from transformers import PrinterCallback
 
+    new_tokens = _new_token_modules(model, data.tokenizer, data.template["added_tokens"])
     peft_config = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules, use_rslora=config.use_rslora, task_type="CAUSAL_LM",
+        trainable_token_indices=new_tokens,  # the template's new tokens: embedding and output rows are learned
     )
     trainer = _trainer_class()(model=model, args=args, train_dataset=data.train_set, eval_dataset=data.eval_set,
                                processing_class=data.tokenizer, peft_config=peft_config, data_collator=data.collator)
     trainer.real_tokens = {"tokens": 0}
+    trainer.plain_loss = new_tokens is not None
     trainer.remove_callback(PrinterCallback)  # progress.jsonl replaces its printed dicts
     trainer.add_callback(_progress_callback(writer, stop, trainer.real_tokens))
     return trainer
@@ -561,7 +618,6 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     import torch
 
     from forge.hardware import device_kind
-    from forge.model_ref import resolve_model
 
     # Run dir (and, for several processes, the launcher that runs this function once per rank)
     run = _prepare_run(config, on_progress)
@@ -569,12 +625,14 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
         return launch_distributed(config, run.dir, run.writer, on_progress)
 
     # Data, model, memory plan, trainer
-    model_ref = resolve_model(config.base_model)
+    model_ref, gguf = _base_model(config, run.writer)
     data = _prepare_data(config, model_ref, run.writer)
     run.writer.stage("loading_model")
     torch.manual_seed(config.seed)
     model = _load_model(config, model_ref)
     model.config.use_cache = False  # with a cache, transformers skips the packed-sequence mask
+    if data.template["added_tokens"]:
+        _grow_vocabulary(model, data.tokenizer)
     on_cuda = device_kind() == "cuda"
     liger = _use_liger(config, on_cuda)
     plan = _plan_memory(config, model, on_cuda, liger, run.writer)
@@ -598,7 +656,8 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     if not run.rank0:
         return {"status": Outcome.SUCCEEDED, "run_dir": str(run.dir), "rank": _rank()}
     with atomic_dir(run.adapter, force=True) as tmp:
-        trainer.model.save_pretrained(tmp)
+        # with new tokens, the resized embeddings go with the adapter: merging needs the same rows
+        trainer.model.save_pretrained(tmp, save_embedding_layers=True if data.template["added_tokens"] else "auto")
         data.tokenizer.save_pretrained(tmp)
     metrics = _metrics(trainer, result, evals, duration, world, plan, liger, run.resume_from)
     atomic_write_json(run.dir / "metrics.json", metrics)
@@ -607,9 +666,11 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     ds = data.dataset
     out = {
         "status": Outcome.SUCCEEDED, "run_dir": str(run.dir), "adapter_dir": str(run.adapter),
-        "base_model": config.base_model, "method": config.method, "metrics": metrics,
+        "base_model": config.base_model, "base_model_dir": model_ref, "base_gguf": gguf,
+        "method": config.method, "metrics": metrics,
         "dataset": {"path": str(ds.path), "sha256": ds.sha256, "format": ds.format,
                     "train_records": data.train_records, "eval_records": data.eval_records, "tokens": data.stats},
+        "chat_template": data.template,
         "artifacts": dir_artifacts(run.adapter, "adapter"),
     }
     record_stage(run.dir, "train", out)

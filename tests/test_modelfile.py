@@ -6,20 +6,24 @@ import pytest
 
 from fixtures.chat_templates import FAMILY_TEMPLATES
 from forge.errors import Codes, ForgeError
-from forge.modelfile import FAMILIES, ModelfileConfig, detect_family, parse_modelfile, write_modelfile
+from forge.modelfile import ModelfileConfig, parse_modelfile, write_modelfile
+from forge.templates import detect_family, plan
 
-CONVERSATIONS = [
+SYSTEMLESS = [
     [{"role": "user", "content": "Hi there"}],
+    [{"role": "user", "content": "One"}, {"role": "assistant", "content": "Two"}, {"role": "user", "content": "Three"}],
+]
+WITH_SYSTEM = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}],
-    [{"role": "user", "content": "One"}, {"role": "assistant", "content": "Two"}, {"role": "user", "content": "Three"}],
 ]
 
 
-def _family_tokenizer(assets, name):
+def family_tokenizer(assets, name):
     from transformers import AutoTokenizer
 
-    template, specials, added = FAMILY_TEMPLATES[name]
+    template, _, specials, added, _ = FAMILY_TEMPLATES[name]
     tok = AutoTokenizer.from_pretrained(assets["model_dir"])
     tok.add_special_tokens({"additional_special_tokens": added})
     tok.eos_token = specials["eos_token"]
@@ -29,23 +33,54 @@ def _family_tokenizer(assets, name):
     return tok
 
 
-def render_with_go(render: Path, template: str, messages: list[dict]) -> str:
-    proc = subprocess.run([str(render)], input=json.dumps({"template": template, "messages": messages}),
+def render_with_go(render: Path, template: str, messages: list[dict], system: str | None = None) -> str:
+    """The prompt Ollama builds: TEMPLATE over the messages, the Modelfile's SYSTEM first when the
+    conversation has no system message."""
+    proc = subprocess.run([str(render)], input=json.dumps({"template": template, "system": system or "",
+                                                           "messages": messages}),
                           capture_output=True, text=True, check=True)
     return proc.stdout
 
 
+def assert_same_prompts(go_render, chat_template: str, bos: str | None, eos: str, conversations, apply) -> None:
+    """Ollama's prompt (Forge's TEMPLATE and SYSTEM) equals the model's own Jinja prompt, byte for byte."""
+    planned = plan(chat_template, bos, eos)
+    for messages in conversations:
+        expected = apply(messages)
+        if bos and expected.startswith(bos):  # llama.cpp prepends BOS itself when it tokenizes the prompt
+            expected = expected[len(bos):]
+        assert render_with_go(go_render, planned.template, messages, planned.default_system) == expected, messages
+
+
 @pytest.mark.parametrize("name", sorted(FAMILY_TEMPLATES))
-def test_ollama_template_renders_exactly_like_hf_apply_chat_template(assets, go_render, name):
-    tok = _family_tokenizer(assets, name)
-    family = detect_family(tok.chat_template)
-    assert family.name == name
-    for messages in CONVERSATIONS:
-        hf = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if family.bos:  # llama.cpp prepends BOS itself when it tokenizes the prompt
-            assert hf.startswith(family.bos)
-            hf = hf[len(family.bos):]
-        assert render_with_go(go_render, family.template, messages) == hf
+def test_ollama_renders_exactly_what_the_jinja_template_renders(assets, go_render, name):
+    template, family, specials, _, takes_system = FAMILY_TEMPLATES[name]
+    tok = family_tokenizer(assets, name)
+    assert detect_family(tok.chat_template).name == family
+    conversations = SYSTEMLESS + (WITH_SYSTEM if takes_system else [])
+    assert_same_prompts(go_render, template, specials["bos_token"], specials["eos_token"], conversations,
+                        lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
+
+
+def test_a_default_system_message_goes_into_the_modelfile_and_a_dated_header_into_the_template():
+    qwen = plan(FAMILY_TEMPLATES["qwen2.5"][0], None, "<|im_end|>")
+    assert qwen.default_system == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    llama31 = plan(FAMILY_TEMPLATES["llama3.1"][0], "<|begin_of_text|>", "<|eot_id|>")
+    assert llama31.default_system is None and "Today Date: 26 Jul 2024" in llama31.template
+    assert plan(FAMILY_TEMPLATES["chatml"][0], None, "<|im_end|>").default_system is None
+
+
+def test_smollm2_template_read_from_its_gguf_renders_the_same_in_ollama(go_render, smollm2_gguf):
+    from forge.converter import gguf_fields, gguf_module
+    from forge.templates import render
+
+    keys = gguf_module().Keys.Tokenizer
+    fields, _ = gguf_fields(smollm2_gguf, (keys.CHAT_TEMPLATE,))
+    template = fields[keys.CHAT_TEMPLATE]
+    planned = plan(template, None, "<|im_end|>")
+    assert planned.family.name == "chatml" and planned.default_system.startswith("You are a helpful AI assistant")
+    assert_same_prompts(go_render, template, None, "<|im_end|>", SYSTEMLESS + WITH_SYSTEM,
+                        lambda m: render(template, m, None, "<|im_end|>"))
 
 
 def test_unknown_template_family_is_a_clear_error():
@@ -69,7 +104,7 @@ def test_modelfile_for_the_demo_gguf(quantized, tmp_path):
         assert line in text
     mf = parse_modelfile(text, base_dir=out.parent)
     assert Path(mf.from_).resolve() == gguf.resolve()
-    assert mf.template == FAMILIES[0].template
+    assert mf.template == plan(FAMILY_TEMPLATES["chatml"][0], None, "<|im_end|>").template
     assert result["ollama_create"].startswith("ollama create ")
 
 

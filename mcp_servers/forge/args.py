@@ -23,15 +23,25 @@ def name_arg(description: str):
 
 
 ModelRef = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS, description=(
-    "A model dir under an allowed root, e.g. /data/models/Qwen2.5-0.5B, or a hub id, e.g. Qwen/Qwen2.5-0.5B."))]
+    "A model dir or .gguf under an allowed root, or a hub id, e.g. Qwen/Qwen2.5-0.5B."))]
+ChatTemplate = Annotated[str | None, Field(None, max_length=MAX_PATH_CHARS, description=(
+    "For a base model without one: chatml, llama3, gemma, phi3, phi4, mistral, or a .jinja file."))]
 DatasetPath = Annotated[str, path_arg(
-    "A JSONL file under an allowed root (alpaca, messages or prompt/completion), e.g. /data/support.jsonl.")]
+    "A JSONL file under an allowed root (alpaca, messages or prompt/completion records).")]
 RequestId = Annotated[str | None, Field(None, min_length=1, max_length=MAX_ID_CHARS, description=(
-    "Retry key: repeating it returns the job it first started."))]
+    "Retry key: repeating it returns the same job."))]
 Text = Annotated[str | None, Field(None, max_length=MAX_TEXT_CHARS)]
 QuantName = Annotated[str, Field(max_length=16)]  # the names themselves are checked against llama.cpp's
 Quantizations = Annotated[list[QuantName] | None, Field(None, min_length=1, max_length=8, description=(
     "Besides f16; default [\"Q4_K_M\"]. Also Q5_K_M, Q6_K, Q8_0, Q4_0, Q2_K..."))]
+
+
+def template_arg(chat_template: str | None) -> str | None:
+    """A chat template family's name as it is; a Jinja file checked against the roots."""
+    from forge.paths import check_path
+    from forge.templates import BY_NAME
+
+    return chat_template if not chat_template or chat_template in BY_NAME else str(check_path(chat_template))
 
 
 class Message(BaseModel):

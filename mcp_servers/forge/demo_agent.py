@@ -1,6 +1,7 @@
-"""`make demo`: Forge as an agent meets it. Starts `forge-mcp` over stdio with the SDK's client and
-takes the demo assets through the tools — train → merge → quantize → modelfile → query → seal —
-printing each call, the status it got, and live progress."""
+"""`make demo`: Forge as an agent meets it. Starts `forge-mcp` over stdio with the SDK's client and takes
+a real model, SmolLM2-135M-Instruct (its GGUF from PyPI), through the tools — train on five made-up facts →
+merge → quantize → Modelfile → seal — printing each call, what came back and live progress; then asks the
+base GGUF and the fine-tuned Q4_K_M the same questions, side by side."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from pathlib import Path
 import anyio
 from mcp import Client, StdioServerParameters
 
+from forge.demo import DEMO_QUESTION, DEMO_QUESTIONS, DEMO_TRAIN
+
 
 def show_call(name: str, args: dict) -> None:
     print(f"\n→ {name}({', '.join(f'{k}={json.dumps(v)}' for k, v in args.items())})", flush=True)
 
 
-async def call(client: Client, name: str, args: dict | None = None) -> dict:
+async def call(client: Client, name: str, args: dict | None = None, quiet: bool = False) -> dict:
     args = args or {}
-    show_call(name, args)
+    if not quiet:
+        show_call(name, args)
     result = await client.call_tool(name, args)
     if result.is_error:
         raise SystemExit(f"  ✗ {result.content[0].text}")
@@ -51,41 +55,51 @@ async def follow(client: Client, handle: dict) -> dict:
     return status
 
 
+HYPERPARAMETERS = DEMO_TRAIN["smollm2"]
+ASKED = DEMO_QUESTIONS
+
+
+async def ask(client: Client, model: str, question: str) -> str:
+    reply = await call(client, "forge_query_model", {"model": model, "prompt": question, "max_tokens": 32},
+                       quiet=True)
+    return reply["reply"].strip()
+
+
 async def run(home: Path) -> int:
     params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_servers.forge.server"],
                                    env={**os.environ, "FORGE_HOME": str(home)})
     print(f"Starting forge-mcp over stdio (FORGE_HOME={home})")
-    async with Client(params, read_timeout_seconds=900) as client:
+    async with Client(params, read_timeout_seconds=120) as client:
         tools = (await client.list_tools()).tools
         print(f"tools/list: {len(tools)} tools: {', '.join(t.name for t in tools)}")
-        assets = await call(client, "forge_demo_assets")
-        print(f"  ← model {assets['model_dir']}\n    dataset {assets['dataset']}")
-        report = await call(client, "forge_validate_dataset",
-                            {"path": assets["dataset"], "base_model": assets["model_dir"]})
+        assets = await call(client, "forge_demo_assets", {"model": "smollm2"})
+        base = assets["base_model"]
+        print(f"  ← base model {base}\n    dataset {assets['dataset']} (five made-up facts, four phrasings each)")
+        before = {q: await ask(client, base, q) for q in ASKED}
+        print(f"  ← before: {before[DEMO_QUESTION]!r}")
+        report = await call(client, "forge_validate_dataset", {"path": assets["dataset"], "base_model": base})
         print(f"  ← {report['records']} {report['format']} records, loss on "
               f"{report['tokens']['loss_token_share']:.0%} of tokens, p95 length {report['tokens']['tokens_p95']}")
         train = await follow(client, await call(client, "forge_train", {
-            "base_model": assets["model_dir"], "dataset": assets["dataset"],
-            "hyperparameters": {"num_train_epochs": 8, "learning_rate": 0.003, "save_steps": 20, "max_length": 128,
-                                "per_device_train_batch_size": 1}}))
+            "base_model": base, "dataset": assets["dataset"], "hyperparameters": HYPERPARAMETERS}))
         merge = await follow(client, await call(client, "forge_merge", {"adapter": train["job_id"]}))
         quant = await follow(client, await call(client, "forge_quantize", {"model": merge["job_id"],
                                                                           "quantizations": ["Q4_K_M"]}))
-        modelfile = await call(client, "forge_modelfile", {"gguf": quant["job_id"], "system_prompt": "Answer briefly.",
+        modelfile = await call(client, "forge_modelfile", {"gguf": quant["job_id"],
                                                             "parameters": {"temperature": 0.2, "num_ctx": 2048}})
         print(f"  ← {modelfile['path']} ({modelfile['template_family']}, stops {modelfile['stop_tokens']})\n"
               f"    {modelfile['ollama_create']}")
-        reply = await call(client, "forge_query_model", {"model": quant["job_id"], "prompt": "What is LoRA?",
-                                                         "max_tokens": 24})
-        print(f"  ← {reply['reply']!r} ({reply['completion_tokens']} tokens, {reply['finish_reason']})")
-        sealed = await call(client, "forge_seal_snapshot", {"job_ids": [train["job_id"]],
-                                                            "note": "make demo, driven through MCP"})
+        after = {q: await ask(client, quant["job_id"], q) for q in ASKED}
+        sealed = await call(client, "forge_seal_snapshot", {"note": "make demo: SmolLM2-135M taught five facts"})
         print(f"  ← {sealed['seal_id']}\n    {sealed['retrospective_path']}")
+    print("\nThe same questions to the base GGUF and to the fine-tuned Q4_K_M, through llama.cpp:\n")
+    for question in ASKED:
+        print(f"  Q: {question}\n     before: {before[question]}\n     after:  {after[question]}\n")
     retro = Path(sealed["retrospective_path"]).read_text(encoding="utf-8")
     table = retro.split("## Results", 1)[1].split("\n\n", 2)[1]
-    print(f"\nRun dir: {train['run_dir']}\n\n{table}")
+    print(f"Run dir: {train['run_dir']}\n\n{table}")
     print(f"Check the seal any time:  FORGE_HOME={home} .venv/bin/forge seal verify")
-    return 0
+    return 0 if "Quillport" in after[DEMO_QUESTION] else 1
 
 
 def main(argv: list[str] | None = None) -> int:

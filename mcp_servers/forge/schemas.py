@@ -122,7 +122,8 @@ class Report(BaseModel):
 
 
 class DemoAssets(BaseModel):
-    model_dir: str
+    base_model: str
+    model_dir: str | None = None
     dataset: str
     reused: bool = Field(description="True when assets already there were kept.")
 

@@ -25,8 +25,8 @@ WAIT_POLL_S = 0.5
 
 
 async def forge_job_status(job_id: JobIdArg, ctx: Context) -> JobStatus:
-    """A job in full: status, stage, progress (step, percent, ETA, tokens/s, loss), artifacts with sha256,
-    metrics, error (code, hint), next_actions. Times are Unix seconds."""
+    """A job in full: status, stage, progress, artifacts with sha256, metrics, error with hint, next_actions.
+    Times are Unix seconds."""
     runner = runner_of(ctx)
     return status_of(runner, runner.store.get(job_id))
 
@@ -53,7 +53,7 @@ async def forge_job_list(
     limit: Annotated[int, Field(ge=1, le=100, description="Per page.")] = 20,
     cursor: Annotated[str | None, Field(max_length=40, description="next_cursor of the previous page.")] = None,
 ) -> JobList:
-    """Jobs, newest first, one line each; forge_job_status has a job's detail. Page with cursor."""
+    """Jobs, newest first, one line each; page with cursor. forge_job_status has a job's detail."""
     runner = runner_of(ctx)
     jobs = runner.store.list(status=status, kind=kind, limit=limit + 1, before=_cursor(cursor))
     page = jobs[:limit]
@@ -66,8 +66,8 @@ async def forge_job_events(
     after: Annotated[int, Field(ge=0, le=2**63 - 1, description="next_after of the last page.")] = 0,
     limit: Annotated[int, Field(ge=1, le=200, description="Per page.")] = 50,
 ) -> JobEvents:
-    """A job's events (status, stages, evals, warnings), paged with next_after. Tracebacks are in the
-    resource forge://jobs/{id}/log."""
+    """A job's events (status, stages, evals, warnings), paged with next_after. Tracebacks: the resource
+    forge://jobs/{id}/log."""
     store = runner_of(ctx).store
     store.get(job_id)
     events = store.events(job_id, after=after, limit=limit)
@@ -79,8 +79,7 @@ async def forge_job_cancel(
     job_id: JobIdArg, ctx: Context,
     force: Annotated[bool, Field(description="Kill at once, without a checkpoint.")] = False,
 ) -> JobSummary:
-    """Cancel a job; training saves a checkpoint first (forge_train resume_from_job continues it). Returns
-    its summary."""
+    """Cancel a job; training checkpoints first (forge_train resume_from_job continues). Returns its summary."""
     runner = runner_of(ctx)
     return summary_of(await anyio.to_thread.run_sync(lambda: runner.cancel(job_id, force)))
 
@@ -100,8 +99,8 @@ async def forge_job_wait(
     timeout_s: Annotated[float, Field(ge=0, le=WAIT_CAP_S, description=(
         f"Seconds, at most {WAIT_CAP_S:g}: clients wait 60 s for a reply."))] = WAIT_DEFAULT_S,
 ) -> JobStatus:
-    """Wait up to timeout_s for a job to end, with progress notifications; returns its status either way.
-    Still running? Call again: the job goes on."""
+    """Wait up to timeout_s for a job to end, with progress notifications; returns its status. Still running:
+    call again."""
     runner = runner_of(ctx)
     deadline = time.monotonic() + timeout_s
     sent = None  # MCP requires each notification's progress to be greater than the last

@@ -18,6 +18,7 @@ from forge.paths import check_output, check_path, model_ref
 from forge.train import Method
 from mcp_servers.forge.args import (
     HUB_ID_PATTERN,
+    ChatTemplate,
     DatasetPath,
     ModelRef,
     Quantizations,
@@ -25,6 +26,7 @@ from mcp_servers.forge.args import (
     Text,
     name_arg,
     path_arg,
+    template_arg,
 )
 from mcp_servers.forge.context import PUBLISHES, STARTS_JOB, STARTS_LOCAL_JOB, runner_of
 from mcp_servers.forge.replies import handle_of
@@ -70,17 +72,18 @@ def _train_fields(hyperparameters: Any) -> dict:
 
 async def forge_train(
     base_model: ModelRef, dataset: DatasetPath, ctx: Context, method: MethodArg = "lora",
+    chat_template: ChatTemplate = None,
     run_name: RunName = None,
     hyperparameters: HyperparametersArg = None,
     resume_from_job: Annotated[str | None, Field(None, max_length=64, description=(
         "A failed or cancelled train job to continue."))] = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start training a LoRA/QLoRA adapter (TRL + PEFT) on assistant turns and their end-of-turn token.
-    Returns a job handle at once: forge_job_wait, then forge_merge(adapter=<job id>)."""
+    """Start training a LoRA/QLoRA adapter (TRL + PEFT) on assistant turns. Returns a job handle:
+    forge_job_wait, then forge_merge."""
     runner = runner_of(ctx)
     fields: dict[str, Any] = {"base_model": model_ref(base_model, "base_model"), "method": method,
-                              **_train_fields(hyperparameters)}
+                              "chat_template": template_arg(chat_template), **_train_fields(hyperparameters)}
     if resume_from_job:
         previous = runner.store.require(resume_from_job, "train", finished=False)
         fields.update(output_dir=previous["params"]["output_dir"], resume=True)
@@ -101,8 +104,8 @@ async def forge_merge(
     merged_name: Annotated[str | None, name_arg("Dir name beside the adapter; default merged.")] = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start merging an adapter into its base (base dtype, chat template kept, logits checked). Returns a
-    job handle: forge_job_wait, then forge_quantize(model=<job id>)."""
+    """Start merging an adapter into its base (chat template kept, logits checked). Returns a job handle;
+    next: forge_quantize."""
     from forge.merge import MergeConfig
 
     runner = runner_of(ctx)
@@ -126,8 +129,8 @@ async def forge_quantize(
     gguf_name: Annotated[str | None, name_arg("GGUF file name stem; default the run's name.")] = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start converting a merged model to GGUF and quantizing it, each file checked in llama.cpp. Returns
-    a job handle: forge_job_wait, then forge_modelfile(gguf=<job id>)."""
+    """Start converting a merged model to GGUF and quantizing it, each file run in llama.cpp. Returns a job
+    handle; next: forge_modelfile."""
     from forge.quantize import QuantizeConfig
 
     runner = runner_of(ctx)
@@ -145,6 +148,7 @@ async def forge_quantize(
 
 async def forge_pipeline(
     base_model: ModelRef, dataset: DatasetPath, ctx: Context, method: MethodArg = "lora",
+    chat_template: Annotated[str | None, Field(max_length=4096, description="As forge_train's.")] = None,
     quantizations: Quantizations = None,
     system_prompt: Annotated[Text, Field(description="For records without one, and the Modelfile.")] = None,
     hyperparameters: Annotated[dict[str, Any] | None, Field(description=(
@@ -152,18 +156,20 @@ async def forge_pipeline(
     run_name: RunName = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start train, merge, quantize, Modelfile and seal as one job. Returns a job handle: forge_job_wait,
-    then forge_query_model(model=<job id>)."""
+    """Start train, merge, quantize, Modelfile and seal as one job. Returns a job handle; next:
+    forge_query_model."""
     from forge.pipeline import PipelineConfig
 
     runner = runner_of(ctx)
     hyperparameters = _hyperparameters(hyperparameters)
     train = {"base_model": model_ref(base_model, "base_model"), "method": method,
-             "system_prompt": system_prompt, **_train_fields(hyperparameters)}
+             "system_prompt": system_prompt, "chat_template": template_arg(chat_template),
+             **_train_fields(hyperparameters)}
     checked = await anyio.to_thread.run_sync(lambda: _checked_dataset(dataset, train))
     params = {"base_model": train["base_model"], "dataset": checked["dataset"], "method": method,
               "quantizations": quantizations or ["Q4_K_M"], "system_prompt": system_prompt,
-              "train": _train_fields(hyperparameters), "_dataset": checked["_dataset"]}
+              "train": {**_train_fields(hyperparameters), "chat_template": train["chat_template"]},
+              "_dataset": checked["_dataset"]}
     if run_name:
         params["run_name"] = run_name
     PipelineConfig.build(**{k: v for k, v in params.items() if not k.startswith("_")})
@@ -182,8 +188,8 @@ async def forge_publish(
     = False,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start uploading an adapter, merged model or GGUFs to the Hugging Face Hub in one commit, with a card
-    from the run's seal (needs HF_TOKEN). dry_run: the plan, in the job's result. Returns a job handle."""
+    """Start uploading to the Hugging Face Hub in one commit, with a card from the run's seal (needs
+    HF_TOKEN). Returns a job handle."""
     from forge.publish import PublishConfig
 
     runner = runner_of(ctx)

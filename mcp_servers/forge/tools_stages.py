@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio
 from mcp.server.mcpserver import Context
@@ -15,7 +15,7 @@ from forge.data import FormatName
 from forge.modelfile import OLLAMA_NAME_PATTERN
 from forge.paths import check_path, model_ref
 from forge.runs import find_run_dir, load_stages
-from mcp_servers.forge.args import Message, Sampling, Text, path_arg
+from mcp_servers.forge.args import Message, Sampling, Text, path_arg, template_arg
 from mcp_servers.forge.context import APPENDS, READ_ONLY, READ_ONLY_OPEN, WRITES, runner_of
 from mcp_servers.forge.schemas import (
     DemoAssets,
@@ -29,8 +29,8 @@ from mcp_servers.lib import results
 
 
 async def forge_environment() -> Report:
-    """This machine for Forge: Python, torch, GPUs, free disk, FORGE_HOME and the allowed roots (every path
-    a tool takes must lie under one), versions, warnings. Call it first."""
+    """This machine for Forge: Python, torch, GPUs, disk, FORGE_HOME and the allowed roots (paths must lie
+    under one), versions. Call it first."""
     from forge.env import environment
 
     return Report(**await anyio.to_thread.run_sync(environment))
@@ -39,14 +39,17 @@ async def forge_environment() -> Report:
 async def forge_demo_assets(
     dir: Annotated[str | None, Field(None, max_length=4096, description=(
         "Where, under an allowed root; default $FORGE_HOME/demo."))] = None,
+    model: Annotated[Literal["tiny", "tiny-base", "smollm2"], Field(description=(
+        "tiny (random, fast), tiny-base (no template), or smollm2 (real, 5 facts to learn)."))]
+    = "tiny",
 ) -> DemoAssets:
-    """Write (or reuse) a tiny model and a 60-record dataset, built locally, to try the chain offline.
-    Returns their paths; next: forge_train or forge_pipeline with them."""
+    """Write (or reuse) a demo model and dataset, nothing downloaded. Returns their paths for forge_train."""
     from forge.demo import DemoAssetsConfig, write_demo_assets
 
     target = check_path(dir, "dir") if dir else None
-    out = await anyio.to_thread.run_sync(lambda: write_demo_assets(DemoAssetsConfig(dir=target)))
-    return DemoAssets(model_dir=out["model_dir"], dataset=out["dataset"], reused=out["reused"])
+    out = await anyio.to_thread.run_sync(lambda: write_demo_assets(DemoAssetsConfig(dir=target, model=model)))
+    return DemoAssets(base_model=out["base_model"], model_dir=out["model_dir"], dataset=out["dataset"],
+                      reused=out["reused"])
 
 
 async def forge_validate_dataset(
@@ -57,13 +60,15 @@ async def forge_validate_dataset(
         "A model dir or hub id: its tokenizer gives token stats."))] = None,
     max_length: Annotated[int, Field(gt=0, le=1_048_576, description=(
         "Tokens per record, as training will cut them."))] = 1024,
+    chat_template: Annotated[str | None, Field(max_length=4096, description="As forge_train's.")] = None,
 ) -> Report:
-    """Check every line of a JSONL dataset; problems come back at once with line numbers and fixes. Returns
-    format, counts, split, an example and, with base_model, token stats. Next: forge_train."""
+    """Check every line of a JSONL dataset (problems with line numbers and fixes); with base_model, token
+    stats. Next: forge_train."""
     from forge.data import DataConfig, validate
 
     config = DataConfig(path=check_path(path, "dataset"), format=format, max_length=max_length,
-                        base_model=model_ref(base_model, "base_model") if base_model else None)
+                        base_model=model_ref(base_model, "base_model") if base_model else None,
+                        chat_template=template_arg(chat_template))
     return Report(**await anyio.to_thread.run_sync(validate, config))
 
 
@@ -76,8 +81,8 @@ async def forge_modelfile(
     model_name: Annotated[str | None, Field(None, max_length=200, pattern=OLLAMA_NAME_PATTERN, description=(
         "For `ollama create`, e.g. me/bot:q4; default from the GGUF."))] = None,
 ) -> ModelfileResult:
-    """Write an Ollama Modelfile beside a GGUF: its chat TEMPLATE, stops, sampling, SYSTEM. An existing one
-    is never changed (other content goes to Modelfile-2, ...). Returns it and `ollama create`."""
+    """Write an Ollama Modelfile beside a GGUF (TEMPLATE, SYSTEM, stops, sampling); an existing one is never
+    changed. Next: forge_query_model."""
     from forge.modelfile import ModelfileConfig, write_modelfile
 
     path = results.resolve_input(runner_of(ctx).store, gguf, "gguf", "gguf")
@@ -111,8 +116,8 @@ async def forge_query_model(
     max_tokens: Annotated[int, Field(gt=0, le=8192, description="Tokens to generate at most.")] = 64,
     temperature: Annotated[float, Field(ge=0, le=10, description="0 = greedy.")] = 0.0,
 ) -> QueryResult:
-    """Ask a GGUF (llama.cpp) or an Ollama model something through its chat template: does it talk, and
-    stop, as it should? Returns the reply, finish_reason and token counts."""
+    """Ask a GGUF (llama.cpp) or an Ollama model something through its chat template: does it answer, and
+    stop?"""
     from forge.query import query
 
     gguf, ollama_name = _query_target(ctx, model)
@@ -129,8 +134,8 @@ async def forge_seal_snapshot(
     = None,
     note: Annotated[Text, Field(description="Kept in the record.")] = None,
 ) -> SealResult:
-    """Seal runs: a hash-identified record of configs, data and artifact sha256s, metrics and outcomes,
-    chained to the last seal, with a retrospective (forge://seals/{id}/retrospective). A new seal each call."""
+    """Seal runs: a hash-identified record (configs, data and artifact sha256s, metrics, outcomes) and a
+    retrospective. A new seal each call."""
     from forge.seal import SealConfig, seal
 
     store = runner_of(ctx).store
@@ -149,8 +154,7 @@ async def forge_seal_verify(
     seal_id: Annotated[str | None, Field(None, max_length=71, pattern=r"^(sha256:)?[0-9a-f]{4,64}$", description=(
         "A seal id or 4+ of its hex digits; default the newest."))] = None,
 ) -> SealVerification:
-    """Re-hash a seal's record and the artifacts it lists, and walk its chain; each mismatch names the
-    file and both hashes."""
+    """Re-hash a seal, the artifacts it lists and its chain; each mismatch names the file and both hashes."""
     from forge.seal import verify
 
     return SealVerification(**await anyio.to_thread.run_sync(verify, seal_id))
