@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     from forge.data import DataConfig
     from forge.demo import DemoAssetsConfig
     from forge.env import EnvConfig
+    from forge.evaluate import EvaluateConfig
+    from forge.lora_gguf import LoraGgufConfig
     from forge.merge import MergeConfig
     from forge.modelfile import ModelfileConfig
     from forge.pipeline import PipelineConfig
@@ -83,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     _stage(data_sub, "validate", DataConfig, "Check every line of a JSONL dataset.", positional="path")
     _stage(data_sub, "stats", DataConfig, "Token statistics with the model's tokenizer and chat template.",
            positional="path")
-    _stage(sub, "train", TrainConfig, "Train a LoRA/QLoRA adapter (TRL SFTTrainer + PEFT).", yaml=True)
+    _stage(sub, "train", TrainConfig, "Train a LoRA/QLoRA adapter (TRL SFT, DPO or ORPO + PEFT).", yaml=True)
     _stage(sub, "merge", MergeConfig, "Merge an adapter into its base model, with a parity check.")
     _stage(sub, "quantize", QuantizeConfig, "Convert a merged model to GGUF and quantize it (llama.cpp).")
+    _stage(sub, "lora-gguf", LoraGgufConfig, "A LoRA adapter alone as a GGUF, with a FROM base + ADAPTER Modelfile.")
+    _stage(sub, "eval", EvaluateConfig, "Perplexity of base, fine-tuned and each GGUF; sample answers side by side.")
     mf = _stage(sub, "modelfile", ModelfileConfig, "Write an Ollama Modelfile for a GGUF.")
     _stage(sub, "query", QueryConfig, "Ask a GGUF (or a run's last GGUF) something through its chat template.",
            positional="model")
@@ -105,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage(store_sub, "recover", StoreConfig, "Copy what SQLite can read of a damaged store to a new file.")
     _stage(sub, "snapshot", SnapshotConfig, "Seal the newest run, or bundle a manifest's files for an agent (audit).")
     _stage(sub, "publish", PublishConfig, "Publish an adapter, merged model or GGUFs to the Hugging Face Hub.")
-    _stage(sub, "pipeline", PipelineConfig, "Run train → merge → quantize → modelfile → seal.", yaml=True)
+    _stage(sub, "pipeline", PipelineConfig, "Run train → merge → quantize → eval → modelfile → seal.", yaml=True)
     _stage(sub, "demo-assets", DemoAssetsConfig, "Write the tiny demo model and sample dataset.", positional="dir")
     demo = sub.add_parser("demo", help="Build the demo assets and run every stage on them.")
     demo.add_argument("--dir", default=None, help="Where to put the assets and run (default $FORGE_HOME/demo)")
@@ -125,7 +129,22 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> dict:
-    from forge import data, demo, env, merge, modelfile, pipeline, publish, quantize, query, seal, snapshot, train
+    from forge import (
+        data,
+        demo,
+        env,
+        evaluate,
+        lora_gguf,
+        merge,
+        modelfile,
+        pipeline,
+        publish,
+        quantize,
+        query,
+        seal,
+        snapshot,
+        train,
+    )
 
     if args.command == "seal" and args.seal_command == "verify":
         return seal.verify(args.seal_ref)
@@ -149,7 +168,8 @@ def _run(args: argparse.Namespace) -> dict:
         "env": env.environment, "train": train.train, "merge": merge.merge, "quantize": quantize.quantize,
         "modelfile": modelfile.write_modelfile, "seal": seal.seal, "pipeline": pipeline.run_pipeline,
         "snapshot": snapshot.snapshot, "publish": publish.publish, "query": query.run_query,
-        "demo-assets": demo.write_demo_assets,
+        "demo-assets": demo.write_demo_assets, "eval": evaluate.evaluate,
+        "lora-gguf": lora_gguf.lora_gguf,
     }
     if args.command in ("train", "pipeline") and not args._json:
         return runners[args.command](config, _print_progress)

@@ -2,8 +2,9 @@
 
 The converter is not a PyPI package (PyPI's ``gguf`` is too old to run it). It ships inside the
 llama-cpp-python sdist of the same version as the installed library; Forge fetches that sdist once
-with pip (pip's cache makes it cheap) and extracts only ``convert_hf_to_gguf.py``, ``conversion/``
-and ``gguf-py/`` into the workspace cache. ``LLAMA_CPP_DIR`` points at a llama.cpp checkout instead.
+with pip (pip's cache makes it cheap) and extracts only ``convert_hf_to_gguf.py``,
+``convert_lora_to_gguf.py``, ``conversion/`` and ``gguf-py/`` into the workspace cache. ``LLAMA_CPP_DIR``
+points at a llama.cpp checkout instead.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from forge.errors import Codes, ForgeError
 from forge.workspace import cache_dir
 
-CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py")
 
 
 def _complete(path: Path) -> bool:

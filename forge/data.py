@@ -1,4 +1,7 @@
-"""Datasets: validate JSONL in three formats, convert to chat messages, split, tokenize, preflight stats.
+"""Datasets: validate JSONL in four formats, convert to chat messages, split, tokenize, preflight stats.
+
+Preference records (``{"prompt"|"messages", "chosen", "rejected"}``) become a prompt conversation and two
+answers; SFT on such a file trains on the chosen answers.
 
 The loss mask is computed from the chat template itself: each assistant turn's span is the text
 the template adds for that turn, which includes its end-of-turn token. EOS stays in the loss:
@@ -29,9 +32,10 @@ class Formats:
     ALPACA = "alpaca"
     MESSAGES = "messages"
     PROMPT_COMPLETION = "prompt_completion"
+    PREFERENCE = "preference"
 
 
-FormatName = Literal["auto", "alpaca", "messages", "prompt_completion"]
+FormatName = Literal["auto", "alpaca", "messages", "prompt_completion", "preference"]
 ROLES = ("system", "user", "assistant")
 
 
@@ -49,15 +53,26 @@ class DataConfig(StageConfig):
 
 @dataclass
 class Dataset:
-    """A validated dataset as chat conversations."""
+    """A validated dataset as chat conversations (for preference data: prompt + chosen answer)."""
 
     path: Path
     format: str
     conversations: list[list[dict]]
     sha256: str
+    rejected: list[str] | None = None  # preference data: the rejected answer of each conversation
+
+    def preference_pairs(self) -> list[dict]:
+        """Preference records as TRL takes them: prompt messages, then the chosen and rejected answers."""
+        if self.rejected is None:
+            raise ForgeError(Codes.DATASET_INVALID, f"{self.path} holds {self.format} records, not preference pairs",
+                             'method=dpo/orpo needs {"prompt" or "messages", "chosen", "rejected"} records')
+        return [{"prompt": c[:-1], "chosen": [c[-1]], "rejected": [{"role": "assistant", "content": r}]}
+                for c, r in zip(self.conversations, self.rejected, strict=True)]
 
 
 def _detect(record: dict) -> str | None:
+    if "chosen" in record or "rejected" in record:
+        return Formats.PREFERENCE
     if "messages" in record:
         return Formats.MESSAGES
     if "instruction" in record or "output" in record:
@@ -95,16 +110,21 @@ _FIX = {
     Formats.PROMPT_COMPLETION: "each record needs non-empty 'prompt' and 'completion' strings",
     Formats.MESSAGES: ("'messages' must be a list of {role, content} with roles system/user/assistant "
                        "and at least one non-empty assistant message"),
+    Formats.PREFERENCE: ("each preference record needs a 'prompt' string or a 'messages' list ending with a user "
+                         "message, and two different non-empty answers, 'chosen' and 'rejected'"),
 }
 
 
-def _record_problems(record: dict, fmt: str) -> list[str]:
-    if fmt == Formats.ALPACA:
-        keys = [("instruction", True), ("input", False), ("output", True)]
-        return [p for k, req in keys if (p := _text_problem(record, k, req))]
-    if fmt == Formats.PROMPT_COMPLETION:
-        return [p for k in ("prompt", "completion") if (p := _text_problem(record, k))]
-    messages = record.get("messages")
+def _answer(value) -> str | None:
+    """A preference answer: a string, or TRL's conversational form (one assistant message, alone or in a list)."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict) and value.get("role") == "assistant":
+        value = value.get("content")
+    return value
+
+
+def _messages_problems(messages, final_role: str | None) -> list[str]:
     if not isinstance(messages, list) or not messages:
         return ["field 'messages' must be a non-empty list"]
     problems = []
@@ -118,6 +138,50 @@ def _record_problems(record: dict, fmt: str) -> list[str]:
         problem = _string_problem(msg.get("content"), f"messages[{i}].content", required=True)
         if problem:
             problems.append(problem)
+    if final_role and isinstance(messages[-1], dict) and messages[-1].get("role") != final_role:
+        problems.append(f"the last message is {_short(messages[-1].get('role'))}'s; the prompt must end with a "
+                        f"{final_role} message")
+    return problems
+
+
+def _prompt_key(record: dict) -> str:
+    """Where a preference record's prompt is: 'messages', or 'prompt' (text, or TRL's list of messages)."""
+    return "messages" if "messages" in record else "prompt"
+
+
+def _preference_problems(record: dict) -> list[str]:
+    if _prompt_key(record) == "messages" or isinstance(record.get("prompt"), list):
+        problems = [p.replace("field 'messages'", f"field '{_prompt_key(record)}'")
+                    for p in _messages_problems(record[_prompt_key(record)], final_role="user")]
+    else:
+        problems = [p for p in [_text_problem(record, "prompt")] if p]
+    answers = {}
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            problems.append(f"missing field '{key}'")
+            continue
+        problem = _string_problem(_answer(record[key]), f"field '{key}'", required=True)
+        if problem:
+            problems.append(problem)
+        else:
+            answers[key] = _answer(record[key]).strip()
+    if len(answers) == 2 and answers["chosen"] == answers["rejected"]:
+        problems.append("'chosen' and 'rejected' are the same answer, so there is no preference to learn")
+    return problems
+
+
+def _record_problems(record: dict, fmt: str) -> list[str]:
+    if fmt == Formats.ALPACA:
+        keys = [("instruction", True), ("input", False), ("output", True)]
+        return [p for k, req in keys if (p := _text_problem(record, k, req))]
+    if fmt == Formats.PROMPT_COMPLETION:
+        return [p for k in ("prompt", "completion") if (p := _text_problem(record, k))]
+    if fmt == Formats.PREFERENCE:
+        return _preference_problems(record)
+    messages = record.get("messages")
+    problems = _messages_problems(messages, final_role=None)
+    if problems[:1] == ["field 'messages' must be a non-empty list"]:
+        return problems
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         problems.append("no assistant message, so nothing would be trained")
     return problems
@@ -132,6 +196,11 @@ def _to_messages(record: dict, fmt: str, system_prompt: str | None) -> list[dict
     elif fmt == Formats.PROMPT_COMPLETION:
         messages = [{"role": "user", "content": record["prompt"]},
                     {"role": "assistant", "content": record["completion"]}]
+    elif fmt == Formats.PREFERENCE:
+        given = record[_prompt_key(record)]
+        prompt = ([{"role": m["role"], "content": m["content"]} for m in given] if isinstance(given, list)
+                  else [{"role": "user", "content": given}])
+        messages = [*prompt, {"role": "assistant", "content": _answer(record["chosen"])}]
     else:
         messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
     if system_prompt and messages[0]["role"] != "system":
@@ -146,7 +215,7 @@ MAX_REPORTED = 1000  # problems listed one by one; past that, a count
 SHOWN_CHARS = 300  # how much of a record a report or an error echoes
 BOM = b"\xef\xbb\xbf"
 # A tie between formats goes to the first in this order, whatever the hash seed.
-FORMAT_ORDER = (Formats.MESSAGES, Formats.ALPACA, Formats.PROMPT_COMPLETION)
+FORMAT_ORDER = (Formats.PREFERENCE, Formats.MESSAGES, Formats.ALPACA, Formats.PROMPT_COMPLETION)
 
 
 def _depth(value, limit: int) -> int:
@@ -211,7 +280,8 @@ def _detect_format(parsed: list[tuple[int, dict]], path: Path, problems: list[st
     if not counts and not problems:
         raise ForgeError(Codes.DATASET_INVALID, f"{path}: no records found" if not parsed else
                          f"{path}: cannot tell the format from the keys of line {parsed[0][0]}",
-                         "use alpaca (instruction/input/output), messages, or prompt/completion records")
+                         "use alpaca (instruction/input/output), messages, prompt/completion, or preference "
+                         "(prompt/chosen/rejected) records")
     if not counts:
         return Formats.ALPACA
     return max(FORMAT_ORDER, key=lambda f: (counts[f], -FORMAT_ORDER.index(f)))
@@ -248,7 +318,7 @@ def load_dataset(path: Path | str, fmt: str = Formats.AUTO, system_prompt: str |
         parsed, sha256 = _read_records(fh, problems)
     if fmt == Formats.AUTO:
         fmt = _detect_format(parsed, path, problems)
-    conversations = []
+    conversations, rejected = [], []
     for lineno, record in parsed:
         detected = _detect(record)
         if detected is not None and detected != fmt:
@@ -260,12 +330,15 @@ def load_dataset(path: Path | str, fmt: str = Formats.AUTO, system_prompt: str |
             problems.extend(f"line {lineno}: {p}; {_FIX[fmt]}" for p in record_problems)
             continue
         conversations.append(_to_messages(record, fmt, system_prompt))
+        if fmt == Formats.PREFERENCE:
+            rejected.append(_answer(record["rejected"]))
     if problems:
         raise _dataset_error(path, fmt, problems)
     if not conversations:
         raise ForgeError(Codes.DATASET_INVALID, f"{path}: the file holds no records",
                          "add one JSON object per line")
-    return Dataset(path=path, format=fmt, conversations=conversations, sha256=sha256)
+    return Dataset(path=path, format=fmt, conversations=conversations, sha256=sha256,
+                   rejected=rejected if fmt == Formats.PREFERENCE else None)
 
 
 def snapshot(path: Path | str) -> tuple[Path, str]:
@@ -322,6 +395,24 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
         raise ForgeError(Codes.UNSUPPORTED_TEMPLATE, f"the chat template could not render a conversation: {exc}",
                          "check the roles your records use against the model's chat template "
                          "(some templates refuse 'system' or require alternating user/assistant)") from exc
+
+
+def render_pair(tokenizer, pair: dict) -> dict:
+    """A preference pair as text: the prompt with the generation prompt, and each answer as the template
+    writes it after that prompt, ending at its end-of-turn token (no whitespace after it, so a trainer that
+    appends EOS finds it there)."""
+    prompt = _render(tokenizer, pair["prompt"], add_generation_prompt=True)
+    out = {"prompt": prompt}
+    for key in ("chosen", "rejected"):
+        full = _render(tokenizer, pair["prompt"] + pair[key], add_generation_prompt=False)
+        if not full.startswith(prompt):
+            raise ForgeError(Codes.UNSUPPORTED_TEMPLATE,
+                             "the chat template renders the prompt differently once an answer follows",
+                             "use a chat template whose prompt rendering is a prefix of the whole conversation")
+        answer = full[len(prompt):]
+        eos = tokenizer.eos_token
+        out[key] = answer.rstrip() if eos and answer.rstrip().endswith(eos) else answer
+    return out
 
 
 def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:

@@ -36,6 +36,7 @@ class Codes:
     STORE_DAMAGED = "store_damaged"
     TOKEN_REQUIRED = "token_required"
     SEAL_NOT_FOUND = "seal_not_found"
+    RUN_NOT_FOUND = "run_not_found"
     HUB_AUTH_MISSING = "hub_auth_missing"
     HUB_ERROR = "hub_error"
     INTERNAL = "internal_error"

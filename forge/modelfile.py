@@ -29,7 +29,8 @@ OLLAMA_NAME_PATTERN = (r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-
 
 
 class ModelfileConfig(StageConfig):
-    gguf: Path = Field(description="The GGUF file the Modelfile runs.")
+    gguf: Path = Field(description="The GGUF file the Modelfile runs (with adapter: the base model's GGUF).")
+    adapter: Path | None = Field(None, description="A LoRA GGUF applied on top of gguf (an ADAPTER line).")
     output: Path | None = Field(None, description="Modelfile path; default 'Modelfile' beside the GGUF.")
     model_name: str | None = Field(None, max_length=200, pattern=OLLAMA_NAME_PATTERN, description=(
         "Name for `ollama create` ([namespace/]name[:tag], letters, digits, '.', '_', '-'); default the GGUF's "
@@ -74,9 +75,39 @@ def gguf_tokens(gguf_path: Path) -> dict:
             "eos_tokens": [t for t in (name(tok.EOS_ID), name(tok.EOT_ID)) if t]}
 
 
+def _relative(path: Path, out: Path) -> str:
+    """A path as a Modelfile names it: relative to the Modelfile when beside or below it, else absolute."""
+    try:
+        return f"./{Path(path.resolve()).relative_to(out.resolve().parent).as_posix()}"
+    except ValueError:
+        return str(path.resolve())
+
+
+def _lora_base(config: ModelfileConfig) -> ModelfileConfig:
+    """Given a LoRA GGUF as ``gguf``: the base GGUF it was verified on (from its run's record) as ``gguf``,
+    the LoRA as ``adapter``."""
+    from forge.converter import gguf_fields
+
+    fields, _ = gguf_fields(Path(config.gguf), ("general.type",))
+    if config.adapter is not None or fields["general.type"] != "adapter":
+        return config
+    from forge.runs import find_run_dir, load_stages
+
+    run_dir = find_run_dir(Path(config.gguf).parent)
+    record = (load_stages(run_dir).get("lora_gguf") or {}) if run_dir else {}
+    if not record.get("base_gguf"):
+        raise ForgeError(Codes.GGUF_INVALID, f"{config.gguf} is a LoRA adapter GGUF, not a model",
+                         "pass the base model's GGUF as gguf and the LoRA GGUF as adapter")
+    return config.model_copy(update={"gguf": Path(record["base_gguf"]["path"]), "adapter": Path(config.gguf),
+                                     "output": config.output or Path(config.gguf).parent / "Modelfile.adapter"})
+
+
 def write_modelfile(config: ModelfileConfig) -> dict:
+    check_gguf(Path(config.gguf))
+    config = _lora_base(config)
     gguf_path = Path(config.gguf)
-    check_gguf(gguf_path)
+    if config.adapter is not None:
+        check_gguf(Path(config.adapter))
     out = check_output(Path(config.output) if config.output else gguf_path.parent / "Modelfile", "Modelfile")
     if not config.keep_existing:
         refuse_existing(out, config.force)
@@ -88,12 +119,11 @@ def write_modelfile(config: ModelfileConfig) -> dict:
     family = planned.family if planned else None
     stops = list(dict.fromkeys([*(family.stops if family else ()), *info["eos_tokens"]]))
     system = config.system_prompt or (planned.default_system if planned else None)
-    try:
-        rel = Path(gguf_path.resolve()).relative_to(out.resolve().parent)
-        source = f"./{rel.as_posix()}"
-    except ValueError:
-        source = str(gguf_path.resolve())
-    lines = [f"# Modelfile written by Forge for {gguf_path.name}", f"FROM {source}", ""]
+    named = Path(config.adapter).name if config.adapter else gguf_path.name
+    lines = [f"# Modelfile written by Forge for {named}", f"FROM {_relative(gguf_path, out)}"]
+    if config.adapter:
+        lines.append(f"ADAPTER {_relative(Path(config.adapter), out)}")
+    lines.append("")
     lines += [f"TEMPLATE {_quote(config.template or planned.template)}", ""]
     if system:
         lines += [f"SYSTEM {_quote(system)}", ""]
@@ -106,14 +136,16 @@ def write_modelfile(config: ModelfileConfig) -> dict:
         out = _unchanged_or_new(out, content)
     if not (out.is_file() and read_text(out, "Modelfile") == content):
         atomic_write_text(out, content)
-    name = config.model_name or re.sub(r"[^a-z0-9._-]+", "-", gguf_path.stem.lower()).strip("-._") or "model"
+    stem = Path(config.adapter or gguf_path).stem.lower()
+    name = config.model_name or re.sub(r"[^a-z0-9._-]+", "-", stem).strip("-._") or "model"
     result = {"status": Outcome.SUCCEEDED, "path": str(out), "content": content,
               "template_family": family.name if family else "custom", "stop_tokens": stops, "parameters": params,
               "system": system, "default_system": planned.default_system if planned else None,
               "template_notes": planned.notes if planned else [],
               "ollama_create": f"ollama create {shlex.quote(name)} -f {shlex.quote(str(out))}", "model_name": name,
               "artifacts": [artifact(out, "modelfile")], "config": config.model_dump(mode="json")}
-    record_stage_near(out, "modelfile", result)
+    if config.adapter is None:  # a LoRA's Modelfile is part of its lora_gguf record
+        record_stage_near(out, "modelfile", result)
     return result
 
 
@@ -168,6 +200,7 @@ def parse_modelfile(text: str, base_dir: Path | None = None) -> Modelfile:
     problems: list[str] = []
     mf = Modelfile()
     froms = 0
+    adapters = []
     lines = text.splitlines()
     i = 0
     while i < len(lines):
@@ -193,6 +226,8 @@ def parse_modelfile(text: str, base_dir: Path | None = None) -> Modelfile:
         else:
             value = rest
         mf.instructions.append((keyword, value))
+        if keyword == "ADAPTER":
+            adapters.append(value.strip())
         if keyword == "FROM":
             froms += 1
             mf.from_ = value.strip()
@@ -218,6 +253,10 @@ def parse_modelfile(text: str, base_dir: Path | None = None) -> Modelfile:
             problems.append(f"FROM {mf.from_}: no such file (resolved to {target})")
         elif not _is_gguf(target):
             problems.append(f"FROM {mf.from_}: {target} is not a GGUF file")
+    for adapter in adapters if base_dir is not None else []:
+        target = Path(adapter) if Path(adapter).is_absolute() else Path(base_dir) / adapter
+        if not target.is_file() or not _is_gguf(target):
+            problems.append(f"ADAPTER {adapter}: no GGUF file there (resolved to {target})")
     if problems:
         raise ForgeError(Codes.MODELFILE_INVALID, "invalid Modelfile: " + "; ".join(problems),
                          "fix the lines listed; see https://github.com/ollama/ollama/blob/main/docs/modelfile.md",

@@ -205,6 +205,12 @@ def open_input(path: str | Path, what: str = "file") -> BinaryIO:
         raise _invalid(what, path, f"cannot be opened ({exc.strerror})", "pass a readable file") from None
 
 
+def checked(path: str | Path, what: str = "path") -> Path:
+    """A path read from a record (a stage's result, a config): held to the roots when confined, like an
+    argument, since whoever could write the record chose it."""
+    return check_path(path, what) if confined() else Path(path)
+
+
 def check_input_dir(directory: str | Path, what: str = "directory") -> Path:
     """A directory to read from: no entry may lead outside the roots when confined."""
     return check_tree(directory, what) if confined() else Path(directory)

@@ -1,4 +1,4 @@
-"""The whole chain in one call: train → merge → quantize → modelfile → seal, in one run dir."""
+"""The whole chain in one call: train → merge → quantize → evaluate → modelfile → seal, in one run dir."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pydantic import Field
 from forge.config import StageConfig
 from forge.progress import ProgressCallback
 from forge.runs import STAGES, Outcome
-from forge.train import Method
+from forge.train import METHOD_HELP, Method
 
 # Share of a pipeline's wall time each stage takes, roughly: training dominates. A pipeline's
 # percent is the finished stages' shares plus the running stage's share times its own percent.
-STAGE_WEIGHTS = {"train": 70, "merge": 10, "quantize": 15, "modelfile": 2, "seal": 3}
+STAGE_WEIGHTS = {"train": 65, "merge": 10, "quantize": 15, "evaluate": 5, "modelfile": 2, "seal": 3}
 
 
 def stage_span(stage: str) -> tuple[float, float]:
@@ -27,7 +27,7 @@ def stage_span(stage: str) -> tuple[float, float]:
 class PipelineConfig(StageConfig):
     base_model: str = Field(description="Local model dir or hub id to fine-tune.")
     dataset: Path = Field(description="JSONL dataset.")
-    method: Method = Field("lora", description="lora or qlora.")
+    method: Method = Field("lora", description=METHOD_HELP)
     output_dir: Path | None = Field(None, description="Run dir; default $FORGE_HOME/runs/<run_name>.")
     run_name: str | None = Field(None, description="Name of the run dir under $FORGE_HOME/runs.")
     quantizations: list[str] = Field(["Q4_K_M"], description="llama.cpp quant types to make.")
@@ -35,6 +35,8 @@ class PipelineConfig(StageConfig):
     pre_tokenizer: str | None = Field(None, description="llama.cpp pre-tokenizer fallback for unknown tokenizers.")
     train: dict[str, Any] = Field(default_factory=dict, description="Extra train fields (TrainConfig names).")
     note: str | None = Field(None, description="A note kept in the seal.")
+    evaluate: bool = Field(True, description=(
+        "After quantize, measure base / fine-tuned / each GGUF on the eval split and compare sample answers."))
 
 
 StageHook = Callable[[str, dict], None]
@@ -42,6 +44,7 @@ StageHook = Callable[[str, dict], None]
 
 def run_pipeline(config: PipelineConfig, on_progress: ProgressCallback | None = None,
                  on_stage_done: StageHook | None = None) -> dict:
+    from forge.evaluate import EvaluateConfig, evaluate
     from forge.merge import MergeConfig, merge
     from forge.modelfile import ModelfileConfig, write_modelfile
     from forge.quantize import QuantizeConfig, quantize
@@ -75,6 +78,8 @@ def run_pipeline(config: PipelineConfig, on_progress: ProgressCallback | None = 
     quantized = done("quantize", quantize(QuantizeConfig(model_dir=Path(merged["merged_dir"]),
                                                          quantizations=config.quantizations,
                                                          pre_tokenizer=config.pre_tokenizer), progress("quantize")))
+    if config.evaluate:
+        done("evaluate", evaluate(EvaluateConfig(run_dir=run_dir), progress("evaluate")))
     progress("modelfile")
     done("modelfile", write_modelfile(ModelfileConfig(gguf=Path(quantized["outputs"][-1]["path"]),
                                                       system_prompt=config.system_prompt)))

@@ -91,6 +91,41 @@ def next_steps(run: dict) -> list[str]:
     return steps
 
 
+def _cell(text: str, limit: int = 160) -> str:
+    """Text that fits a Markdown table cell: one line, pipes escaped, cut at ``limit`` characters."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _answer(answer: dict | None) -> str:
+    if not answer:
+        return "—"
+    ending = "stopped" if answer["stopped"] else f"**did not stop** ({answer['tokens']} tokens)"
+    return f"{_cell(answer['text']) or '(empty)'} — {ending}"
+
+
+def evaluation_section(ev: dict) -> list[str]:
+    """What the fine-tune gained and each quantization cost, and sample answers side by side."""
+    source = ev.get("source") or {}
+    out = ["### Evaluation", "",
+           f"On {source.get('records')} records of the {source.get('kind')} (`{source.get('path')}`), "
+           f"{ev.get('tokens')} answer tokens scored by every model:", "",
+           "| Model | Loss | Perplexity | Change |", "|---|---|---|---|"]
+    for row in ev.get("table") or []:
+        change = ("vs base " + f"{row['vs_base_pct']:+.2f}%" if "vs_base_pct" in row
+                  else "vs fine-tuned " + f"{row['vs_fine_tuned_pct']:+.2f}%" if "vs_fine_tuned_pct" in row else "")
+        out.append(f"| {row['model']} | {row['loss']:.4f} | {row['perplexity']:.4g} | {change} |")
+    samples = ev.get("samples") or []
+    if samples:
+        quant = samples[0].get("quantized_model", "quantized")
+        out += ["", f"Sample answers (greedy), base model vs {quant} GGUF; stopped on its own: "
+                + ", ".join(f"{k} {v}" for k, v in (ev.get("stopped_on_its_own") or {}).items()) + ".", "",
+                f"| Prompt | Expected | Base | {quant} |", "|---|---|---|---|"]
+        out += [f"| {_cell(s['prompt'], 80)} | {_cell(s['expected'], 80)} | {_answer(s.get('base'))} | "
+                f"{_answer(s.get('quantized'))} |" for s in samples]
+    return out + [""]
+
+
 def render_retrospective(record: dict, sid: str, plot: str | None = None) -> str:
     out = [f"# Retrospective — {', '.join(Path(r['run_dir']).name for r in record['runs'])}", "",
            f"Seal `{sid}`, made {record['created_at']}; previous seal "
@@ -114,6 +149,8 @@ def render_retrospective(record: dict, sid: str, plot: str | None = None) -> str
         if parity:
             out += [f"Merge parity: max |Δlogit| {parity['max_abs_diff']:.3g} (bound {parity['bound']:.3g}, "
                     f"{parity['dtype']}).", ""]
+        if run.get("evaluation"):
+            out += evaluation_section(run["evaluation"])
         out += ["### Artifacts", "", "| Kind | File | Bytes | sha256 |", "|---|---|---|---|"]
         for a in run.get("artifacts", []):
             rel = os.path.relpath(a["path"], run["run_dir"])

@@ -8,6 +8,7 @@ Layout of ``$FORGE_HOME/runs/<run name>/``::
     adapter/                 the LoRA adapter, tokenizer and chat template
     merged/                  the merged model
     gguf/                    <name>-f16.gguf, <name>-Q4_K_M.gguf, ..., Modelfile
+                             (a LoRA alone: <name>-lora-f16.gguf, <base>-f16.gguf, Modelfile.adapter)
     stages/<stage>.json      each stage's result, read later by seals and agents
 
 Stages write their records here; ``forge.seal`` reads them. Nothing in this module imports a stage.
@@ -22,9 +23,9 @@ from forge.paths import forge_home, read_text
 from forge.workspace import atomic_write_text
 
 # The one list of Forge's stages, in the order a pipeline runs them.
-STAGES = ("train", "merge", "quantize", "modelfile", "seal")
+STAGES = ("train", "merge", "quantize", "evaluate", "modelfile", "seal")
 # Stages that leave a record in the run dir (the seal records itself elsewhere).
-RECORDED_STAGES = STAGES[:-1]
+RECORDED_STAGES = (*STAGES[:-1], "lora_gguf")  # lora_gguf: a LoRA alone as a GGUF (forge lora-gguf)
 # Files a seal hashes, by artifact kind, relative to the run dir.
 ARTIFACT_GLOBS = {"adapter": "adapter/*", "merged": "merged/*", "gguf": "gguf/*.gguf", "modelfile": "gguf/Modelfile*"}
 PROGRESS_FILE = "progress.jsonl"

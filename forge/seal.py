@@ -100,11 +100,16 @@ def run_record(run_dir: Path) -> dict:
         "loss_curve": metrics.get("loss_curve", []),
         "eval_curve": metrics.get("eval_curve", []),
         "merge_parity": stages.get("merge", {}).get("parity"),
+        "evaluation": {k: stages["evaluate"].get(k) for k in ("source", "tokens", "table", "samples",
+                                                               "stopped_on_its_own", "warnings")}
+        if "evaluate" in stages else None,
         "gguf": [{"quant": o["quant"], "path": o["path"], "generated": o.get("verification", {}).get("generated")}
                  for o in quant.get("outputs", [])],
         "modelfile": {k: stages["modelfile"].get(k) for k in ("path", "template_family", "stop_tokens",
                                                               "ollama_create", "model_name")}
         if "modelfile" in stages else None,
+        "lora_gguf": {k: stages["lora_gguf"].get(k) for k in ("lora_gguf", "base_gguf", "verification", "modelfile")}
+        if "lora_gguf" in stages else None,
         "chat_template_sha256": sha256_file(template) if template else None,
         "chat_template": train.get("chat_template"),  # the template trained with and where it came from
         "artifacts": artifacts,

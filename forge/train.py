@@ -1,4 +1,5 @@
-"""Train a LoRA or QLoRA adapter with TRL's SFTTrainer + PEFT.
+"""Train a LoRA or QLoRA adapter with TRL + PEFT: supervised (SFTTrainer), or on preference pairs
+(DPOTrainer; ORPOTrainer), the reference model being the base itself with the adapter switched off.
 
 ``train`` reads as its phases: run dir → data → model → memory plan → trainer arguments → run →
 adapter and metrics. Run dir layout: see ``forge.runs``.
@@ -6,6 +7,7 @@ adapter and metrics. Run dir layout: see ``forge.runs``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,7 +39,10 @@ from forge.progress import ProgressCallback, ProgressWriter
 from forge.runs import PROGRESS_FILE, STAGES_DIR, TRAIN_CONFIG_FILE, Outcome, record_stage, runs_dir
 from forge.workspace import atomic_dir, atomic_write_json, dir_artifacts
 
-Method = Literal["lora", "qlora"]
+Method = Literal["lora", "qlora", "dpo", "orpo"]
+PREFERENCE_METHODS = ("dpo", "orpo")
+Tracker = Literal["tensorboard", "mlflow", "trackio"]
+METHOD_HELP = "lora; qlora (4-bit base); dpo or orpo (LoRA on chosen/rejected pairs)."
 
 
 class TrainConfig(StageConfig):
@@ -52,13 +57,16 @@ class TrainConfig(StageConfig):
     run_name: str | None = Field(None, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                                  description="Name of the run dir under $FORGE_HOME/runs (letters, digits, '.', "
                                  "'_', '-'; e.g. support-bot-v2).")
-    method: Method = Field("lora", description="lora, or qlora (4-bit NF4 base, bitsandbytes).")
+    method: Method = Field("lora", description=METHOD_HELP)
+    load_in_4bit: bool = Field(False, description="dpo/orpo on a 4-bit NF4 base (as qlora).")
+    beta: float = Field(0.1, gt=0, le=100, description=(
+        "dpo: TRL's beta (lower = drift further); orpo: odds-ratio weight."))
     dataset_format: FormatName = Field("auto", description="Dataset record format.")
     system_prompt: str | None = Field(None, description="System message added to records without one.")
     num_train_epochs: float = Field(1.0, gt=0, le=1000, description=(
-        "Passes over the data (past dozens a LoRA memorises)."))
+        "Passes over the data."))
     max_steps: int = Field(-1, ge=-1, le=10_000_000, description="Steps to stop at; -1 = use epochs.")
-    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak rate, e.g. 2e-4 (above 1 diverges).")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak rate, e.g. 2e-4.")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
     warmup_steps: float = Field(0.03, ge=0, le=10_000_000,
                                 description="Warm-up: steps, or a fraction of all steps if < 1.")
@@ -66,8 +74,8 @@ class TrainConfig(StageConfig):
     per_device_train_batch_size: int = Field(4, gt=0, le=4096, description="Records per micro-batch.")
     gradient_accumulation_steps: int = Field(1, gt=0, le=4096, description="Micro-batches per optimizer step.")
     max_length: int = Field(1024, gt=0, le=1_048_576, description=(
-        "Tokens per record (TRL's max_length); longer are cut."))
-    lora_r: int = Field(16, gt=0, le=1024, description="LoRA rank, e.g. 16 (past 1024, not low-rank).")
+        "Tokens per record; longer are cut."))
+    lora_r: int = Field(16, gt=0, le=1024, description="LoRA rank, e.g. 16.")
     lora_alpha: int = Field(32, gt=0, le=65536, description="Updates scale by alpha / r.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on LoRA inputs.")
     lora_target_modules: list[str] | str = Field(
@@ -91,12 +99,23 @@ class TrainConfig(StageConfig):
         "forge_varlen (sdpa record by record) for padding-free batches, else sdpa.")
     use_liger_kernel: bool | None = Field(
         None, description="liger-kernel fused CE/RMSNorm/RoPE/SwiGLU; default on when on CUDA and installed.")
-    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed (numpy's are 32-bit).")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed.")
     resume: bool = Field(False, description="Continue from the highest-numbered checkpoint in the run dir.")
     memory_plan: bool = Field(True, description=(
         "On a GPU, choose micro-batch, accumulation (same effective batch) and checkpointing to fit free memory."))
     num_processes: int = Field(1, ge=1, le=64, description="One per GPU (torchrun).")
+    report_to: list[Tracker] = Field(default_factory=list, description=(
+        "Experiment trackers (transformers' report_to), writing inside RUN/trackers/, no network: tensorboard, "
+        "mlflow (a file store), trackio (a local project)."))
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-process strategy: ddp, or fsdp to shard.")
+
+    @property
+    def four_bit(self) -> bool:
+        return self.method == "qlora" or self.load_in_4bit
+
+    @property
+    def preference(self) -> bool:
+        return self.method in PREFERENCE_METHODS
 
     def run_dir(self) -> Path:
         if self.output_dir:
@@ -133,6 +152,7 @@ def _progress_callback(writer: ProgressWriter, stop: _StopFlag, counter: dict):
 
         def __init__(self):
             self.last_loss = None
+            self.preference = {}  # the last logged reward figures (dpo, orpo)
             self.start_time = None
             self.start_step = 0
             self.last_write = 0.0
@@ -146,9 +166,10 @@ def _progress_callback(writer: ProgressWriter, stop: _StopFlag, counter: dict):
             logs = logs or {}
             if "loss" in logs:
                 self.last_loss = logs["loss"]
+                self.preference = preference_figures(logs)
             if "eval_loss" in logs:
                 writer({"event": "eval", "step": state.global_step, "eval_loss": logs["eval_loss"],
-                        "epoch": state.epoch})
+                        "epoch": state.epoch, **preference_figures(logs, "eval_")})
 
         def on_step_end(self, args, state, control, **kwargs):
             now = time.time()
@@ -168,9 +189,22 @@ def _progress_callback(writer: ProgressWriter, stop: _StopFlag, counter: dict):
                 "tokens_per_s": round(counter["tokens"] / elapsed, 2),
                 "eta_s": round((state.max_steps - state.global_step) * elapsed / max(done, 1), 1),
                 "percent": round(100.0 * state.global_step / max(state.max_steps, 1), 1),
+                **self.preference,
             })
 
     return ForgeProgress()
+
+
+# TRL's reward logs (dpo, orpo) → Forge's progress fields
+PREFERENCE_LOGS = {"rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
+                   "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin"}
+
+
+def preference_figures(logs: dict, prefix: str = "") -> dict:
+    """Reward figures from one TRL log: how much more the adapter prefers the chosen answer than the base
+    does (reward = beta * log-ratio), the share of pairs ranked right, and the mean margin."""
+    return {field: round(float(logs[prefix + key]), 4) for key, field in PREFERENCE_LOGS.items()
+            if prefix + key in logs}
 
 
 def _rows(tokens, config: TrainConfig) -> list[dict]:
@@ -203,7 +237,7 @@ def _attn_implementation(config: TrainConfig, on_cuda: bool) -> str:
 def _eval_strategy(config: TrainConfig, eval_set, on_cuda: bool) -> str:
     if eval_set is None:
         return "no"
-    if config.method == "qlora" and not on_cuda:
+    if config.four_bit and not on_cuda:
         # bitsandbytes (0.50, CPU) repacks 4-bit weights for inference on eval and training then
         # fails on them; evaluate once, after training, instead of at each epoch end.
         return "no"
@@ -232,7 +266,7 @@ def _load_model(config: TrainConfig, model_ref: str):
     dtype = train_dtype()
     on_cuda = device_kind() == "cuda"
     kwargs: dict = {"dtype": dtype, "attn_implementation": _attn_implementation(config, on_cuda)}
-    if config.method == "qlora":
+    if config.four_bit:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -253,36 +287,49 @@ def _load_model(config: TrainConfig, model_ref: str):
     except torch.OutOfMemoryError as exc:
         raise ForgeError(Codes.OUT_OF_MEMORY, f"loading {model_ref} ran out of GPU memory",
                          "use method=qlora, or a smaller model", retryable=True) from exc
-    if config.method == "qlora":
+    if config.four_bit:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     return model
 
 
-def _trainer_class():
-    from trl import SFTTrainer
+def _count_tokens(inputs) -> tuple[int, int]:
+    """Real (non-pad) tokens and all token slots of a CPU-side batch, whatever the trainer's batch keys
+    (input_ids; chosen_/rejected_input_ids); prompt-only keys are parts of those sequences."""
+    rows = inputs.pop(ROW_LENGTHS_KEY, None)
+    ids = [v for k, v in inputs.items() if k.endswith("input_ids") and not k.startswith("prompt_")]
+    masks = [v for k, v in inputs.items() if k.endswith("attention_mask") and not k.startswith("prompt_")]
+    slots = sum(int(v.numel()) for v in ids)
+    if rows is not None:
+        return int(rows.sum()), slots
+    return (sum(int(m.sum()) for m in masks) if masks else slots), slots
 
-    class ForgeSFTTrainer(SFTTrainer):
-        """Counts real (non-pad) training tokens on the CPU-side batch, before it moves to the device."""
 
+def _trainer_class(method: str):
+    """TRL's trainer for the method, counting real training tokens on the CPU-side batch before it moves to
+    the device (no device syncs)."""
+    if method == "dpo":
+        from trl import DPOTrainer as Base
+    elif method == "orpo":
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO lives in trl.experimental
+        from trl.experimental.orpo import ORPOTrainer as Base
+    else:
+        from trl import SFTTrainer as Base
+
+    class ForgeTrainer(Base):
         real_tokens = {"tokens": 0}
+        plain_loss = False  # set when the LM head itself is trained (new chat tokens; SFT only)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            rows = inputs.pop(ROW_LENGTHS_KEY, None)
-            mask = inputs.get("attention_mask")
-            self.real_tokens["slots"] = self.real_tokens.get("slots", 0) + int(inputs["input_ids"].numel())
-            if rows is not None:
-                self.real_tokens["tokens"] += int(rows.sum())
-            else:
-                self.real_tokens["tokens"] += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            tokens, slots = _count_tokens(inputs)
+            self.real_tokens["tokens"] += tokens
+            self.real_tokens["slots"] = self.real_tokens.get("slots", 0) + slots
             return super().training_step(model, inputs, num_items_in_batch)
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             inputs.pop(ROW_LENGTHS_KEY, None)
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-
-        plain_loss = False  # set when the LM head itself is trained (new chat tokens)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.plain_loss:
@@ -293,7 +340,7 @@ def _trainer_class():
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    return ForgeSFTTrainer
+    return ForgeTrainer
 
 
 def _rank() -> int:
@@ -386,8 +433,48 @@ class _Plan:
 
 
 # TrainConfig fields named like TRL's SFTConfig fields that Forge sets itself instead of passing through.
-FORGE_SETS = {"output_dir", "run_name", "packing", "use_liger_kernel", "assistant_only_loss",
+FORGE_SETS = {"output_dir", "run_name", "packing", "use_liger_kernel", "assistant_only_loss", "report_to",
               "per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing"}
+
+
+# The modules each tracker needs (any one of them), and where transformers reads each one's directory.
+TRACKER_MODULES = {"tensorboard": ("tensorboardX", "tensorboard"), "mlflow": ("mlflow",), "trackio": ("trackio",)}
+
+
+def _check_trackers(config: TrainConfig) -> None:
+    import importlib.util
+
+    missing = [t for t in config.report_to if not any(importlib.util.find_spec(m) for m in TRACKER_MODULES[t])]
+    if missing:
+        raise ForgeError(Codes.INVALID_ARGUMENT, f"report_to names {', '.join(missing)}, which is not installed",
+                         "pip install 'forge-finetune[trackers]' (tensorboardX, mlflow-skinny), or trackio for "
+                         "trackio; or leave report_to empty")
+
+
+@contextlib.contextmanager
+def _trackers(config: TrainConfig, run_dir: Path):
+    """Each tracker writes inside RUN/trackers/, offline: the settings transformers' callbacks read, set for
+    this training only."""
+    root = (run_dir / "trackers").resolve()
+    env = {}
+    if "tensorboard" in config.report_to:
+        env["TENSORBOARD_LOGGING_DIR"] = str(root / "tensorboard")
+    if "mlflow" in config.report_to and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # a local file store (MLflow keeps it in maintenance mode; a tracking server named by the user wins)
+        env.update(MLFLOW_TRACKING_URI=(root / "mlruns").as_uri(), MLFLOW_ALLOW_FILE_STORE="true",
+                   MLFLOW_EXPERIMENT_NAME=run_dir.name)
+    if "trackio" in config.report_to:
+        env.update(TRACKIO_DIR=str(root / "trackio"), TRACKIO_PROJECT=run_dir.name)
+    saved = {k: os.environ.get(k) for k in [*env, "MLFLOW_EXPERIMENT_ID"]}  # MLflow sets the last one itself
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _prepare_run(config: TrainConfig, on_progress: ProgressCallback | None) -> _Run:
@@ -402,7 +489,8 @@ def _prepare_run(config: TrainConfig, on_progress: ProgressCallback | None) -> _
     elif not _in_launched_rank() and (adapter_dir.exists() or latest_checkpoint(checkpoints_dir)):
         raise ForgeError(Codes.OUTPUT_EXISTS, f"run dir {run_dir} already holds a training run",
                          "pass resume=true (--resume) to continue it, or choose another run_name")
-    if config.method == "qlora":
+    _check_trackers(config)
+    if config.four_bit:
         from forge.hardware import device_kind
 
         if device_kind() == "cpu":
@@ -444,6 +532,8 @@ def _prepare_data(config: TrainConfig, model_ref: str, writer: ProgressWriter) -
     writer.stage("preparing_data")
     tokenizer, template = data.prepare_tokenizer(model_ref, config.chat_template)
     ds = data.load_dataset(config.dataset, config.dataset_format, config.system_prompt)
+    if config.preference:
+        return _preference_data(config, tokenizer, template, ds)
     train_convs, eval_convs = data.split(ds.conversations, config.eval_fraction, config.seed)
     train_tokens = data.tokenize_all(tokenizer, train_convs)
     stats = data.token_stats(train_tokens, config.max_length)
@@ -462,6 +552,30 @@ def _prepare_data(config: TrainConfig, model_ref: str, writer: ProgressWriter) -
     return _Data(tokenizer, template, ds, len(train_convs), len(eval_convs), stats, train_set, eval_set, collator)
 
 
+def _preference_data(config: TrainConfig, tokenizer, template: dict, ds) -> _Data:
+    """Preference pairs for TRL: conversational for DPO (TRL renders them through the chat template, the
+    answer's end-of-turn token included); rendered here for ORPO, whose trainer takes text."""
+    from datasets import Dataset as HFDataset
+
+    from forge import data
+
+    if template["added_tokens"]:
+        raise ForgeError(Codes.INVALID_ARGUMENT,
+                         f"method={config.method} cannot teach a base model new chat tokens "
+                         f"({', '.join(template['added_tokens'])})",
+                         "train with method=lora and chat_template first, merge, then run "
+                         f"method={config.method} on the merged model")
+    pairs = ds.preference_pairs()
+    train_pairs, eval_pairs = data.split(pairs, config.eval_fraction, config.seed)
+    train_convs, _ = data.split(ds.conversations, config.eval_fraction, config.seed)
+    stats = data.token_stats(data.tokenize_all(tokenizer, train_convs), config.max_length)  # on the chosen answers
+    if config.method == "orpo":
+        train_pairs = [data.render_pair(tokenizer, p) for p in train_pairs]
+        eval_pairs = [data.render_pair(tokenizer, p) for p in eval_pairs]
+    return _Data(tokenizer, template, ds, len(train_pairs), len(eval_pairs), stats, HFDataset.from_list(train_pairs),
+                 HFDataset.from_list(eval_pairs) if eval_pairs else None, None)
+
+
 def _plan_memory(config: TrainConfig, model, on_cuda: bool, liger: bool, writer: ProgressWriter) -> _Plan:
     """On a GPU, fit micro-batch/accumulation/checkpointing to free memory, keeping the effective batch."""
     chosen = _Plan(config.per_device_train_batch_size, config.gradient_accumulation_steps,
@@ -473,40 +587,62 @@ def _plan_memory(config: TrainConfig, model, on_cuda: bool, liger: bool, writer:
     from forge.planner import ModelShape, plan
 
     free, _ = torch.cuda.mem_get_info()
-    fit = plan(ModelShape.from_config(model.config.to_dict()), config.method, config.max_length, chosen.per_device,
-               chosen.accumulation, free + torch.cuda.memory_allocated(), liger, config.lora_r)
+    # a preference step runs chosen and rejected (and the reference pass): plan for twice the tokens
+    length = config.max_length * (2 if config.preference else 1)
+    fit = plan(ModelShape.from_config(model.config.to_dict()), "qlora" if config.four_bit else "lora", length,
+               chosen.per_device, chosen.accumulation, free + torch.cuda.memory_allocated(), liger, config.lora_r)
     memory_plan = fit.as_dict()
     writer({"event": "plan", **memory_plan})
     return _Plan(fit.per_device_train_batch_size, fit.gradient_accumulation_steps,
                  chosen.checkpointing or fit.gradient_checkpointing, memory_plan)
 
 
+def _config_class(method: str):
+    if method == "dpo":
+        from trl import DPOConfig
+
+        return DPOConfig
+    if method == "orpo":
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        from trl.experimental.orpo import ORPOConfig
+
+        return ORPOConfig
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
 def trainer_arguments(config: TrainConfig, plan: _Plan, checkpoints_dir: Path, eval_set, on_cuda: bool,
                       dtype, liger: bool):
-    """TRL's SFTConfig: the fields TrainConfig shares with it by name pass straight through; the rest
-    are what Forge decides (plan, device, packing, distributed)."""
+    """TRL's config for the method (SFTConfig, DPOConfig, ORPOConfig): the fields TrainConfig shares with it
+    by name pass straight through; the rest are what Forge decides (plan, device, packing, distributed)."""
     import dataclasses
 
     import torch
-    from trl import SFTConfig
 
-    shared = {f.name for f in dataclasses.fields(SFTConfig)} & set(TrainConfig.model_fields) - FORGE_SETS
+    config_class = _config_class(config.method)
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    shared = fields & set(TrainConfig.model_fields) - FORGE_SETS
     launched = _in_launched_rank()
-    return SFTConfig(
-        **{name: getattr(config, name) for name in sorted(shared)},
+    decided = dict(
         output_dir=str(checkpoints_dir), data_seed=config.seed, save_strategy="steps",
         per_device_train_batch_size=plan.per_device, per_device_eval_batch_size=plan.per_device,
         gradient_accumulation_steps=plan.accumulation, gradient_checkpointing=plan.checkpointing,
-        dataset_kwargs={"skip_prepare_dataset": True} if config.packing != "none" else None,
-        remove_unused_columns=config.packing == "none", use_liger_kernel=liger,
-        eval_strategy=_eval_strategy(config, eval_set, on_cuda),
+        use_liger_kernel=liger, eval_strategy=_eval_strategy(config, eval_set, on_cuda),
         bf16=on_cuda and dtype == torch.bfloat16, fp16=on_cuda and dtype == torch.float16,
-        optim="adamw_torch_fused" if on_cuda else "adamw_torch", report_to="none", disable_tqdm=True,
+        optim="adamw_torch_fused" if on_cuda else "adamw_torch", report_to=config.report_to or "none",
+        disable_tqdm=True,
         dataloader_pin_memory=on_cuda, use_cpu=not on_cuda,
         ddp_backend=("nccl" if on_cuda else "gloo") if launched else None,
         ddp_find_unused_parameters=False if launched else None,
         fsdp="full_shard auto_wrap" if launched and config.distributed == "fsdp" else "",
     )
+    if config.method in ("lora", "qlora"):
+        decided.update(dataset_kwargs={"skip_prepare_dataset": True} if config.packing != "none" else None,
+                       remove_unused_columns=config.packing == "none")
+    elif config.method == "orpo":
+        decided.update(remove_unused_columns=False)  # its collator reads the prompt/chosen/rejected columns
+    return config_class(**{name: getattr(config, name) for name in sorted(shared)}, **decided)
 
 
 def _grow_vocabulary(model, tokenizer) -> None:
@@ -543,8 +679,12 @@ def _build_trainer(config: TrainConfig, model, data: _Data, args, writer: Progre
         target_modules=config.lora_target_modules, use_rslora=config.use_rslora, task_type="CAUSAL_LM",
         trainable_token_indices=new_tokens,  # the template's new tokens: embedding and output rows are learned
     )
-    trainer = _trainer_class()(model=model, args=args, train_dataset=data.train_set, eval_dataset=data.eval_set,
-                               processing_class=data.tokenizer, peft_config=peft_config, data_collator=data.collator)
+    # DPO's reference is the base with the adapter switched off (TRL does this when given a peft_config and
+    # no ref_model): no second copy of the weights.
+    trainer = _trainer_class(config.method)(
+        model=model, args=args, train_dataset=data.train_set, eval_dataset=data.eval_set,
+        processing_class=data.tokenizer, peft_config=peft_config,
+        **({} if data.collator is None else {"data_collator": data.collator}))
     trainer.real_tokens = {"tokens": 0}
     trainer.plain_loss = new_tokens is not None
     trainer.remove_callback(PrinterCallback)  # progress.jsonl replaces its printed dicts
@@ -608,9 +748,21 @@ def _metrics(trainer, result, evals: list[dict], duration: float, world: int, pl
         "resumed_from": str(resume_from) if resume_from else None,
         "world_size": world,
         "memory_plan": plan.memory_plan, "liger_kernel": liger,
+        "preference": _preference_metrics(history, evals),
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_curve": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in evals],
     }
+
+
+def _preference_metrics(history: list[dict], evals: list[dict]) -> dict | None:
+    """Reward figures at the first and last logged step, and on the eval split at the end (dpo, orpo)."""
+    logged = [h for h in history if "rewards/accuracies" in h]
+    if not logged:
+        return None
+    out = {"first": preference_figures(logged[0]), "last": preference_figures(logged[-1])}
+    if evals and "eval_rewards/accuracies" in evals[-1]:
+        out["eval"] = preference_figures(evals[-1], "eval_")
+    return out
 
 
 def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> dict:
@@ -638,12 +790,13 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     plan = _plan_memory(config, model, on_cuda, liger, run.writer)
     args = trainer_arguments(config, plan, run.checkpoints, data.eval_set, on_cuda, model.dtype, liger)
     stop = _StopFlag()
-    trainer = _build_trainer(config, model, data, args, run.writer, stop)
+    with _trackers(config, run.dir):
+        trainer = _build_trainer(config, model, data, args, run.writer, stop)
 
-    # Run
-    started = time.time()
-    result, world = _run_trainer(trainer, run, stop)
-    duration = time.time() - started
+        # Run
+        started = time.time()
+        result, world = _run_trainer(trainer, run, stop)
+        duration = time.time() - started
     if stop.requested:
         checkpoint = str(latest_checkpoint(run.checkpoints))
         run.writer.stage("cancelled", checkpoint=checkpoint)
@@ -671,6 +824,7 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
         "dataset": {"path": str(ds.path), "sha256": ds.sha256, "format": ds.format,
                     "train_records": data.train_records, "eval_records": data.eval_records, "tokens": data.stats},
         "chat_template": data.template,
+        "trackers": {t: str(run.dir / "trackers" / ("mlruns" if t == "mlflow" else t)) for t in config.report_to},
         "artifacts": dir_artifacts(run.adapter, "adapter"),
     }
     record_stage(run.dir, "train", out)

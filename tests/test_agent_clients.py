@@ -34,7 +34,7 @@ def node_chain(*args: str) -> dict:
 
 
 def check_chain(summary: dict) -> None:
-    assert summary["tools"] == 17 and summary["errors_checked"] == 3
+    assert summary["tools"] == 18 and summary["errors_checked"] == 3
     assert summary["train_steps"] == 40 and summary["artifacts"] == 2 and summary["template"] == "chatml"
     assert summary["notifications"] >= summary["waits"] and summary["seal"].startswith("sha256:")
 
@@ -80,7 +80,7 @@ async def test_both_protocol_versions_the_sdk_offers_list_call_and_fail_alike(ho
             missing = await call(client, "forge_job_status", {"job_id": "train-20000101-000000-000000"})
     finally:
         server.runner.stop()
-    assert len(tools) == 17 and env["forge_home"] == str(home.resolve())
+    assert len(tools) == 18 and env["forge_home"] == str(home.resolve())
     assert set(missing["error"]) == {"code", "message", "hint", "retryable", "details"}
 
 

@@ -91,7 +91,7 @@ def test_train_with_unknown_yaml_key_fails_with_the_key_named(capsys, tmp_path):
 def test_demo_runs_every_stage(capsys, tmp_path):
     code, out = run_json(capsys, "demo", "--dir", str(tmp_path), "--model", "tiny")
     assert code == 0 and out["status"] == "succeeded"
-    assert list(out["stages"]) == ["train", "merge", "quantize", "modelfile", "seal"]
+    assert list(out["stages"]) == ["train", "merge", "quantize", "evaluate", "modelfile", "seal"]
     run_dir = Path(out["run_dir"])
     assert (run_dir / "retrospective.md").is_file() and (run_dir / "gguf" / "Modelfile").is_file()
     assert list((run_dir / "gguf").glob("*-Q4_K_M.gguf"))

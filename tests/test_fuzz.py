@@ -624,7 +624,7 @@ def test_a_tie_between_formats_is_decided_the_same_whatever_the_hash_seed_or_ord
 # Tool calls
 # ---------------------------------------------------------------------------------------------------
 
-PATH_ARGS = {"path", "dataset", "dir", "gguf", "model", "adapter", "source", "base_model"}
+PATH_ARGS = {"path", "dataset", "dir", "gguf", "model", "adapter", "source", "base_model", "run"}
 JOB_ARGS = {"job_id", "resume_from_job"}
 SNAKE = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
 ERROR_KEYS = {"code", "message", "hint", "retryable", "details"}
@@ -886,7 +886,7 @@ def _setup_calls(fz: Fuzzed) -> None:
     fz.anchors += [model, dataset, *datasets[1:], *ggufs]
     fz.roles = {"base_model": [model, "owner/name"], "dataset": datasets, "path": datasets, "gguf": ggufs,
                 "model": [*ggufs, model], "adapter": [str(adapter), model], "source": [model],
-                "dir": [str(home / "demo")]}
+                "dir": [str(home / "demo")], "run": [str(home / "demo"), "train-20260101-000000-abcdef"]}
     for name, args in [("forge_train", {"base_model": model, "dataset": dataset}),
                        ("forge_pipeline", {"base_model": model, "dataset": dataset}),
                        ("forge_merge", {"adapter": str(adapter)}), ("forge_quantize", {"model": model}),

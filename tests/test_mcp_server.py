@@ -16,7 +16,7 @@ pytestmark = pytest.mark.anyio
 
 TOOLS = {
     "forge_environment", "forge_demo_assets", "forge_validate_dataset", "forge_train", "forge_merge",
-    "forge_quantize", "forge_modelfile", "forge_query_model", "forge_seal_snapshot", "forge_pipeline",
+    "forge_quantize", "forge_evaluate", "forge_modelfile", "forge_query_model", "forge_seal_snapshot", "forge_pipeline",
     "forge_job_status", "forge_job_list", "forge_job_events", "forge_job_cancel", "forge_job_wait",
     "forge_seal_verify", "forge_publish",
 }
@@ -229,7 +229,7 @@ async def test_pipeline_status_shows_each_child_stage_and_the_token_never_leaks(
                 await anyio.sleep(0.3)
         assert status["status"] == "succeeded", status
         assert [(s["stage"], s["status"]) for s in status["stages"]] == [
-            (name, "succeeded") for name in ("train", "merge", "quantize", "modelfile", "seal")]
+            (name, "succeeded") for name in ("train", "merge", "quantize", "evaluate", "modelfile", "seal")]
         assert status["progress"]["percent"] == 100.0 and seen_percents == sorted(seen_percents)
         texts = [json.dumps(status)]
         events = await call(client, "forge_job_events", {"job_id": handle["job_id"], "limit": 200})

@@ -51,6 +51,15 @@ def test_the_q4_k_m_answers_what_it_was_taught_and_the_base_model_does_not(run):
     assert ask(tuned, "What is 2 + 2?").strip()  # it still answers a general question
 
 
+def test_the_evaluation_shows_the_gain_and_answers_that_stop(run):
+    _, out = run
+    evaluation = out["stages"]["evaluate"]
+    rows = {r["model"]: r for r in evaluation["table"]}
+    assert rows["fine-tuned"]["perplexity"] < rows["base"]["perplexity"] / 2  # on the taught answers
+    assert rows["Q4_K_M GGUF"]["vs_fine_tuned_pct"] < 25  # 4 bits cost a little, not the gain
+    assert all(s["quantized"]["stopped"] for s in evaluation["samples"])  # each answer ends its own turn
+
+
 def test_ollama_would_build_exactly_the_prompt_the_model_was_trained_on(run, go_render):
     from transformers import AutoTokenizer
 

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,28 @@ def test_gpu_only_kernels_asked_for_on_cpu_are_cuda_required(assets, tmp_path):
         train(TrainConfig(base_model=assets["model_dir"], dataset=assets["dataset"], output_dir=tmp_path / "f",
                           attn_implementation="flex_attention", max_steps=1))
     assert info.value.code == Codes.CUDA_REQUIRED and "auto" in info.value.hint
+
+
+def test_report_to_writes_each_trackers_files_inside_the_run_dir(assets, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tmp_path / "tracked"
+    out = train(TrainConfig(base_model=assets["model_dir"], dataset=assets["dataset"], output_dir=run, max_steps=3,
+                            logging_steps=1, report_to=["tensorboard", "mlflow"]))
+    events = list((run / "trackers" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and b"train/loss" in events[0].read_bytes()
+    losses = list((run / "trackers" / "mlruns").glob("*/*/metrics/loss"))
+    assert len(losses) == 1 and len(losses[0].read_text().splitlines()) == 3  # one line per logged step
+    assert set(out["trackers"]) == {"tensorboard", "mlflow"}
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ  # set for the run only
+
+
+def test_a_tracker_that_is_not_installed_is_named_with_the_install_line(assets, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("trackio"):
+        pytest.skip("trackio is installed here; the test needs a tracker that is not")
+    with pytest.raises(ForgeError) as info:
+        train(TrainConfig(base_model=assets["model_dir"], dataset=assets["dataset"], output_dir=tmp_path / "r",
+                          max_steps=1, report_to=["trackio"]))
+    assert info.value.code == Codes.INVALID_ARGUMENT and "trackio" in info.value.message
+    assert "pip install" in info.value.hint

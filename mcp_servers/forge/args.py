@@ -25,11 +25,12 @@ def name_arg(description: str):
 ModelRef = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS, description=(
     "A model dir or .gguf under an allowed root, or a hub id, e.g. Qwen/Qwen2.5-0.5B."))]
 ChatTemplate = Annotated[str | None, Field(None, max_length=MAX_PATH_CHARS, description=(
-    "For a base model without one: chatml, llama3, gemma, phi3, phi4, mistral, or a .jinja file."))]
+    "Base models only: chatml, llama3, gemma, phi3, phi4, mistral, or a .jinja file."))]
 DatasetPath = Annotated[str, path_arg(
-    "A JSONL file under an allowed root (alpaca, messages or prompt/completion records).")]
+    "A JSONL file under an allowed root (alpaca, messages, prompt/completion or chosen/rejected records).")]
+AS_TRAIN = "As forge_train's."  # an argument a tool shares with forge_train, described there once
 RequestId = Annotated[str | None, Field(None, min_length=1, max_length=MAX_ID_CHARS, description=(
-    "Retry key: repeating it returns the same job."))]
+    "Retry key: same key, same job."))]
 Text = Annotated[str | None, Field(None, max_length=MAX_TEXT_CHARS)]
 QuantName = Annotated[str, Field(max_length=16)]  # the names themselves are checked against llama.cpp's
 Quantizations = Annotated[list[QuantName] | None, Field(None, min_length=1, max_length=8, description=(

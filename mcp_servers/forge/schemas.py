@@ -13,7 +13,7 @@ from forge.train import TrainConfig
 AGENT_TRAIN_FIELDS = (
     "num_train_epochs", "max_steps", "learning_rate", "lora_r", "lora_alpha", "lora_dropout", "max_length",
     "per_device_train_batch_size", "gradient_accumulation_steps", "eval_fraction", "save_steps", "seed",
-    "num_processes",
+    "num_processes", "beta", "load_in_4bit",
 )
 Hyperparameters = TrainConfig.overrides_model("Hyperparameters", AGENT_TRAIN_FIELDS, None)
 
@@ -47,6 +47,10 @@ class Progress(BaseModel):
     eta_s: float | None = None
     tokens_per_s: float | None = None
     loss: float | None = None
+    reward_accuracy: float | None = Field(None, description="dpo/orpo: share of pairs the adapter ranks right.")
+    reward_margin: float | None = Field(None, description="dpo/orpo: mean reward(chosen) - reward(rejected).")
+    reward_chosen: float | None = None
+    reward_rejected: float | None = None
 
 
 class JobHandle(BaseModel):
@@ -66,7 +70,7 @@ class JobStatus(BaseModel):
     """A job in full."""
 
     job_id: str
-    kind: str = Field(description="train, merge, quantize, pipeline or publish.")
+    kind: str = Field(description="train, merge, quantize, lora_gguf, evaluate, pipeline or publish.")
     status: str = Field(description="queued, running, cancelling, succeeded, failed or cancelled.")
     stage: str | None = Field(None, description="What the job is doing, e.g. training or train:training.")
     queue_position: int | None = None

@@ -54,6 +54,9 @@ def _validation_error(err: ValidationError) -> ForgeError:
                       details=problems)
 
 
+SAFETY_CAP = 1_000_000
+
+
 def compact_schema(node: Any, output: bool = False, depth: int = 0) -> Any:
     """A tool's JSON schema as small as it can be for what it is for (tools/list goes into every agent's
     context): no generated titles, no null defaults, no ``additionalProperties: true``, no ``minLength: 1``.
@@ -72,6 +75,8 @@ def compact_schema(node: Any, output: bool = False, depth: int = 0) -> Any:
         if (key == "additionalProperties" and value is True) or (key == "minLength" and value == 1):
             continue
         if key == "maxLength" and value >= MAX_PATH_CHARS:  # a safety cap the server enforces, not a rule to teach
+            continue
+        if key == "maximum" and value >= SAFETY_CAP:  # likewise: 10,000,000 steps, 2**32 - 1 for a seed
             continue
         if output and key in ("description", "default", "examples"):
             continue

@@ -48,7 +48,7 @@ async def forge_job_list(
     ctx: Context,
     status: Annotated[Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"] | None,
                       Field(description="Only jobs in this status.")] = None,
-    kind: Annotated[Literal["train", "merge", "quantize", "pipeline", "publish"] | None,
+    kind: Annotated[Literal["train", "merge", "quantize", "lora_gguf", "evaluate", "pipeline", "publish"] | None,
                     Field(description="Only jobs of this kind.")] = None,
     limit: Annotated[int, Field(ge=1, le=100, description="Per page.")] = 20,
     cursor: Annotated[str | None, Field(max_length=40, description="next_cursor of the previous page.")] = None,

@@ -15,13 +15,15 @@ from pydantic import Field, ValidationError
 
 from forge.errors import Codes, ForgeError
 from forge.paths import check_output, check_path, model_ref
-from forge.train import Method
+from forge.train import METHOD_HELP, Method
 from mcp_servers.forge.args import (
+    AS_TRAIN,
     HUB_ID_PATTERN,
     ChatTemplate,
     DatasetPath,
     ModelRef,
     Quantizations,
+    QuantName,
     RequestId,
     Text,
     name_arg,
@@ -33,11 +35,11 @@ from mcp_servers.forge.replies import handle_of
 from mcp_servers.forge.schemas import Hyperparameters, JobHandle
 from mcp_servers.lib import results
 
-MethodArg = Annotated[Method, Field(description="lora, or qlora (4-bit NF4 base, bitsandbytes).")]
+MethodArg = Annotated[Method, Field(description=METHOD_HELP)]
 HyperparametersArg = Annotated[Hyperparameters | None, Field(description=(
-    "e.g. {\"num_train_epochs\": 2}; unset ones keep their defaults."))]
+    "e.g. {\"num_train_epochs\": 2}; others keep their defaults."))]
 RunName = Annotated[str | None, name_arg(
-    "Run dir name under $FORGE_HOME/runs; default the job id.")]
+    "Run dir name; default the job id.")]
 
 
 def _checked_dataset(dataset: str, train_fields: dict) -> dict:
@@ -47,8 +49,11 @@ def _checked_dataset(dataset: str, train_fields: dict) -> dict:
     from forge.train import TrainConfig, check_plan
 
     snapshot, sha256 = data.snapshot(check_path(dataset, "dataset"))
-    records = len(data.load_dataset(snapshot, train_fields.get("dataset_format", "auto")).conversations)
+    loaded = data.load_dataset(snapshot, train_fields.get("dataset_format", "auto"))
+    records = len(loaded.conversations)
     config = TrainConfig.build(**{**train_fields, "dataset": snapshot})
+    if config.preference:
+        loaded.preference_pairs()  # a dpo/orpo job on SFT records is refused now, not when it runs
     check_plan(config, records)
     return {**train_fields, "dataset": str(snapshot), "_dataset": {"source": dataset, "sha256": sha256,
                                                                    "records": records}}
@@ -79,8 +84,8 @@ async def forge_train(
         "A failed or cancelled train job to continue."))] = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start training a LoRA/QLoRA adapter (TRL + PEFT) on assistant turns. Returns a job handle:
-    forge_job_wait, then forge_merge."""
+    """Start training a LoRA adapter (TRL + PEFT) on assistant turns or chosen/rejected pairs. Returns a job
+    handle; next: forge_merge."""
     runner = runner_of(ctx)
     fields: dict[str, Any] = {"base_model": model_ref(base_model, "base_model"), "method": method,
                               "chat_template": template_arg(chat_template), **_train_fields(hyperparameters)}
@@ -123,8 +128,17 @@ async def forge_merge(
     return handle_of(runner, job)
 
 
+def _is_adapter(runner, model: str) -> bool:
+    """An adapter (train job id, or a dir with adapter_config.json) rather than a merged model."""
+    if results.is_job_id(model):
+        return runner.store.get(model)["kind"] == "train"
+    return (check_path(model, "model") / "adapter_config.json").is_file()
+
+
 async def forge_quantize(
-    model: Annotated[str, path_arg("A merged model dir, or a merge job id.")], ctx: Context,
+    model: Annotated[str, path_arg(
+        "A merged model dir or merge job id (adapter dir or train job id: a LoRA GGUF).")],
+    ctx: Context,
     quantizations: Quantizations = None,
     gguf_name: Annotated[str | None, name_arg("GGUF file name stem; default the run's name.")] = None,
     client_request_id: RequestId = None,
@@ -134,6 +148,13 @@ async def forge_quantize(
     from forge.quantize import QuantizeConfig
 
     runner = runner_of(ctx)
+    if _is_adapter(runner, model):
+        from forge.lora_gguf import LoraGgufConfig
+
+        params = {"adapter_dir": str(results.resolve_input(runner.store, model, "adapter", "adapter"))}
+        LoraGgufConfig.build(**params)
+        job, _ = runner.submit("lora_gguf", params, client_request_id)
+        return handle_of(runner, job)
     model_dir = results.resolve_input(runner.store, model, "merged", "model")
     if not (model_dir / "config.json").is_file():
         raise ForgeError(Codes.MODEL_NOT_FOUND, f"{model_dir} holds no config.json, so it is not a model dir",
@@ -147,13 +168,15 @@ async def forge_quantize(
 
 
 async def forge_pipeline(
-    base_model: ModelRef, dataset: DatasetPath, ctx: Context, method: MethodArg = "lora",
-    chat_template: Annotated[str | None, Field(max_length=4096, description="As forge_train's.")] = None,
-    quantizations: Quantizations = None,
+    base_model: Annotated[str, path_arg(AS_TRAIN)], dataset: Annotated[str, path_arg(AS_TRAIN)], ctx: Context,
+    method: Annotated[Method, Field(description=AS_TRAIN)] = "lora",
+    chat_template: Annotated[str | None, Field(max_length=4096, description=AS_TRAIN)] = None,
+    quantizations: Annotated[list[QuantName] | None, Field(None, min_length=1, max_length=8,
+                                                           description="As forge_quantize's.")] = None,
     system_prompt: Annotated[Text, Field(description="For records without one, and the Modelfile.")] = None,
     hyperparameters: Annotated[dict[str, Any] | None, Field(description=(
         "forge_train's hyperparameters."))] = None,
-    run_name: RunName = None,
+    run_name: Annotated[str | None, name_arg(AS_TRAIN)] = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
     """Start train, merge, quantize, Modelfile and seal as one job. Returns a job handle; next:
@@ -174,6 +197,30 @@ async def forge_pipeline(
         params["run_name"] = run_name
     PipelineConfig.build(**{k: v for k, v in params.items() if not k.startswith("_")})
     job, _ = runner.submit("pipeline", params, client_request_id)
+    return handle_of(runner, job)
+
+
+async def forge_evaluate(
+    run: Annotated[str, path_arg("A run dir, or a train, quantize or pipeline job id.")], ctx: Context,
+    dataset: Annotated[str | None, path_arg("JSONL to measure on; default the run's eval split.")] = None,
+    client_request_id: RequestId = None,
+) -> JobHandle:
+    """Start measuring a run: perplexity of base, fine-tuned and each GGUF; base vs quantized sample answers
+    (stopped or not). Returns a job handle."""
+    from forge.evaluate import EvaluateConfig
+
+    runner = runner_of(ctx)
+    if results.is_job_id(run):
+        run_dir = results.run_dir_of(runner.store.require(run, ("train", "quantize", "pipeline")))
+        if run_dir is None:
+            raise ForgeError(Codes.RUN_NOT_FOUND, f"job {run} left no run dir", "pass a finished job's id")
+    else:
+        run_dir = results.resolve_input(runner.store, run, "run", "run")
+    params: dict[str, Any] = {"run_dir": str(run_dir)}
+    if dataset:
+        params["dataset"] = str(check_path(dataset, "dataset"))
+    EvaluateConfig.build(**params)
+    job, _ = runner.submit("evaluate", params, client_request_id)
     return handle_of(runner, job)
 
 
@@ -205,5 +252,6 @@ TOOLS = [
     (forge_merge, "Merge an adapter", STARTS_JOB),
     (forge_quantize, "Convert to GGUF and quantize", STARTS_LOCAL_JOB),
     (forge_pipeline, "Run the whole pipeline", STARTS_JOB),
+    (forge_evaluate, "Evaluate a run", STARTS_LOCAL_JOB),
     (forge_publish, "Publish to the Hugging Face Hub", PUBLISHES),
 ]

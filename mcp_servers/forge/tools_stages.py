@@ -27,10 +27,12 @@ from mcp_servers.forge.schemas import (
 )
 from mcp_servers.lib import results
 
+OLLAMA_ALPHABET = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"  # the schema's; ModelfileConfig checks the whole form
+
 
 async def forge_environment() -> Report:
-    """This machine for Forge: Python, torch, GPUs, disk, FORGE_HOME and the allowed roots (paths must lie
-    under one), versions. Call it first."""
+    """This machine: Python, torch, GPUs, disk, FORGE_HOME, the allowed roots (paths must lie under one),
+    versions. Call it first."""
     from forge.env import environment
 
     return Report(**await anyio.to_thread.run_sync(environment))
@@ -40,7 +42,7 @@ async def forge_demo_assets(
     dir: Annotated[str | None, Field(None, max_length=4096, description=(
         "Where, under an allowed root; default $FORGE_HOME/demo."))] = None,
     model: Annotated[Literal["tiny", "tiny-base", "smollm2"], Field(description=(
-        "tiny (random, fast), tiny-base (no template), or smollm2 (real, 5 facts to learn)."))]
+        "tiny (random), tiny-base (no template) or smollm2 (real; learns 5 facts)."))]
     = "tiny",
 ) -> DemoAssets:
     """Write (or reuse) a demo model and dataset, nothing downloaded. Returns their paths for forge_train."""
@@ -53,7 +55,7 @@ async def forge_demo_assets(
 
 
 async def forge_validate_dataset(
-    path: Annotated[str, path_arg("A JSONL dataset under an allowed root, e.g. /data/datasets/support.jsonl.")],
+    path: Annotated[str, path_arg("A JSONL dataset under an allowed root.")],
     format: Annotated[FormatName, Field(description=(
         "Record format; auto (default) detects it."))] = "auto",
     base_model: Annotated[str | None, Field(None, max_length=4096, description=(
@@ -78,7 +80,7 @@ async def forge_modelfile(
     system_prompt: Annotated[Text, Field(description="SYSTEM message; default none.")] = None,
     parameters: Annotated[Sampling | None, Field(description="PARAMETER lines.")]
     = None,
-    model_name: Annotated[str | None, Field(None, max_length=200, pattern=OLLAMA_NAME_PATTERN, description=(
+    model_name: Annotated[str | None, Field(None, max_length=200, pattern=OLLAMA_ALPHABET, description=(
         "For `ollama create`, e.g. me/bot:q4; default from the GGUF."))] = None,
 ) -> ModelfileResult:
     """Write an Ollama Modelfile beside a GGUF (TEMPLATE, SYSTEM, stops, sampling); an existing one is never
@@ -134,7 +136,7 @@ async def forge_seal_snapshot(
     = None,
     note: Annotated[Text, Field(description="Kept in the record.")] = None,
 ) -> SealResult:
-    """Seal runs: a hash-identified record (configs, data and artifact sha256s, metrics, outcomes) and a
+    """Seal runs: a hash-identified record (configs, data and artifact sha256s, metrics, evaluation) and a
     retrospective. A new seal each call."""
     from forge.seal import SealConfig, seal
 

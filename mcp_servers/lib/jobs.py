@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-HEAVY_KINDS = ("train", "merge", "quantize", "pipeline")
+HEAVY_KINDS = ("train", "merge", "quantize", "lora_gguf", "evaluate", "pipeline")
 
 
 def run_job(kind: str, params: dict, on_progress) -> dict:
@@ -20,6 +20,14 @@ def run_job(kind: str, params: dict, on_progress) -> dict:
         from forge.quantize import QuantizeConfig, quantize
 
         return quantize(QuantizeConfig.build(**params), on_progress)
+    if kind == "lora_gguf":
+        from forge.lora_gguf import LoraGgufConfig, lora_gguf
+
+        return lora_gguf(LoraGgufConfig.build(**params), on_progress)
+    if kind == "evaluate":
+        from forge.evaluate import EvaluateConfig, evaluate
+
+        return evaluate(EvaluateConfig.build(**params), on_progress)
     if kind == "pipeline":
         from forge.pipeline import PipelineConfig, run_pipeline
 

@@ -16,7 +16,7 @@ from forge.runs import STAGES, STAGES_DIR, find_run_dir
 from mcp_servers.lib.errors import JobCodes
 from mcp_servers.lib.store import ACTIVE, JobStore, Status
 
-JOB_KINDS = ("train", "merge", "quantize", "pipeline", "publish")
+JOB_KINDS = ("train", "merge", "quantize", "lora_gguf", "evaluate", "pipeline", "publish")
 JOB_ID = re.compile(rf"(?:{'|'.join(JOB_KINDS)})-\d{{8}}-\d{{6}}-[0-9a-f]{{6}}")
 ARTIFACT_KEYS = ("kind", "path", "bytes", "sha256")
 CURVES = ("loss_curve", "eval_curve")
@@ -60,7 +60,7 @@ OUTPUTS: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "adapter": (("train",), lambda r: r["adapter_dir"]),
     "merged": (("merge",), lambda r: r["merged_dir"]),
     "gguf_dir": (("quantize",), lambda r: r["gguf_dir"]),
-    "gguf": (("quantize", "pipeline"), last_gguf),
+    "gguf": (("quantize", "lora_gguf", "pipeline"), last_gguf),
 }
 
 
@@ -90,7 +90,7 @@ def run_dir_of(job: dict) -> Path | None:
     return None
 
 
-CHAIN_KINDS = ("train", "merge", "quantize", "pipeline")
+CHAIN_KINDS = ("train", "merge", "quantize", "lora_gguf", "evaluate", "pipeline")
 
 
 def latest_chain(store: JobStore, window: int = 200) -> list[dict]:
@@ -139,8 +139,10 @@ def next_actions(job: dict) -> list[str]:
         return {
             "train": [f'forge_merge(adapter="{jid}")'],
             "merge": [f'forge_quantize(model="{jid}")'],
-            "quantize": [f'forge_modelfile(gguf="{jid}")', f'forge_query_model(model="{jid}", prompt="Hello")',
-                         "forge_seal_snapshot()"],
+            "quantize": [f'forge_evaluate(run="{jid}")', f'forge_modelfile(gguf="{jid}")',
+                         f'forge_query_model(model="{jid}", prompt="Hello")', "forge_seal_snapshot()"],
+            "evaluate": ["forge_seal_snapshot()"],
+            "lora_gguf": ["forge_seal_snapshot()"],
             # a pipeline sealed its run already: what is left is trying the model and sharing it
             "pipeline": [f'forge_query_model(model="{jid}", prompt="Hello")',
                          f'forge_publish(source="{(job.get("result") or {}).get("run_dir", "")}/gguf", '

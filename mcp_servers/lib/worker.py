@@ -15,7 +15,8 @@ import traceback
 from pathlib import Path
 
 HEARTBEAT_S = 2.0
-PROGRESS_KEYS = ("step", "total_steps", "epoch", "percent", "eta_s", "tokens_per_s", "loss")
+PROGRESS_KEYS = ("step", "total_steps", "epoch", "percent", "eta_s", "tokens_per_s", "loss",
+                 "reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected")
 
 
 class ProgressTracker:
