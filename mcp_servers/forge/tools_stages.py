@@ -30,12 +30,14 @@ from mcp_servers.lib import results
 OLLAMA_ALPHABET = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"  # the schema's; ModelfileConfig checks the whole form
 
 
-async def forge_environment() -> Report:
-    """This machine: Python, torch, GPUs, disk, FORGE_HOME, the allowed roots (paths must lie under one),
-    versions. Call it first."""
+async def forge_environment(ctx: Context) -> Report:
+    """This machine: Python, torch, GPUs, disk, FORGE_HOME, allowed roots (paths must lie under one),
+    versions, executor (local, or Ray: nodes, free resources). Call it first."""
     from forge.env import environment
 
-    return Report(**await anyio.to_thread.run_sync(environment))
+    report = await anyio.to_thread.run_sync(environment)
+    report["executor"] = await anyio.to_thread.run_sync(runner_of(ctx).executor_report)
+    return Report(**report)
 
 
 async def forge_demo_assets(

@@ -1,5 +1,8 @@
 """Runs jobs: a queue behind a concurrency limit, one worker subprocess per job in its own session,
-cancel (SIGTERM, or SIGKILL of the process group when forced), and reconciliation after restarts."""
+cancel (SIGTERM, or SIGKILL of the process group when forced), and reconciliation after restarts.
+
+With ``FORGE_EXECUTOR=ray`` the heavy jobs go to a Ray cluster instead (``ray_executor``): Ray's queue
+holds them, and the same store, statuses and events follow them."""
 
 from __future__ import annotations
 
@@ -23,6 +26,16 @@ from mcp_servers.lib.store import TERMINAL, JobStore, Status
 log = logging.getLogger("forge.runner")
 HEARTBEAT_STALE_S = 30.0
 PUMP_INTERVAL_S = 0.5
+EXECUTORS = ("local", "ray")
+
+
+def executor_choice() -> str:
+    """FORGE_EXECUTOR: ``local`` (the default: worker subprocesses on this machine) or ``ray``."""
+    choice = (os.environ.get("FORGE_EXECUTOR") or "local").strip().lower()
+    if choice not in EXECUTORS:
+        raise ForgeError(Codes.INVALID_ARGUMENT, f"FORGE_EXECUTOR={choice!r} is not an executor",
+                         f"set it to one of {', '.join(EXECUTORS)}, or leave it unset for local")
+    return choice
 
 
 def default_concurrency() -> int:
@@ -55,10 +68,12 @@ def _alive(pid: int | None) -> bool:
 
 class Runner:
     def __init__(self, home: Path | None = None, max_concurrent: int | None = None):
+        self.executor = executor_choice()  # refused before anything is opened
         self.home = Path(home) if home else forge_home()
         self.store = JobStore(self.home / "forge.db")
         self.max_concurrent = default_concurrency() if max_concurrent is None else max_concurrent
         self.procs: dict[str, subprocess.Popen] = {}
+        self._ray: dict[str, object] = {}  # Ray address → RayExecutor (jobs placed under another setting too)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,15 +126,64 @@ class Runner:
         ids = [j["id"] for j in self.store.queued()]
         return ids.index(job_id) + 1 if job_id in ids else None
 
+    def ray(self, address: str | None = None):
+        from mcp_servers.lib.ray_executor import RayExecutor, ray_address
+
+        address = address or ray_address()
+        if address not in self._ray:
+            self._ray[address] = RayExecutor(self.home, self.store, address)
+        return self._ray[address]
+
+    def executor_report(self) -> dict:
+        """Where heavy jobs run: here (with the concurrency limit) or on a Ray cluster (its nodes, GPUs
+        and free resources, or why it does not answer)."""
+        if self.executor == "local":
+            return {"name": "local", "max_concurrent_jobs": self.max_concurrent}
+        try:
+            return {"name": "ray", **self.ray().cluster()}
+        except ForgeError as err:
+            return {"name": "ray", "address": self.ray().address, "error": err.to_dict()}
+        except Exception as exc:  # the dashboard answered, but not as expected
+            return {"name": "ray", "address": self.ray().address, "error": {"message": str(exc)[:300]}}
+
+    def _ray_of(self, job: dict):
+        """The Ray executor holding a job, or None for a local one."""
+        placement = job.get("placement") or {}
+        return self.ray(placement.get("address")) if placement.get("executor") == "ray" else None
+
     def pump(self) -> None:
         with self._lock:
             self.reconcile()
-            running = sum(1 for j in self.store.active() if j["kind"] in HEAVY_KINDS)
+            running = sum(1 for j in self.store.active() if j["kind"] in HEAVY_KINDS and not self._ray_of(j))
             for job in self.store.queued():
-                if self.max_concurrent == 0 or (job["kind"] in HEAVY_KINDS and running >= self.max_concurrent):
+                if self.max_concurrent == 0:
+                    break
+                if job["kind"] in HEAVY_KINDS and self.executor == "ray":
+                    self._place_on_ray(job)  # Ray's queue holds it until the cluster has room
+                    continue
+                if job["kind"] in HEAVY_KINDS and running >= self.max_concurrent:
                     break
                 self._spawn(job)
                 running += job["kind"] in HEAVY_KINDS
+
+    def _place_on_ray(self, job: dict) -> None:
+        try:
+            self._prepare_run_dir(job["id"]).close()
+            self.ray().submit(job)
+        except ForgeError as err:
+            self.store.transition(job["id"], Status.FAILED, error=err.to_dict())
+        except Exception as exc:  # Ray refused the submission
+            if "already exists" in str(exc):  # submitted before a restart cut the record short
+                self.store.update(job["id"], placement={"executor": "ray", "address": self.ray().address})
+                return
+            if "try again" in str(exc):  # a head node still starting its job agent: the next pass retries
+                self.store.update(job["id"], stage=f"ray_queue: the cluster is not taking jobs yet "
+                                                   f"({str(exc).splitlines()[0][:120]})")
+                return
+            self.store.transition(job["id"], Status.FAILED, error={
+                "code": Codes.EXECUTOR_UNAVAILABLE, "retryable": True,
+                "message": f"Ray refused the job: {str(exc).splitlines()[0][:300]}",
+                "hint": "check the cluster (`ray status`) and start the job again", "details": []})
 
     def _spawn(self, job: dict) -> None:
         # Claim the job before starting a worker: two servers on one FORGE_HOME (say Claude Desktop
@@ -130,8 +194,9 @@ class Runner:
             if err.code == JobCodes.INVALID_TRANSITION:
                 return
             raise
+        run_dir = self.run_dir(job["id"])
         try:
-            run_dir, log = self._prepare_run_dir(job["id"])
+            log = self._prepare_run_dir(job["id"])
         except ForgeError as err:
             self.store.transition(job["id"], Status.FAILED, error=err.to_dict())
             return
@@ -146,16 +211,17 @@ class Runner:
                 start_new_session=True,  # its own process group: a server restart does not kill it
             )
         self.procs[job["id"]] = proc
-        self.store.update(job["id"], pid=proc.pid)
+        self.store.update(job["id"], pid=proc.pid, placement={"executor": "local"})
 
     def _prepare_run_dir(self, job_id: str):
-        """The job's run dir under FORGE_HOME/runs and its open log; a link planted there is refused."""
+        """The job's run dir under FORGE_HOME/runs, made, and its log opened; a link planted there is
+        refused."""
         run_dir = self.run_dir(job_id)
         if run_dir.is_symlink() or not run_dir.resolve().is_relative_to(self.home):
             raise ForgeError(Codes.PATH_NOT_ALLOWED, f"the job's run dir {run_dir} is a link, or leads outside "
                              f"{self.home}", "remove what was put at that path and start the job again")
         run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir, open_output(run_dir / "job.log", "job log", append=True)  # never through a link
+        return open_output(run_dir / "job.log", "job log", append=True)  # never through a link
 
     # ---- restart and crash handling ----
 
@@ -168,7 +234,11 @@ class Runner:
 
     def reconcile(self) -> None:
         self._reap()
+        for job in self.store.placed("ray"):
+            self._ray_of(job).sync(job)
         for job in self.store.active():
+            if self._ray_of(job):
+                continue
             proc = self.procs.get(job["id"])
             if proc is not None:
                 rc = proc.poll()
@@ -205,6 +275,11 @@ class Runner:
                              "resume_from_job", "details": []}
         self.store.transition(job["id"], Status.FAILED, error=error)
 
+    def log_tail(self, job: dict, lines: int) -> str | None:
+        """A Ray job's log, from Ray; None for a local job (its log is job.log in the run dir)."""
+        executor = self._ray_of(job)
+        return executor.log_tail(job["id"], lines) if executor else None
+
     # ---- cancel ----
 
     def cancel(self, job_id: str, force: bool = False) -> dict:
@@ -212,6 +287,8 @@ class Runner:
         status = Status(job["status"])
         if status in TERMINAL:
             return job
+        if self._ray_of(job):
+            return self._ray_of(job).cancel(job, force)
         if status == Status.QUEUED:
             return self.store.transition(job_id, Status.CANCELLED)
         if status == Status.RUNNING:

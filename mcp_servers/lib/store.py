@@ -93,9 +93,18 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE jobs_new RENAME TO jobs;
         CREATE INDEX jobs_status ON jobs(status, created_at);
     """),
+    # Where a job runs (null while it waits for Forge's own queue): {"executor": "local"} or, on a Ray
+    # cluster, {"executor": "ray", "address": ..., "resources": ...}; and how far the server has read
+    # the job's channel file (a Ray job reports through a file on shared storage, never through SQLite).
+    ("0005_placement", """
+        ALTER TABLE jobs ADD COLUMN placement TEXT;
+        ALTER TABLE jobs ADD COLUMN channel_offset INTEGER NOT NULL DEFAULT 0
+    """),
 ]
 
-JSON_COLUMNS = ("params", "progress", "result", "error")
+JSON_COLUMNS = ("params", "progress", "result", "error", "placement")
+# What a job's channel may set: its own progress and outcome, never its params, id or placement.
+CHANNEL_FIELDS = {"stage", "progress", "heartbeat_at", "pid", "result", "error", "run_dir"}
 
 
 class JobStore:
@@ -209,7 +218,13 @@ class JobStore:
                 f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY created_at", [s.value for s in statuses])]
 
     def queued(self) -> list[dict]:
-        return self._in_status({Status.QUEUED})
+        """Jobs waiting in Forge's own queue (a job handed to a Ray cluster waits in Ray's instead)."""
+        return [j for j in self._in_status({Status.QUEUED}) if not j["placement"]]
+
+    def placed(self, executor: str) -> list[dict]:
+        """Unfinished jobs an executor holds, the ones still waiting in its queue included."""
+        return [j for j in self._in_status({Status.QUEUED} | ACTIVE)
+                if (j["placement"] or {}).get("executor") == executor]
 
     def active(self) -> list[dict]:
         return self._in_status(ACTIVE)
@@ -231,27 +246,58 @@ class JobStore:
         """Move a job to ``new``; a move the state machine does not allow raises 'expected X, got Y'."""
         with self._conn() as conn:
             conn.execute("BEGIN IMMEDIATE")
-            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
+            try:
+                self._transition(conn, job_id, new, fields)
+            except BaseException:
                 conn.execute("ROLLBACK")
-                raise ForgeError(JobCodes.JOB_NOT_FOUND, f"no job with id {job_id!r}", "check the job id")
-            current = Status(row["status"])
-            if new not in TRANSITIONS.get(current, set()):
-                conn.execute("ROLLBACK")
-                allowed = sorted(s.value for s in TRANSITIONS.get(current, set())) or ["nothing (it is final)"]
-                raise ForgeError(JobCodes.INVALID_TRANSITION,
-                                 f"job {job_id}: expected a move to {', '.join(allowed)}, got {new.value}",
-                                 "the job already moved on; read its status")
-            fields["status"] = new.value
-            if new == Status.RUNNING:
-                fields.setdefault("started_at", time.time())
-            if new in TERMINAL:
-                fields.setdefault("finished_at", time.time())
-            self._update(conn, job_id, fields)
-            self._event(conn, job_id, "status", {"status": new.value, **({"error": fields["error"]}
-                                                                        if fields.get("error") else {})})
+                raise
             conn.execute("COMMIT")
         return self.get(job_id)
+
+    def _transition(self, conn, job_id: str, new: Status, fields: dict) -> None:
+        row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise ForgeError(JobCodes.JOB_NOT_FOUND, f"no job with id {job_id!r}", "check the job id")
+        current = Status(row["status"])
+        if new not in TRANSITIONS.get(current, set()):
+            allowed = sorted(s.value for s in TRANSITIONS.get(current, set())) or ["nothing (it is final)"]
+            raise ForgeError(JobCodes.INVALID_TRANSITION,
+                             f"job {job_id}: expected a move to {', '.join(allowed)}, got {new.value}",
+                             "the job already moved on; read its status")
+        fields = {**fields, "status": new.value}
+        if new == Status.RUNNING:
+            fields.setdefault("started_at", time.time())
+        if new in TERMINAL:
+            fields.setdefault("finished_at", time.time())
+        self._update(conn, job_id, fields)
+        self._event(conn, job_id, "status", {"status": new.value, **({"error": fields["error"]}
+                                                                    if fields.get("error") else {})})
+
+    def apply(self, job_id: str, ops: list[dict], offset: int) -> None:
+        """Apply what a job wrote to its channel (updates, events, moves) and the new read offset, in one
+        transaction: a server that dies half-way reads the same lines again, and none twice. A move the
+        job no longer may make (it was cancelled while it waited) is skipped."""
+        with self._conn() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for op in ops:
+                    if set(op.get("fields") or ()) - CHANNEL_FIELDS:
+                        continue  # not something a worker writes: skipped, never put into SQL
+                    if op["op"] == "update":
+                        self._update(conn, job_id, op["fields"])
+                    elif op["op"] == "event":
+                        self._event(conn, job_id, op["type"], op["data"])
+                    elif op["op"] == "transition":
+                        try:
+                            self._transition(conn, job_id, Status(op["status"]), op["fields"])
+                        except ForgeError as err:
+                            if err.code != JobCodes.INVALID_TRANSITION:
+                                raise
+                self._update(conn, job_id, {"channel_offset": offset})
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def update(self, job_id: str, **fields) -> None:
         with self._conn() as conn:

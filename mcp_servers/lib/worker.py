@@ -1,13 +1,16 @@
-"""A job's worker process: ``python -m mcp_servers.lib.worker FORGE_DB JOB_ID``.
+"""A job's worker process: ``python -m mcp_servers.lib.worker FORGE_DB JOB_ID``, or on a Ray cluster
+``python -m mcp_servers.lib.worker --channel RUN_DIR``.
 
-Started in its own session by the runner, so a server restart does not kill it. It writes status,
-stage, progress, events and a heartbeat to the store; tracebacks go to the job log only.
+Started in its own session by the runner (or as a Ray job), so a server restart does not kill it. It
+writes status, stage, progress, events and a heartbeat to the store, or on Ray to the job's channel
+file that the server applies to the store; tracebacks go to the job log (Ray's job log) only.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -62,14 +65,16 @@ class ProgressTracker:
 def _finish(store, job_id: str, status, home: Path, **fields) -> None:
     """Record the job's final state. When the disk is full even for that, free the reserve kept under
     FORGE_HOME for this moment and try once more."""
+    import errno
     import sqlite3
 
     from forge import disk
 
     try:
         store.transition(job_id, status, **fields)
-    except sqlite3.OperationalError as exc:
-        if "full" not in str(exc) or not disk.release_reserve(home):
+    except (sqlite3.OperationalError, OSError) as exc:
+        full = "full" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC
+        if not full or not disk.release_reserve(home):
             raise
         store.transition(job_id, status, **fields)
 
@@ -79,7 +84,7 @@ def _claim(store, job: dict) -> bool:
     from mcp_servers.lib.store import Status
 
     if job["status"] == Status.QUEUED.value:
-        store.transition(job["id"], Status.RUNNING, pid=os.getpid(), heartbeat_at=time.time())
+        store.transition(job["id"], Status.RUNNING, pid=os.getpid(), heartbeat_at=time.time(), stage="starting")
     elif job["status"] == Status.CANCELLING.value:  # cancelled between the claim and this start
         store.transition(job["id"], Status.CANCELLED)
         return False
@@ -107,20 +112,36 @@ def _reporter(store, job_id: str):
     return tracker, on_progress
 
 
+def _open(args: list[str]):
+    """The store (or, on Ray, the job's channel), the job and FORGE_HOME."""
+    from forge.paths import forge_home
+    from mcp_servers.lib.channel import ChannelStore
+    from mcp_servers.lib.store import JobStore
+
+    if args[0] == "--channel":
+        run_dir = Path(args[1])
+        store = ChannelStore(run_dir)
+        os.chdir(run_dir)  # relative names resolve in the job's own dir, as they do locally
+        return store, store.get(), forge_home()
+    db_path, job_id = args[:2]
+    store = JobStore(Path(db_path))
+    return store, store.get(job_id), Path(db_path).parent
+
+
 def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # what a job writes is the user's alone
     from forge.errors import error_from
     from forge.paths import confinement
     from forge.progress import quiet_libraries
     from forge.runs import Outcome
+    from mcp_servers.lib import channel
     from mcp_servers.lib.jobs import run_job
     from mcp_servers.lib.paths import recheck
-    from mcp_servers.lib.store import JobStore, Status
+    from mcp_servers.lib.store import Status
 
-    db_path, job_id = (argv if argv is not None else sys.argv[1:])[:2]
-    store = JobStore(Path(db_path))
-    home = Path(db_path).parent
-    job = store.get(job_id)
+    store, job, home = _open(argv if argv is not None else sys.argv[1:])
+    job_id = job["id"]
+    on_ray = isinstance(store, channel.ChannelStore)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("forge.worker")
     os.environ.pop("FORGE_MCP_TOKEN", None)  # jobs never need the server's bearer token
@@ -128,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def heartbeat():
         while not stop.wait(HEARTBEAT_S):
+            if on_ray and channel.kill_requested(store.dir):  # a forced cancel: this job's processes end now
+                log.warning("job %s: forced cancel", job_id)
+                os.killpg(os.getpgrp(), signal.SIGKILL)
             store.update(job_id, heartbeat_at=time.time())
 
     threading.Thread(target=heartbeat, daemon=True).start()

@@ -1,0 +1,94 @@
+"""What running jobs on Ray costs against the local executor, in one run: job-start latency (the tool
+call to the worker running: ``forge_train`` → status ``running``), the whole short job (→ ``succeeded``)
+and status-poll latency (``forge_job_status`` while a job runs), through Forge's MCP tools.
+
+Starts its own one-node Ray cluster (head only); needs ``pip install 'forge-finetune[ray]'``.
+
+    python bench/ray_overhead.py [--jobs 5] [--polls 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+async def measure(executor: str, jobs: int, polls: int, assets: dict) -> dict:
+    import anyio
+    from mcp import Client
+
+    from mcp_servers.forge.server import create_server
+
+    os.environ["FORGE_EXECUTOR"] = executor
+    starts, totals, poll_s = [], [], []
+    async with Client(create_server()) as client:
+        for _ in range(jobs):
+            began = time.perf_counter()
+            handle = (await client.call_tool("forge_train", {
+                "base_model": assets["model_dir"], "dataset": assets["dataset"],
+                "hyperparameters": {"max_steps": 2}})).structured_content
+            started = None
+            while True:
+                status = (await client.call_tool("forge_job_status", {"job_id": handle["job_id"]})).structured_content
+                if started is None and status["status"] != "queued":
+                    started = time.perf_counter() - began
+                if status["status"] in ("succeeded", "failed", "cancelled"):
+                    break
+                await anyio.sleep(0.05)
+            assert status["status"] == "succeeded", status
+            starts.append(started)
+            totals.append(time.perf_counter() - began)
+        handle = (await client.call_tool("forge_train", {
+            "base_model": assets["model_dir"], "dataset": assets["dataset"],
+            "hyperparameters": {"max_steps": 100000}})).structured_content
+        while (await client.call_tool("forge_job_status", {"job_id": handle["job_id"]})).structured_content[
+                "status"] != "running":
+            await anyio.sleep(0.2)
+        for _ in range(polls):
+            t0 = time.perf_counter()
+            await client.call_tool("forge_job_status", {"job_id": handle["job_id"]})
+            poll_s.append(time.perf_counter() - t0)
+        await client.call_tool("forge_job_cancel", {"job_id": handle["job_id"], "force": True})
+        while (await client.call_tool("forge_job_status", {"job_id": handle["job_id"]})).structured_content[
+                "status"] not in ("cancelled", "failed", "succeeded"):
+            await anyio.sleep(0.2)
+    return {"start_s": statistics.median(starts), "total_s": statistics.median(totals),
+            "poll_ms": 1000 * statistics.median(poll_s)}
+
+
+def main() -> int:
+    import anyio
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=5, help="short train jobs per executor (medians reported)")
+    parser.add_argument("--polls", type=int, default=100, help="status calls timed per executor")
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="forge-ray-bench-"))
+    os.environ.update(FORGE_HOME=str(home), HF_HUB_OFFLINE="1", FORGE_MAX_CONCURRENT_JOBS="1")
+    from forge.demo import write_demo_assets
+    from mcp_servers.lib.ray_local import local_cluster
+
+    assets = write_demo_assets()
+    local = anyio.run(measure, "local", args.jobs, args.polls, assets)
+    with local_cluster(num_cpus=2) as address:
+        os.environ["RAY_ADDRESS"] = address
+        ray = anyio.run(measure, "ray", args.jobs, args.polls, assets)
+    print(f"tiny-model train jobs (max_steps 2), medians of {args.jobs}; forge_job_status medians of {args.polls}")
+    print("| executor | submit → running (s) | submit → succeeded (s) | forge_job_status (ms) |")
+    print("|---|---|---|---|")
+    for name, row in (("local", local), ("ray", ray)):
+        print(f"| {name} | {row['start_s']:.2f} | {row['total_s']:.2f} | {row['poll_ms']:.2f} |")
+    print(f"ratios ray/local: start {ray['start_s'] / local['start_s']:.2f}x, whole job "
+          f"{ray['total_s'] / local['total_s']:.2f}x, status poll {ray['poll_ms'] / local['poll_ms']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
