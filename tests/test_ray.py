@@ -201,3 +201,26 @@ async def test_no_cluster_at_the_address_fails_the_job_with_what_to_do(home, ass
         done = await wait_job(client, handle["job_id"], DEADLINE_S)
     assert done["status"] == "failed" and done["error"]["code"] == "executor_unavailable"
     assert "ray start --head" in done["error"]["hint"] and done["error"]["retryable"] is True
+
+
+def test_a_cancelled_ray_train_run_resumes_from_its_checkpoint(on_ray, home, assets, monkeypatch):
+    """Ray stops the job: the driver writes the run's STOP file, both Ray Train workers agree on a step,
+    save a checkpoint and end; a new job with resume=true continues from it on two workers again."""
+    monkeypatch.setenv("FORGE_ALLOWED_ROOTS", str(Path(assets["dataset"]).parent))
+    common = {"base_model": assets["model_dir"], "dataset": assets["dataset"], "max_steps": 200,
+              "save_steps": 1000, "num_processes": 2}
+    runner = Runner(home)
+    runner.start()
+    try:
+        job, _ = runner.submit("train", common)
+        wait_job_row(runner, job["id"], lambda j: (j["progress"] or {}).get("step", 0) >= 10, "a few steps")
+        runner.cancel(job["id"])
+        stopped = wait_job_row(runner, job["id"], lambda j: j["status"] == "cancelled", "the cancel")
+        checkpoint = Path(stopped["result"]["checkpoint"])
+        assert checkpoint.is_dir() and 10 <= int(checkpoint.name.split("-")[1]) < 200  # saved at the stop
+        again, _ = runner.submit("train", {**common, "output_dir": stopped["params"]["output_dir"], "resume": True})
+        done = wait_job_row(runner, again["id"], lambda j: j["status"] == "succeeded", "the resumed run")
+    finally:
+        runner.stop()
+    metrics = done["result"]["metrics"]
+    assert metrics["resumed_from"] == str(checkpoint) and metrics["global_step"] == 200 and metrics["world_size"] == 2
