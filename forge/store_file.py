@@ -21,7 +21,7 @@ from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
 from forge.paths import forge_home
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
+NOT_SQLITE = "the file does not start with SQLite's header: it is not an SQLite database"
 STORE_NAME = "forge.db"
 
 
@@ -80,13 +80,11 @@ def check(path: Path | None = None) -> dict:
     if not path.is_file():
         return report  # no store yet: the server creates one
     report["bytes"] = path.stat().st_size
-    with open(path, "rb") as fh:
-        header = fh.read(len(SQLITE_MAGIC))
+    # Only SQLite opens the file: closing any descriptor of it would drop every POSIX lock this process
+    # holds on it, the locks of another store open in the same process included.
     if report["bytes"] == 0:
         report["problems"].append("the file is empty (0 bytes): it is not a job store, and an empty store "
                                   "would silently forget every job")
-    elif header != SQLITE_MAGIC:
-        report["problems"].append("the file does not start with SQLite's header: it is not an SQLite database")
     else:
         try:
             conn = _read_only(path)
@@ -98,7 +96,7 @@ def check(path: Path | None = None) -> dict:
             finally:
                 conn.close()
         except sqlite3.DatabaseError as exc:
-            report["problems"].append(f"SQLite cannot read it: {exc}")
+            report["problems"].append(NOT_SQLITE if "not a database" in str(exc) else f"SQLite cannot read it: {exc}")
     report["ok"] = not report["problems"]
     return report
 
