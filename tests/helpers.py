@@ -36,3 +36,17 @@ async def wait_job(client, job_id: str, deadline_s: float = 900, on_progress=Non
             status = result.structured_content
             if status["status"] in TERMINAL:
                 return status
+
+
+async def poll_status(client, job_id: str, deadline_s: float = 900) -> tuple[dict, list[float]]:
+    """Poll forge_job_status until the job ends: its last status and every percent seen on the way."""
+    import anyio
+
+    percents = []
+    with anyio.fail_after(deadline_s):
+        while True:
+            status = await call_ok(client, "forge_job_status", {"job_id": job_id})
+            percents.append(status["progress"]["percent"] or 0)
+            if status["status"] in TERMINAL:
+                return status, percents
+            await anyio.sleep(0.3)

@@ -9,7 +9,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from helpers import call, wait_job
+from helpers import call, poll_status, wait_job
 from mcp_servers.forge.server import create_server
 
 pytestmark = pytest.mark.anyio
@@ -219,14 +219,7 @@ async def test_pipeline_status_shows_each_child_stage_and_the_token_never_leaks(
         assets = await call(client, "forge_demo_assets")
         handle = await call(client, "forge_pipeline", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
                                                        "hyperparameters": {"max_steps": 3}})
-        seen_percents = []
-        with anyio.fail_after(900):
-            while True:
-                status = await call(client, "forge_job_status", {"job_id": handle["job_id"]})
-                seen_percents.append(status["progress"]["percent"] or 0)
-                if status["status"] not in ("queued", "running"):
-                    break
-                await anyio.sleep(0.3)
+        status, seen_percents = await poll_status(client, handle["job_id"])
         assert status["status"] == "succeeded", status
         assert [(s["stage"], s["status"]) for s in status["stages"]] == [
             (name, "succeeded") for name in ("train", "merge", "quantize", "evaluate", "modelfile", "seal")]

@@ -11,7 +11,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from helpers import TERMINAL, call_ok, wait_job
+from helpers import TERMINAL, call_ok, poll_status, wait_job
 from mcp_servers.forge.server import create_server
 from mcp_servers.lib.runner import Runner
 
@@ -72,14 +72,7 @@ async def test_the_pipeline_runs_on_ray_from_train_to_seal(on_ray, home):
         handle = await call_ok(client, "forge_pipeline", {"base_model": assets["model_dir"],
                                                          "dataset": assets["dataset"],
                                                          "hyperparameters": {"max_steps": 3}})
-        percents = []
-        with anyio.fail_after(DEADLINE_S):
-            while True:
-                status = await call_ok(client, "forge_job_status", {"job_id": handle["job_id"]})
-                percents.append(status["progress"]["percent"] or 0)
-                if status["status"] not in ("queued", "running"):
-                    break
-                await anyio.sleep(0.3)
+        status, percents = await poll_status(client, handle["job_id"], DEADLINE_S)
         log = (await client.read_resource(f"forge://jobs/{handle['job_id']}/log")).contents[0].text
         events = await call_ok(client, "forge_job_events", {"job_id": handle["job_id"], "limit": 200})
     assert status["status"] == "succeeded", (status["error"], log[-3000:])
