@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from forge.errors import Codes, ForgeError
+from forge.paths import fresh_temp
 
 MIB = 1024 * 1024
 SLACK_ENV = "FORGE_DISK_SLACK_MIB"
@@ -136,8 +137,6 @@ def ensure_reserve(home: Path) -> bool:
         return True
     if free_bytes(home) < RESERVE_BYTES + slack():
         return False
-    from forge.paths import fresh_temp
-
     try:
         fh, tmp = fresh_temp(home, f"{RESERVE_NAME}.")
     except OSError:

@@ -23,7 +23,8 @@ from mcp_types import CallToolResult, TextContent
 from pydantic import ValidationError
 
 import forge
-from forge.errors import Codes, ForgeError, error_from
+from forge.errors import Codes, ForgeError
+from forge.failures import error_from
 from forge.paths import MAX_PATH_CHARS, confinement
 from mcp_servers.forge import resources, tools_follow, tools_jobs, tools_stages
 from mcp_servers.forge.context import ForgeState

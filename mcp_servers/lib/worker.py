@@ -130,7 +130,7 @@ def _open(args: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # what a job writes is the user's alone
-    from forge.errors import error_from
+    from forge.failures import error_from
     from forge.paths import confinement
     from forge.progress import quiet_libraries
     from forge.runs import Outcome
