@@ -32,7 +32,7 @@ def eval_loss(model, tokenizer, records: list[dict]) -> float:
     """Mean loss over the assistant tokens (end-of-turn included) of each record, run one by one."""
     import torch
 
-    from forge.data import tokenize_conversation
+    from forge.tokens import tokenize_conversation
 
     model.eval()
     total, count = 0.0, 0

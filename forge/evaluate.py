@@ -100,9 +100,9 @@ def _conversations(config: EvaluateConfig, train_cfg: dict, trained: dict) -> tu
 
 
 def _score_set(tokenizer, convs: list, max_length: int) -> Scored:
-    from forge import data
+    from forge.tokens import tokenize_all
 
-    tokens = data.tokenize_all(tokenizer, convs)
+    tokens = tokenize_all(tokenizer, convs)
     return Scored([i[:max_length] for i in tokens.input_ids], [m[:max_length] for m in tokens.assistant_masks])
 
 

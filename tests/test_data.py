@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from forge.data import DataConfig, load_dataset, split, token_stats, tokenize_all, tokenize_conversation, validate
+from forge.data import DataConfig, load_dataset, split, validate
 from forge.errors import Codes, ForgeError
+from forge.tokens import token_stats, tokenize_all, tokenize_conversation
 
 
 def write_jsonl(path, rows):
@@ -86,7 +87,7 @@ def test_split_is_deterministic_by_seed():
 
 
 def test_assistant_mask_covers_the_answer_and_its_end_of_turn_token(assets):
-    from forge.data import load_tokenizer
+    from forge.tokens import load_tokenizer
 
     tok = load_tokenizer(assets["model_dir"])
     convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."},
@@ -113,7 +114,7 @@ def test_stats_report_lengths_truncation_and_loss_share(assets):
 
 
 def test_dataset_with_no_trainable_token_is_refused(assets, tmp_path):
-    from forge.data import load_tokenizer
+    from forge.tokens import load_tokenizer
 
     tok = load_tokenizer(assets["model_dir"])
     path = write_jsonl(tmp_path / "long_prompts.jsonl",

@@ -10,10 +10,10 @@ import pytest
 from mcp import Client
 
 from forge.cli import main
-from forge.data import prepare_tokenizer
 from forge.errors import Codes, ForgeError
 from forge.gguf_import import ORIGIN_FILE, import_gguf
-from helpers import call, call_ok, wait_job
+from forge.tokens import prepare_tokenizer
+from helpers import call, call_ok, stop_runner, wait_job
 from mcp_servers.forge.server import create_server
 
 
@@ -56,7 +56,7 @@ async def test_training_on_a_gguf_says_so_in_the_events_and_warns_of_dequantizat
             status = await wait_job(client, handle["job_id"])
             events = await call(client, "forge_job_events", {"job_id": handle["job_id"], "limit": 200})
     finally:
-        server.runner.stop()
+        stop_runner(server.runner)
     assert status["status"] == "succeeded", status
     text = json.dumps(events["events"])
     assert "converting_gguf" in text and "dequantized" in text and "MOSTLY_F16" in text

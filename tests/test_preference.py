@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 from mcp import Client
 
-from forge.data import load_dataset, render_pair
+from forge.data import load_dataset
 from forge.errors import Codes, ForgeError
+from forge.tokens import render_pair
 from forge.train import TrainConfig, train
-from helpers import call, call_ok, wait_job
+from helpers import call, call_ok, stop_runner, wait_job
 from mcp_servers.forge.server import create_server
 
 TOPICS = ["tea", "rain", "maps", "bread", "music", "rivers", "glass", "paper", "clocks", "boats", "stone", "wool"]
@@ -61,7 +62,7 @@ def test_every_bad_preference_line_is_reported_with_its_number(tmp_path):
 
 
 def test_pairs_are_rendered_through_the_chat_template_with_the_end_of_turn_token(assets, tmp_path):
-    from forge.data import load_tokenizer
+    from forge.tokens import load_tokenizer
 
     ds = load_dataset(write_jsonl(tmp_path / "p.jsonl", preference_records(3)), system_prompt="Be kind.")
     assert ds.format == "preference" and len(ds.rejected) == 3
@@ -95,7 +96,7 @@ async def test_dpo_through_mcp_learns_the_preference_and_the_chain_follows(home)
 
             status = await wait_job(client, handle["job_id"], on_progress=on_progress)
     finally:
-        server.runner.stop()
+        stop_runner(server.runner)
     assert refused["error"]["code"] == Codes.DATASET_INVALID
     assert status["status"] == "succeeded", status.get("error")
     accuracies = [s["progress"]["reward_accuracy"] for s in seen if s["progress"].get("reward_accuracy") is not None]
