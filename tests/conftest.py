@@ -9,8 +9,48 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from tqdm import tqdm
+
+from leaks import Ledger, Snapshot, mark_run
 
 ROOT = Path(__file__).resolve().parent.parent
+LEDGER = Ledger()
+BEFORE = pytest.StashKey[Snapshot]()
+mark_run()
+# tqdm's monitor thread lives on while any bar a library forgot to close does; bars still print without it
+tqdm.monitor_interval = 0
+
+
+# ---- nothing left behind: every test ends and reaps the processes and threads it started ----
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    if fixturedef.scope == "function":
+        return (yield)
+    before = LEDGER.take()
+    try:
+        return (yield)
+    finally:
+        LEDGER.own_since(before)  # a module or session fixture's processes are its teardown's to end
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    item.stash[BEFORE] = LEDGER.take()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    result = yield
+    before = item.stash.get(BEFORE, None)
+    if before is not None:
+        left = LEDGER.check(before)
+        if left:
+            raise AssertionError("the test left these running (each is now ended; end and reap them in the "
+                                 "test, also when it fails):\n  " + "\n  ".join(left))
+    return result
+
 
 
 @pytest.fixture(scope="session", autouse=True)

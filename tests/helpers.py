@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 
 async def call(client, name: str, args: dict | None = None) -> dict:
@@ -50,3 +52,28 @@ async def poll_status(client, job_id: str, deadline_s: float = 900) -> tuple[dic
             if status["status"] in TERMINAL:
                 return status, percents
             await anyio.sleep(0.3)
+
+
+def stop_runner(runner) -> None:
+    """Stop a test's runner and end every worker it started. The product lets workers outlive the server
+    (a restart must not kill a training run); a test must not leave them behind. Processes go first, by
+    process group (a worker leads its own, with whatever it started), with no store write that a full
+    disk or a damaged store could refuse; then active jobs are cancelled where the store still answers."""
+    runner.stop()
+    for proc in list(runner.procs.values()):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    runner.procs.clear()
+    try:
+        active = runner.store.active()
+    except Exception:  # a store the test damaged or filled: its workers are already ended
+        return
+    for job in active:
+        try:
+            runner.cancel(job["id"], force=True)
+        except Exception:
+            pass

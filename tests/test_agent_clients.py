@@ -12,7 +12,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from helpers import call, call_ok, wait_job
+from helpers import call, call_ok, stop_runner, wait_job
 from mcp_servers.forge.server import create_server
 
 pytestmark = pytest.mark.anyio
@@ -79,7 +79,7 @@ async def test_both_protocol_versions_the_sdk_offers_list_call_and_fail_alike(ho
             env = await call_ok(client, "forge_environment")
             missing = await call(client, "forge_job_status", {"job_id": "train-20000101-000000-000000"})
     finally:
-        server.runner.stop()
+        stop_runner(server.runner)
     assert len(tools) == 18 and env["forge_home"] == str(home.resolve())
     assert set(missing["error"]) == {"code", "message", "hint", "retryable", "details"}
 
@@ -111,7 +111,7 @@ async def test_replies_fit_a_context_window(home, assets, monkeypatch):
                                                          "client_request_id": f"q-{i}"})
             listed = await client.call_tool("forge_job_list", {"limit": 20})
     finally:
-        server.runner.stop()
+        stop_runner(server.runner)
     assert done["status"] == "succeeded"
     sizes = {"tools/list": wire_size(tools_list), "job_list_20": reply_size(listed), "train_status": reply_size(status)}
     assert len(listed.structured_content["jobs"]) == 20

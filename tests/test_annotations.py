@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mcp import Client
 
-from helpers import call, call_ok, wait_job
+from helpers import call, call_ok, stop_runner, wait_job
 from mcp_servers.forge.server import create_server
 from mcp_servers.lib.store import Status
 
@@ -62,7 +62,7 @@ async def world(home, assets, quantized, trained, monkeypatch):
         queued = await call_ok(client, "forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"]})
         yield {"client": client, "server": server, "home": home, "run": run, "queued": queued["job_id"],
                "finished": finished["id"], "gguf": str(next(run.glob("gguf/*-Q4_K_M.gguf"))), "assets": assets}
-    server.runner.stop()
+    stop_runner(server.runner)
 
 
 def read_only_calls(w: dict) -> dict:
@@ -166,7 +166,7 @@ async def test_seal_snapshot_without_arguments_seals_the_newest_finished_chain(h
             sealed = await call_ok(client, "forge_seal_snapshot", {})
             record = await client.read_resource(f"forge://seals/{sealed['seal_id']}")
     finally:
-        server.runner.stop()
+        stop_runner(server.runner)
     assert empty["error"]["code"] == "job_not_found" and "job_ids" in empty["error"]["hint"]
     assert merged["next_actions"] == [f'forge_quantize(model="{merge["job_id"]}")']
     text = record.contents[0].text

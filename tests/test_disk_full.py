@@ -14,7 +14,7 @@ from mcp import Client
 
 from forge.errors import Codes, ForgeError
 from forge.store_file import check
-from helpers import call, wait_job
+from helpers import call, stop_runner, wait_job
 from mcp_servers.forge.server import create_server
 
 pytestmark = pytest.mark.anyio
@@ -42,17 +42,15 @@ def small_fs(tmp_path):
 
 
 def fill(fs: Path, leave: int = 0) -> Path:
-    """Write one file until only ``leave`` bytes are free."""
+    """Write one file until only ``leave`` bytes are free. Unbuffered: each write reaches the disk or
+    raises at once, so a full disk never surfaces later, as the file closes, outside the ``try``."""
     filler = fs / "filler.bin"
-    with open(filler, "ab") as fh:
-        while True:
-            room = shutil.disk_usage(fs).free - leave
-            if room <= 0:
-                break
+    with open(filler, "ab", buffering=0) as fh:
+        while (room := shutil.disk_usage(fs).free - leave) > 0:
             try:
-                fh.write(b"\0" * min(room, 8 * MIB))
-                fh.flush()
-            except OSError:
+                if fh.write(b"\0" * min(room, 8 * MIB)) == 0:
+                    break
+            except OSError:  # ENOSPC: the disk is as full as it gets
                 break
     return filler
 
@@ -86,7 +84,7 @@ async def test_training_without_room_for_its_checkpoints_is_refused_before_it_st
                                                         "hyperparameters": {"max_steps": 3}})
             status = await wait_job(client, handle["job_id"], deadline_s=300)
     finally:
-        server.runner.stop()
+        stop_runner(server.runner)
     assert status["status"] == "failed"
     assert_disk_full(status["error"], home)
     assert any(d.startswith("needed_bytes: ") and d != "needed_bytes: None" for d in status["error"]["details"])
@@ -116,7 +114,7 @@ async def test_a_disk_that_fills_mid_training_fails_the_job_promptly_and_status_
                                                            "dataset": assets["dataset"]})
             filler.unlink()
     finally:
-        server.runner.stop()
+        stop_runner(server.runner)
     assert status["status"] == "failed", status
     assert_disk_full(status["error"], home)
     assert [j["job_id"] for j in listed["jobs"]] == [handle["job_id"]] and events["events"]
@@ -141,7 +139,7 @@ def test_quantizing_without_room_for_the_ggufs_is_refused_with_what_it_needs(sma
 
 def test_a_merge_that_hits_a_full_disk_leaves_no_partial_output(small_fs, trained, monkeypatch):
     from forge import disk
-    from forge.errors import error_from
+    from forge.failures import error_from
     from forge.merge import MergeConfig, merge
 
     fs = small_fs(16)

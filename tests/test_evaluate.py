@@ -17,7 +17,7 @@ from forge.lora_gguf import LoraGgufConfig, lora_gguf
 from forge.modelfile import parse_modelfile, validate_modelfile
 from forge.pipeline import PipelineConfig, run_pipeline
 from forge.seal import SealConfig, seal
-from helpers import call_ok, wait_job
+from helpers import call_ok, stop_runner, wait_job
 from mcp_servers.forge.server import create_server
 
 TABLE_MODELS = ["base", "fine-tuned", "f16 GGUF", "Q4_K_M GGUF"]
@@ -124,7 +124,7 @@ async def test_agents_evaluate_and_export_a_lora_through_mcp(run, assets, home, 
             exported = await wait_job(client, exported["job_id"])
             modelfile = await call_ok(client, "forge_modelfile", {"gguf": exported["job_id"]})
     finally:
-        server.runner.stop()
+        stop_runner(server.runner)
     assert evaluated["status"] == "succeeded" and evaluated["kind"] == "evaluate", evaluated.get("error")
     assert exported["status"] == "succeeded" and exported["kind"] == "lora_gguf", exported.get("error")
     assert "forge_seal_snapshot()" in exported["next_actions"]

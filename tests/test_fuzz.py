@@ -41,6 +41,7 @@ from mcp import Client
 
 from forge.data import BOM, MAX_DEPTH, MAX_LINE_BYTES, MAX_REPORTED, DataConfig, load_dataset, validate
 from forge.errors import ForgeError
+from helpers import stop_runner
 from mcp_servers.forge.server import create_server
 
 SCALE = float(os.environ.get("FORGE_FUZZ_SCALE") or 1)
@@ -913,7 +914,7 @@ def fuzzed(tmp_path, monkeypatch):
             _setup_calls(fz)
             yield fz
     finally:
-        server.runner.stop()
+        stop_runner(server.runner)
 
 
 async def _flush_worker_threads() -> None:

@@ -17,7 +17,7 @@ from mcp import Client, StdioServerParameters
 
 from forge.data import MAX_LINE_BYTES, DataConfig, load_dataset, validate
 from forge.errors import Codes, ForgeError
-from helpers import call, wait_job
+from helpers import call, stop_runner, wait_job
 from mcp_servers.forge.server import create_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +102,7 @@ def paused_server(home, monkeypatch, assets):
     monkeypatch.setenv("FORGE_ALLOWED_ROOTS", str(Path(assets["model_dir"]).parent))
     server = create_server()
     yield server
-    server.runner.stop()
+    stop_runner(server.runner)
 
 
 def train_args(assets, **extra) -> dict:
@@ -187,7 +187,7 @@ async def test_a_worker_killed_by_sigkill_is_reported_as_killed_not_as_out_of_me
             os.kill(server.runner.store.get(handle["job_id"])["pid"], signal.SIGKILL)
             status = await wait_job(client, handle["job_id"], deadline_s=300)
     finally:
-        server.runner.stop()
+        stop_runner(server.runner)
     assert status["status"] == "failed" and status["error"]["code"] == "worker_killed"
     assert "killed by a signal (SIGKILL), often the out-of-memory killer" in status["error"]["message"]
     assert status["error"]["retryable"] is True

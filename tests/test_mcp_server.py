@@ -9,7 +9,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from helpers import call, poll_status, wait_job
+from helpers import call, poll_status, stop_runner, wait_job
 from mcp_servers.forge.server import create_server
 
 pytestmark = pytest.mark.anyio
@@ -27,9 +27,7 @@ TOOLS = {
 def server(home):
     srv = create_server()
     yield srv
-    srv.runner.stop()
-    for job in srv.runner.store.active():
-        srv.runner.cancel(job["id"], force=True)
+    stop_runner(srv.runner)
 
 
 async def test_tools_are_listed_with_descriptions_and_annotations(server):

@@ -15,7 +15,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from helpers import call_ok as call
-from helpers import wait_job
+from helpers import stop_runner, wait_job
 from mcp_servers.forge.server import create_server
 from mcp_servers.forge.server import main as server_main
 
@@ -94,7 +94,7 @@ async def test_http_server_killed_mid_train_then_a_new_server_sees_the_job_finis
         async with Client(server) as client:
             status = await wait_job(client, handle["job_id"])
     finally:
-        server.runner.stop()
+        stop_runner(server.runner)
     assert status["status"] == "succeeded", status
     assert status["progress"]["step"] == 150
 

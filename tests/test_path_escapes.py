@@ -24,7 +24,7 @@ from mcp import Client
 
 from forge.errors import ForgeError
 from forge.paths import confinement
-from helpers import call, wait_job
+from helpers import call, stop_runner, wait_job
 from mcp_servers.forge.server import create_server
 
 pytestmark = pytest.mark.anyio
@@ -132,9 +132,7 @@ def w(home, tmp_path, monkeypatch, assets):
 def server(w):
     srv = create_server()
     yield srv
-    srv.runner.stop()
-    for job in srv.runner.store.active():
-        srv.runner.cancel(job["id"], force=True)
+    stop_runner(srv.runner)
 
 
 def assert_untouched(w) -> None:

@@ -11,7 +11,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from helpers import TERMINAL, call_ok, poll_status, wait_job
+from helpers import TERMINAL, call_ok, poll_status, stop_runner, wait_job
 from mcp_servers.forge.server import create_server
 from mcp_servers.lib.runner import Runner
 
@@ -162,7 +162,7 @@ def test_two_ray_train_workers_match_one_process_within_two_percent(on_ray, home
         job, _ = runner.submit("train", {**common, "num_processes": 2})
         done = wait_job_row(runner, job["id"], lambda j: j["status"] == "succeeded", "the Ray Train run to end")
     finally:
-        runner.stop()
+        stop_runner(runner)
     two = done["result"]["metrics"]
     assert two["world_size"] == 2 and two["global_step"] == 8
     assert Path(done["result"]["adapter_dir"]).joinpath("adapter_model.safetensors").is_file()
@@ -214,6 +214,6 @@ def test_a_cancelled_ray_train_run_resumes_from_its_checkpoint(on_ray, home, ass
         again, _ = runner.submit("train", {**common, "output_dir": stopped["params"]["output_dir"], "resume": True})
         done = wait_job_row(runner, again["id"], lambda j: j["status"] == "succeeded", "the resumed run")
     finally:
-        runner.stop()
+        stop_runner(runner)
     metrics = done["result"]["metrics"]
     assert metrics["resumed_from"] == str(checkpoint) and metrics["global_step"] == 200 and metrics["world_size"] == 2
