@@ -20,7 +20,7 @@ from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
 from forge.paths import forge_home, fresh_temp, open_input
 from forge.records import FIX, FORMAT_ORDER, FormatName, Formats, answer_text, detect, record_problems, to_messages
-from forge.tokens import load_tokenizer, prepare_tokenizer, render_pair, token_stats, tokenize_all  # noqa: F401
+from forge.tokens import load_tokenizer, token_stats, tokenize_all
 
 
 class DataConfig(StageConfig):

@@ -5,6 +5,9 @@ Used when a train job with ``num_processes > 1`` runs as a Ray job (``FORGE_EXEC
 Train sets each worker's rank and starts the process group; from there it is the same code as a
 torchrun rank: rank 0 alone writes progress, checkpoints' extras, the adapter and the metrics, into
 the run dir on storage every node sees, and resuming reads the checkpoints from there.
+
+The worker's function comes from the caller (``forge.train.run``), so this launcher never imports the
+train stage back.
 """
 
 from __future__ import annotations
@@ -12,30 +15,25 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from forge.errors import Codes, ForgeError
 from forge.progress import ProgressCallback, ProgressWriter
 from forge.runs import STAGES_DIR, Outcome
+from forge.train.callbacks import STOP_FILE
+from forge.train.launch import relay_rank0
+from forge.train.run_dir import latest_checkpoint
 
 
-def _rank_main(config: dict) -> None:
-    """One Ray Train worker: the train stage, as a rank."""
-    from forge.progress import quiet_libraries
-    from forge.train import TrainConfig, train
-
-    quiet_libraries()
-    train(TrainConfig.model_validate(config))
-
-
-def launch_ray_train(config, run_dir: Path, writer: ProgressWriter, on_progress: ProgressCallback | None) -> dict:
-    """Run ``config.num_processes`` Ray Train workers and follow rank 0's progress until they end. A
-    SIGTERM (Ray stopping the job) writes the run's STOP file: every rank saves a checkpoint and ends."""
+def launch_ray_train(config, run_dir: Path, writer: ProgressWriter, on_progress: ProgressCallback | None,
+                     rank_main: Callable[[dict], None]) -> dict:
+    """Run ``config.num_processes`` Ray Train workers, each calling ``rank_main`` with the config as a dict
+    (the train stage, as a rank), and follow rank 0's progress until they end. A SIGTERM (Ray stopping the
+    job) writes the run's STOP file: every rank saves a checkpoint and ends."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from forge.train import STOP_FILE, latest_checkpoint, relay_rank0
 
     ray.init(ignore_reinit_error=True, log_to_driver=True)  # inside a Ray job: the job's own cluster
     total = ray.cluster_resources()
@@ -48,7 +46,7 @@ def launch_ray_train(config, run_dir: Path, writer: ProgressWriter, on_progress:
     writer.stage("launching", num_processes=config.num_processes, distributed=config.distributed,
                  launcher="ray_train", use_gpu=use_gpu)
     trainer = TorchTrainer(
-        _rank_main, train_loop_config=config.model_dump(mode="json"),
+        rank_main, train_loop_config=config.model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=config.num_processes, use_gpu=use_gpu),
         run_config=RunConfig(name="ray_train", storage_path=str(run_dir.resolve())))
     outcome: dict = {}

@@ -1,0 +1,69 @@
+"""Where one training run lives: its dir (refused if it already holds a run unless resuming), the checkpoint
+to resume from, and the progress writer only rank 0 writes through. Layout: see ``forge.runs``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from forge import disk
+from forge.errors import Codes, ForgeError
+from forge.paths import check_output
+from forge.progress import ProgressCallback, ProgressWriter
+from forge.runs import PROGRESS_FILE, TRAIN_CONFIG_FILE
+from forge.train.config import TrainConfig
+from forge.train.launch import in_launched_rank, rank_index
+from forge.train.trackers import check_trackers
+from forge.workspace import atomic_write_json
+
+
+@dataclass
+class TrainRun:
+    """Where one training run lives and how it reports."""
+
+    dir: Path
+    checkpoints: Path
+    adapter: Path
+    resume_from: Path | None
+    writer: ProgressWriter
+    rank0: bool
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The highest-numbered checkpoint, in numeric order (checkpoint-1000 after checkpoint-200)."""
+    found = []
+    for path in Path(checkpoints_dir).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir() and (path / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def prepare_run(config: TrainConfig, on_progress: ProgressCallback | None) -> TrainRun:
+    run_dir = check_output(config.run_dir(), "run dir")
+    checkpoints_dir, adapter_dir = run_dir / "checkpoints", run_dir / "adapter"
+    resume_from = None
+    if config.resume:
+        resume_from = latest_checkpoint(checkpoints_dir)
+        if resume_from is None:
+            raise ForgeError(Codes.NO_CHECKPOINT, f"no checkpoint to resume from in {checkpoints_dir}",
+                             "train without resume, or point output_dir at the run that was interrupted")
+    elif not in_launched_rank() and (adapter_dir.exists() or latest_checkpoint(checkpoints_dir)):
+        raise ForgeError(Codes.OUTPUT_EXISTS, f"run dir {run_dir} already holds a training run",
+                         "pass resume=true (--resume) to continue it, or choose another run_name")
+    check_trackers(config)
+    if config.four_bit:
+        from forge.hardware import device_kind
+
+        if device_kind() == "cpu":
+            import bitsandbytes  # noqa: F401  (0.50 runs NF4 on CPU too; fail early if it is missing)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    local_base = Path(config.base_model) if Path(config.base_model).is_dir() else None
+    disk.ensure_space(run_dir, disk.train_bytes(local_base, config.lora_r, config.save_total_limit), "training")
+    rank0 = rank_index() == 0
+    if rank0:
+        atomic_write_json(run_dir / TRAIN_CONFIG_FILE, config.model_dump(mode="json"))
+    # Only rank 0 reports: N ranks writing progress would repeat every step N times.
+    writer = ProgressWriter(run_dir / PROGRESS_FILE if rank0 else None, on_progress if rank0 else None)
+    return TrainRun(run_dir, checkpoints_dir, adapter_dir, resume_from, writer, rank0)
