@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -77,3 +78,18 @@ def stop_runner(runner) -> None:
             runner.cancel(job["id"], force=True)
         except Exception:
             pass
+
+
+@contextlib.asynccontextmanager
+async def serving():
+    """An in-process Forge server with the MCP SDK's client on it; its runner and workers end with the block."""
+    from mcp import Client
+
+    from mcp_servers.forge.server import create_server
+
+    server = create_server()
+    try:
+        async with Client(server) as client:
+            yield client
+    finally:
+        stop_runner(server.runner)

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-from mcp import Client
 
-from helpers import TERMINAL, call_ok, poll_status, stop_runner, wait_job
-from mcp_servers.forge.server import create_server
+from helpers import TERMINAL, call_ok, poll_status, serving, stop_runner, wait_job
 from mcp_servers.lib.runner import Runner
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -64,7 +62,7 @@ def wait_until(predicate, what: str, deadline_s: float = DEADLINE_S, every_s: fl
 
 
 async def test_the_pipeline_runs_on_ray_from_train_to_seal(on_ray, home):
-    async with Client(create_server()) as client:
+    async with serving() as client:
         env = await call_ok(client, "forge_environment")
         assert env["executor"]["name"] == "ray" and env["executor"]["address"] == on_ray
         assert [n["cpus"] for n in env["executor"]["nodes"]] == [2] and env["executor"]["free"]["CPU"] == 2
@@ -92,7 +90,7 @@ async def test_the_pipeline_runs_on_ray_from_train_to_seal(on_ray, home):
 
 async def test_a_job_that_does_not_fit_waits_in_rays_queue_and_cancel_goes_through_ray(on_ray, home, monkeypatch):
     monkeypatch.setenv("FORGE_RAY_JOB_CPUS", "2")  # each job takes the whole 2-CPU cluster
-    async with Client(create_server()) as client:
+    async with serving() as client:
         assets = await call_ok(client, "forge_demo_assets")
         long = {"base_model": assets["model_dir"], "dataset": assets["dataset"],
                 "hyperparameters": {"max_steps": 100000, "save_steps": 100000}}
@@ -186,7 +184,7 @@ async def test_no_cluster_at_the_address_fails_the_job_with_what_to_do(home, ass
 
     monkeypatch.setenv("FORGE_EXECUTOR", "ray")
     monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
-    async with Client(create_server()) as client:
+    async with serving() as client:
         env = await call_ok(client, "forge_environment")
         assert env["executor"]["error"]["code"] == "executor_unavailable"
         demo = await call_ok(client, "forge_demo_assets")
