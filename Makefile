@@ -15,15 +15,17 @@ SOURCES := forge mcp_servers tests bench
 # the checkout. A native build picks up every instruction the CPU advertises, AMX included, and a VM that
 # advertises AMX without granting it kills the process with SIGILL (`tilezero`) at the first Q4_K matmul.
 # pip's own wheel cache ignores CMAKE_ARGS, so the portable wheel gets a folder of its own.
+# A CMAKE_ARGS of the user's (say -DGGML_CUDA=on) still applies, after ours; the folder is named for both.
 LLAMA_CPP := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
-WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/forge/wheels/$(subst ==,-,$(LLAMA_CPP))-portable
+$(if $(LLAMA_CPP),,$(error pyproject.toml must pin llama-cpp-python==X.Y.Z: the Makefile builds that version))
+LLAMA_CMAKE_ARGS := $(strip -DGGML_NATIVE=OFF $(CMAKE_ARGS))
+WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/forge/wheels/$(subst ==,-,$(LLAMA_CPP))-$(shell printf '%s' '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-8)
 
 .PHONY: demo test lint install go inspector tsclient clean fuzz
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c 'import sys; assert sys.version_info >= (3, 11), "Forge needs Python >= 3.11"'
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
@@ -33,8 +35,10 @@ $(STAMP): pyproject.toml
 		$(BIN)/pip install -q "$(TORCH_CPU)"; \
 	fi
 	@ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || { \
-		echo "building a portable $(LLAMA_CPP) into $(WHEELS) (once per machine, ~6 min on 2 cores)"; \
-		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel -q --no-cache-dir --no-deps -w $(WHEELS) "$(LLAMA_CPP)"; }
+		echo "building $(LLAMA_CPP) with CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' into $(WHEELS) (once per machine, ~6 min on 2 cores)"; \
+		rm -rf $(WHEELS).tmp-$$$$ && \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel -q --no-cache-dir --no-deps -w $(WHEELS).tmp-$$$$ "$(LLAMA_CPP)" && \
+		mkdir -p $(dir $(WHEELS)) && { mv -T $(WHEELS).tmp-$$$$ $(WHEELS) 2>/dev/null || rm -rf $(WHEELS).tmp-$$$$; }; }
 	$(BIN)/pip install -q --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-*.whl
 	@echo "installing forge and its pinned dependencies"
 	$(BIN)/pip install -q -e .

@@ -58,22 +58,28 @@ async def poll_status(client, job_id: str, deadline_s: float = 900) -> tuple[dic
 def stop_runner(runner) -> None:
     """Stop a test's runner and end every worker it started. The product lets workers outlive the server
     (a restart must not kill a training run); a test must not leave them behind. Processes go first, by
-    process group (a worker leads its own, with whatever it started), with no store write that a full
-    disk or a damaged store could refuse; then active jobs are cancelled where the store still answers."""
-    runner.stop()
-    for proc in list(runner.procs.values()):
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
-    runner.procs.clear()
+    process group (a worker leads its own, with whatever it started), whatever stopping the runner raised
+    and with no store write that a full disk or a damaged store could refuse; then the jobs still active
+    under another runner's worker (one a killed server started, or a Ray job) are cancelled where the
+    store still answers."""
+    ended = set()
     try:
-        active = runner.store.active()
-    except Exception:  # a store the test damaged or filled: its workers are already ended
+        runner.stop()
+    finally:
+        for job_id, proc in list(runner.procs.items()):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait()
+            ended.add(job_id)
+        runner.procs.clear()
+    try:
+        active = [job for job in runner.store.active() if job["id"] not in ended]
+    except Exception:  # a store the test damaged or filled: this runner's workers are already ended
         return
-    for job in active:
+    for job in active:  # never a job whose worker was reaped above: its pid may be another's by now
         try:
             runner.cancel(job["id"], force=True)
         except Exception:

@@ -128,10 +128,14 @@ def test_a_restarted_server_reattaches_to_its_ray_jobs(on_ray, home, assets, mon
     monkeypatch.setenv("FORGE_ALLOWED_ROOTS", str(Path(assets["dataset"]).parent))
     first = Runner(home)
     first.start()
-    job, _ = first.submit("train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
-                                    "max_steps": 400, "logging_steps": 1})
-    running = wait_job_row(first, job["id"], lambda j: (j["progress"] or {}).get("step", 0) >= 3,
-                           "the job to train a few steps")
+    try:
+        job, _ = first.submit("train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
+                                        "max_steps": 400, "logging_steps": 1})
+        running = wait_job_row(first, job["id"], lambda j: (j["progress"] or {}).get("step", 0) >= 3,
+                               "the job to train a few steps")
+    except BaseException:
+        stop_runner(first)  # the job too: a Ray job left running would hold the cluster for the next tests
+        raise
     first.stop()  # the server goes away; the Ray job carries on
     assert running["status"] == "running" and running["progress"]["step"] < 400
     second = Runner(home)
@@ -139,7 +143,7 @@ def test_a_restarted_server_reattaches_to_its_ray_jobs(on_ray, home, assets, mon
     try:
         done = wait_job_row(second, job["id"], lambda j: j["status"] == "succeeded", "the re-attached job to end")
     finally:
-        second.stop()
+        stop_runner(second)
     assert done["result"]["metrics"]["global_step"] == 400 and done["progress"]["percent"] == 100.0
     statuses = [e["data"]["status"] for e in second.store.events(job["id"], limit=1000, type_="status")]
     assert statuses == ["queued", "running", "succeeded"]

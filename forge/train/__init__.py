@@ -10,28 +10,8 @@ several processes. Run dir layout: see ``forge.runs``.
 
 from __future__ import annotations
 
-from forge.train.callbacks import PREFERENCE_LOGS, STOP_FILE, preference_figures
-from forge.train.config import (
-    DEFAULT_MAX_STEPS,
-    MAX_STEPS_ENV,
-    METHOD_HELP,
-    PREFERENCE_METHODS,
-    Method,
-    Tracker,
-    TrainConfig,
-    check_plan,
-    planned_steps,
-)
-from forge.train.launch import launch_distributed, relay_rank0
-from forge.train.methods import FORGE_SETS, trainer_arguments
-from forge.train.ray_train import launch_ray_train
+from forge.train.config import METHOD_HELP, Method, TrainConfig, check_plan
 from forge.train.run import train
 from forge.train.run_dir import latest_checkpoint
-from forge.train.trackers import TRACKER_MODULES
 
-__all__ = [
-    "DEFAULT_MAX_STEPS", "FORGE_SETS", "MAX_STEPS_ENV", "METHOD_HELP", "PREFERENCE_LOGS", "PREFERENCE_METHODS",
-    "STOP_FILE", "TRACKER_MODULES", "Method", "TrainConfig", "Tracker", "check_plan", "latest_checkpoint",
-    "launch_distributed", "launch_ray_train", "planned_steps", "preference_figures", "relay_rank0", "train",
-    "trainer_arguments",
-]
+__all__ = ["METHOD_HELP", "Method", "TrainConfig", "check_plan", "latest_checkpoint", "train"]
