@@ -21,7 +21,10 @@ from forge.workspace import atomic_dir, dir_artifacts, refuse_existing
 
 # Parity bound per saved dtype, relative to the largest reference logit (at least 1.0): the merged
 # weights are rounded to the saved dtype once, so the bound is that dtype's rounding, with headroom.
-PARITY_RELATIVE_BOUND = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
+# bfloat16 keeps 8 bits of mantissa (a rounding of up to 0.4 % a weight): the tiny demo model, trained
+# hard, measured 4.0 % on a CPU with AMX-BF16, so the bound is 6 %; a wrong base or a lost adapter moves
+# logits by the adapter's effect, far past it (tests check the effect dwarfs the difference).
+PARITY_RELATIVE_BOUND = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 6e-2}
 PARITY_INPUTS = ["Hello! What can you do?", "Convert kilometres to metres.\n\n12 km", "1 2 3 4 5 6 7 8"]
 QUANTIZATION_KEYS = ("quantization_config", "quantization")
 

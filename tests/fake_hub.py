@@ -27,6 +27,9 @@ class FakeHub:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                # One request per connection: a kept-alive one would hold its handler thread past close()
+                self.send_header("Connection", "close")
+                self.close_connection = True
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -76,3 +79,4 @@ class FakeHub:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.thread.join()
