@@ -19,7 +19,15 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     path = Path((argv if argv is not None else sys.argv[1:])[0])
     config = TrainConfig.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    train(config)
+    try:
+        train(config)
+    finally:
+        import torch.distributed as dist
+
+        # A process group left to the interpreter's exit can abort the rank there ("terminate called
+        # without an active exception", SIGABRT) after the run succeeded, failing it: end it here.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
