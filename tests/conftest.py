@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from tqdm import tqdm
 
+import forge  # noqa: F401 (first: sets OMP_WAIT_POLICY before any test module imports torch)
 from leaks import Ledger, Snapshot, mark_run
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,7 +33,7 @@ GPU_KINDS = ("train", "pipeline", "evaluate")  # kinds that run a model on a GPU
 # Secrets (HF_TOKEN, FORGE_MCP_TOKEN) never go: Ray shows a job's runtime_env to anyone who can see
 # the cluster. A publish job runs on the server's machine.
 PASSED_ENV = ("FORGE_ALLOWED_ROOTS", "LLAMA_CPP_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-              "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS", "FORGE_NO_LIGER", "FORGE_LLAMA_CPP_SDIST")
+              "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "FORGE_NO_LIGER", "FORGE_LLAMA_CPP_SDIST")
 GIB = 1024**3
 
 
