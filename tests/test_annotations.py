@@ -50,6 +50,8 @@ async def world(home, assets, quantized, trained, monkeypatch):
     monkeypatch.setenv("FORGE_ALLOWED_ROOTS", str(Path(assets["model_dir"]).parent))
     run = home / "runs" / "sealed"
     shutil.copytree(trained["run_dir"], run)
+    for modelfile in run.glob("gguf/Modelfile*"):  # another test file may have written one into the session's run
+        modelfile.unlink()
     for record in (run / "stages").glob("*.json"):
         record.write_text(record.read_text(encoding="utf-8").replace(trained["run_dir"], str(run)), encoding="utf-8")
     server = create_server()
