@@ -19,8 +19,18 @@ from pydantic import Field
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
 from forge.paths import forge_home, fresh_temp, open_input
-from forge.records import FIX, FORMAT_ORDER, FormatName, Formats, answer_text, detect, record_problems, to_messages
-from forge.tokens import load_tokenizer, token_stats, tokenize_all
+from forge.records import (
+    FIX,
+    FORMAT_ORDER,
+    Conversation,
+    FormatName,
+    Formats,
+    answer_text,
+    detect,
+    record_problems,
+    to_messages,
+)
+from forge.tokens import prepare_tokenizer, token_stats, tokenize_all, tool_list_tokens, tool_warnings
 
 
 class DataConfig(StageConfig):
@@ -29,7 +39,8 @@ class DataConfig(StageConfig):
     system_prompt: str | None = Field(None, description="System message prepended to records without one.")
     base_model: str | None = Field(None, description="Model dir or hub id whose tokenizer computes the stats.")
     chat_template: str | None = Field(None, description=(
-        "For a base model without one: a family (chatml, llama3, gemma, phi3, phi4, mistral) or a Jinja file."))
+        "A family (chatml, llama3, gemma, phi3, phi4, mistral; with tools: qwen2.5, llama3.1, mistral-tools) or a "
+        "Jinja file."))
     max_length: int = Field(1024, gt=0, description="Tokens per record (TRL's max_length); longer ones are truncated.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of records held out for eval loss.")
     seed: int = Field(42, description="Seed of the deterministic train/eval split.")
@@ -37,11 +48,12 @@ class DataConfig(StageConfig):
 
 @dataclass
 class Dataset:
-    """A validated dataset as chat conversations (for preference data: prompt + chosen answer)."""
+    """A validated dataset as chat conversations (for preference data: prompt + chosen answer); each carries the
+    tools its record declares (``Conversation.tools``)."""
 
     path: Path
     format: str
-    conversations: list[list[dict]]
+    conversations: list[Conversation]
     sha256: str
     rejected: list[str] | None = None  # preference data: the rejected answer of each conversation
 
@@ -75,6 +87,10 @@ def _depth(value, limit: int) -> int:
     return deepest
 
 
+def _not_a_number(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _parse_line(raw: bytes, lineno: int) -> tuple[dict | None, str | None]:
     """One JSONL line → (record, None) or (None, the problem with its line number and fix)."""
     if len(raw) > MAX_LINE_BYTES:
@@ -86,7 +102,7 @@ def _parse_line(raw: bytes, lineno: int) -> tuple[dict | None, str | None]:
         return None, (f"line {lineno}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}); "
                       "save the file as UTF-8")
     try:
-        record = json.loads(text)
+        record = json.loads(text, parse_constant=_not_a_number)
     except json.JSONDecodeError as exc:
         return None, (f"line {lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
                       "each line must be one JSON object")
@@ -124,8 +140,8 @@ def _detect_format(parsed: list[tuple[int, dict]], path: Path, problems: list[st
     if not counts and not problems:
         raise ForgeError(Codes.DATASET_INVALID, f"{path}: no records found" if not parsed else
                          f"{path}: cannot tell the format from the keys of line {parsed[0][0]}",
-                         "use alpaca (instruction/input/output), messages, prompt/completion, or preference "
-                         "(prompt/chosen/rejected) records")
+                         "use alpaca (instruction/input/output), messages, prompt/completion, preference "
+                         "(prompt/chosen/rejected) or sharegpt (conversations) records")
     if not counts:
         return Formats.ALPACA
     return max(FORMAT_ORDER, key=lambda f: (counts[f], -FORMAT_ORDER.index(f)))
@@ -208,15 +224,38 @@ def snapshot(path: Path | str) -> tuple[Path, str]:
 
 
 SHOWN_MESSAGES = 4
+SHOWN_NAMES = 20  # tool names a report lists
+
+
+def _cut(value):
+    """A value with each text in it cut to a few hundred characters (a tool call's arguments included)."""
+    if isinstance(value, str):
+        return value if len(value) <= SHOWN_CHARS else value[:SHOWN_CHARS] + f"… ({len(value)} characters)"
+    if isinstance(value, dict):
+        return {k: _cut(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cut(v) for v in value]
+    return value
 
 
 def shown_record(messages: list[dict]) -> list[dict]:
     """A record as a report echoes it: its first few messages, each text cut to a few hundred characters."""
-    shown = [{k: (v if len(v) <= SHOWN_CHARS else v[:SHOWN_CHARS] + f"… ({len(v)} characters)")
-              for k, v in m.items()} for m in messages[:SHOWN_MESSAGES]]
+    shown = [_cut(m) for m in messages[:SHOWN_MESSAGES]]
     if len(messages) > SHOWN_MESSAGES:
         shown.append({"role": "note", "content": f"… and {len(messages) - SHOWN_MESSAGES} more messages"})
     return shown
+
+
+def tool_summary(conversations: list[Conversation]) -> dict:
+    """How much tool calling the records hold: records that declare tools, calls made, results given, and the
+    tools declared (the first few names)."""
+    declared = sorted({t["function"]["name"] for c in conversations for t in c.tools or []})
+    turns = [m for c in conversations for m in c]
+    return {"records": sum(bool(c.tools) for c in conversations),
+            "calls": sum(len(m.get("tool_calls", [])) for m in turns),
+            "results": sum(m["role"] == "tool" for m in turns),
+            "declared": declared[:SHOWN_NAMES] + ([f"… and {len(declared) - SHOWN_NAMES} more"]
+                                                   if len(declared) > SHOWN_NAMES else [])}
 
 
 def split(conversations: list, eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -242,11 +281,19 @@ def validate(config: DataConfig) -> dict:
         "train_records": len(train), "eval_records": len(evals), "warnings": [],
         "example": shown_record(ds.conversations[0]),
     }
+    if any(c.tools for c in ds.conversations):
+        report["tools"] = tool_summary(ds.conversations)
     if config.base_model:
-        tokenizer = load_tokenizer(config.base_model, config.chat_template)
+        tokenizer, template = prepare_tokenizer(config.base_model, config.chat_template)
+        tool_tokens = tool_list_tokens(tokenizer, ds.conversations)
         stats = token_stats(tokenize_all(tokenizer, ds.conversations), config.max_length)
         stats["max_length"] = config.max_length
         report["tokens"] = stats
+        if template.get("warning"):
+            report["warnings"].append(template["warning"])
+        if tool_tokens:
+            stats["tool_list_tokens"] = tool_tokens
+            report["warnings"].extend(tool_warnings(stats, config.max_length))
         if stats["truncated_share"] > 0:
             report["warnings"].append(f"{stats['truncated_share']:.0%} of records exceed max_length="
                                       f"{config.max_length} and will be truncated")

@@ -1,15 +1,30 @@
 """Record formats: which format a JSONL record is in, what is wrong with it, and the chat messages it
 becomes.
 
-Four formats: alpaca (instruction/input/output), messages (a list of {role, content}), prompt/completion,
-and preference (``{"prompt"|"messages", "chosen", "rejected"}``: a prompt conversation and two answers;
-SFT on such a file trains on the chosen answers). A new format is a new set of checks and one conversion
-here; reading files, limits and reports stay in ``forge.data``.
+Five formats: alpaca (instruction/input/output), messages (a list of {role, content}, with optional tool
+calls and a ``tools`` list), prompt/completion, preference (``{"prompt"|"messages", "chosen", "rejected"}``: a
+prompt conversation and two answers; SFT on such a file trains on the chosen answers), and sharegpt
+(``{"conversations": [{"from", "value"}], "system"?, "tools"?}``, as LLaMA-Factory writes it; read by
+``forge.sharegpt``). Every format becomes a ``Conversation``; tool calls and tool turns are checked and put in
+canonical form by ``forge.tool_calls``. Reading files, limits and reports stay in ``forge.data``.
 """
 
 from __future__ import annotations
 
 from typing import Literal
+
+from forge.sharegpt import as_messages, sharegpt_problems
+from forge.tool_calls import canonical_tools, canonical_turns, tools_problems, turn_problems
+
+
+class Conversation(list):
+    """A record as chat messages in canonical form, with the tools it declares (canonical; None: none)."""
+
+    tools: list[dict] | None = None
+
+    def __init__(self, messages=(), tools: list[dict] | None = None):
+        super().__init__(messages)
+        self.tools = tools
 
 
 class Formats:
@@ -18,14 +33,16 @@ class Formats:
     MESSAGES = "messages"
     PROMPT_COMPLETION = "prompt_completion"
     PREFERENCE = "preference"
+    SHAREGPT = "sharegpt"
 
 
-FormatName = Literal["auto", "alpaca", "messages", "prompt_completion", "preference"]
+FormatName = Literal["auto", "alpaca", "messages", "prompt_completion", "preference", "sharegpt"]
 ROLES = ("system", "user", "assistant")
+TOOL_ROLES = (*ROLES, "tool")  # the messages format; a preference prompt keeps to ROLES
 
 
 # A tie between formats goes to the first in this order, whatever the hash seed.
-FORMAT_ORDER = (Formats.PREFERENCE, Formats.MESSAGES, Formats.ALPACA, Formats.PROMPT_COMPLETION)
+FORMAT_ORDER = (Formats.PREFERENCE, Formats.MESSAGES, Formats.SHAREGPT, Formats.ALPACA, Formats.PROMPT_COMPLETION)
 
 
 def detect(record: dict) -> str | None:
@@ -33,6 +50,8 @@ def detect(record: dict) -> str | None:
         return Formats.PREFERENCE
     if "messages" in record:
         return Formats.MESSAGES
+    if "conversations" in record:
+        return Formats.SHAREGPT
     if "instruction" in record or "output" in record:
         return Formats.ALPACA
     if "prompt" in record or "completion" in record:
@@ -66,10 +85,12 @@ def _text_problem(record: dict, key: str, required: bool = True) -> str | None:
 FIX = {
     Formats.ALPACA: "each alpaca record needs non-empty 'instruction' and 'output' strings ('input' optional)",
     Formats.PROMPT_COMPLETION: "each record needs non-empty 'prompt' and 'completion' strings",
-    Formats.MESSAGES: ("'messages' must be a list of {role, content} with roles system/user/assistant "
-                       "and at least one non-empty assistant message"),
+    Formats.MESSAGES: ("'messages' must be a list of {role, content} with roles system/user/assistant/tool and at "
+                       "least one non-empty assistant message or tool call; calls name tools listed in 'tools'"),
     Formats.PREFERENCE: ("each preference record needs a 'prompt' string or a 'messages' list ending with a user "
                          "message, and two different non-empty answers, 'chosen' and 'rejected'"),
+    Formats.SHAREGPT: ("'conversations' must be a list of {from, value} with from human/gpt/system/function_call/"
+                       "observation and at least one non-empty gpt turn or call; calls name tools listed in 'tools'"),
 }
 
 
@@ -82,24 +103,63 @@ def answer_text(value) -> str | None:
     return value
 
 
-def _messages_problems(messages, final_role: str | None) -> list[str]:
+NOTHING_TRAINED = "every assistant turn is empty (no text, no tool call), so nothing would be trained"
+
+
+def _messages_problems(messages, final_role: str | None = None, roles: tuple[str, ...] = ROLES, key: str = "messages",
+                       labels: list[str] | None = None, text: str = "content") -> list[str]:
+    """The shape of each turn: an object, a known role, a text (optional in a turn that calls tools, possibly
+    empty in a tool result). ``labels`` name each turn as the file does; ``text`` is its text's key there."""
     if not isinstance(messages, list) or not messages:
-        return ["field 'messages' must be a non-empty list"]
-    problems = []
-    for i, msg in enumerate(messages):
+        return [f"field '{key}' must be a non-empty list"]
+    labels = labels or [f"{key}[{i}]" for i in range(len(messages))]
+    problems, empty = [], []
+    for msg, label in zip(messages, labels, strict=True):
         if not isinstance(msg, dict):
-            problems.append(f"messages[{i}] must be an object")
+            problems.append(f"{label} must be an object")
             continue
         role = msg.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            problems.append(f"messages[{i}].role is {_short(role)}, expected one of {', '.join(ROLES)}")
-        problem = _string_problem(msg.get("content"), f"messages[{i}].content", required=True)
+        if not isinstance(role, str) or role not in roles:
+            problems.append(f"{label}.role is {_short(role)}, expected one of {', '.join(roles)}")
+        calls = role == "assistant" and bool(msg.get("tool_calls")) and "tool" in roles
+        if calls and msg.get("content") is None:
+            continue  # a turn that only calls tools needs no text
+        problem = _string_problem(msg.get("content"), f"{label}.{text}", required=not calls and role != "tool")
+        if problem and role == "assistant" and problem.endswith(" is empty"):
+            empty.append(problem)
         if problem:
             problems.append(problem)
+    answers = sum(isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
+    if empty and len(empty) == answers and "tool" in roles and len(empty) > 1:  # one problem, not one per turn
+        problems = [p for p in problems if p not in empty] + [NOTHING_TRAINED]
     if final_role and isinstance(messages[-1], dict) and messages[-1].get("role") != final_role:
         problems.append(f"the last message is {_short(messages[-1].get('role'))}'s; the prompt must end with a "
                         f"{final_role} message")
     return problems
+
+
+def _conversation_problems(messages, tools, key: str, labels: list[str] | None = None, text: str = "content",
+                           turns_readable: bool = True) -> list[str]:
+    """A conversation that may call tools: its turns, its tool list, its calls and tool results, and whether it
+    trains anything. Calls, and whether there is an answer, are checked once every turn and the tool list
+    could be read."""
+    problems = _messages_problems(messages, roles=TOOL_ROLES, key=key, labels=labels, text=text)
+    if problems[:1] == [f"field '{key}' must be a non-empty list"]:
+        return problems
+    labels = labels or [f"{key}[{i}]" for i in range(len(messages))]
+    problems.extend(tools_problems(tools) if tools is not None else [])
+    if turns_readable and all(isinstance(m, dict) and m.get("role") in TOOL_ROLES for m in messages):
+        problems.extend(turn_problems(messages, tools, lambda i: labels[i]))
+    if turns_readable and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        problems.append("no gpt or function_call turn, so nothing would be trained" if key == "conversations"
+                        else "no assistant message, so nothing would be trained")
+    return problems
+
+
+def _declared_tools(record: dict):
+    """A messages record's tool list as given; an empty list or null declares none."""
+    tools = record.get("tools")
+    return None if tools is None or tools == [] else tools
 
 
 def _prompt_key(record: dict) -> str:
@@ -109,8 +169,7 @@ def _prompt_key(record: dict) -> str:
 
 def _preference_problems(record: dict) -> list[str]:
     if _prompt_key(record) == "messages" or isinstance(record.get("prompt"), list):
-        problems = [p.replace("field 'messages'", f"field '{_prompt_key(record)}'")
-                    for p in _messages_problems(record[_prompt_key(record)], final_role="user")]
+        problems = _messages_problems(record[_prompt_key(record)], final_role="user", key=_prompt_key(record))
     else:
         problems = [p for p in [_text_problem(record, "prompt")] if p]
     answers = {}
@@ -136,16 +195,21 @@ def record_problems(record: dict, fmt: str) -> list[str]:
         return [p for k in ("prompt", "completion") if (p := _text_problem(record, k))]
     if fmt == Formats.PREFERENCE:
         return _preference_problems(record)
-    messages = record.get("messages")
-    problems = _messages_problems(messages, final_role=None)
-    if problems[:1] == ["field 'messages' must be a non-empty list"]:
-        return problems
-    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-        problems.append("no assistant message, so nothing would be trained")
-    return problems
+    if fmt == Formats.SHAREGPT:
+        problems = sharegpt_problems(record)
+        if not isinstance(record.get("conversations"), list) or not record["conversations"]:
+            return ["field 'conversations' must be a non-empty list", *problems]
+        messages, labels, tools = as_messages(record)
+        if not messages:  # every turn unreadable, each already reported
+            return problems
+        return problems + _conversation_problems(messages, tools, "conversations", labels, "value",
+                                                 turns_readable=not problems)
+    return _conversation_problems(record.get("messages"), _declared_tools(record), "messages")
 
 
-def to_messages(record: dict, fmt: str, system_prompt: str | None) -> list[dict]:
+def to_messages(record: dict, fmt: str, system_prompt: str | None) -> Conversation:
+    """A valid record (see ``record_problems``) as a Conversation in canonical form."""
+    tools = None
     if fmt == Formats.ALPACA:
         user = record["instruction"].strip()
         if record.get("input", "").strip():
@@ -159,8 +223,11 @@ def to_messages(record: dict, fmt: str, system_prompt: str | None) -> list[dict]
         prompt = ([{"role": m["role"], "content": m["content"]} for m in given] if isinstance(given, list)
                   else [{"role": "user", "content": given}])
         messages = [*prompt, {"role": "assistant", "content": answer_text(record["chosen"])}]
+    elif fmt == Formats.SHAREGPT:
+        given, _, tools = as_messages(record)
+        messages = canonical_turns(given)
     else:
-        messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+        messages, tools = canonical_turns(record["messages"]), _declared_tools(record)
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages
+    return Conversation(messages, canonical_tools(tools) if tools else None)
