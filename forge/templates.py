@@ -15,7 +15,9 @@ message, to learn what it adds on its own. Two things published templates add:
   header for every conversation, with or without a system message.
 
 Base models carry no template: ``chat_template`` names a family here (its Jinja, special tokens and
-end-of-turn token are added to the tokenizer) or a Jinja file.
+end-of-turn token are added to the tokenizer) or a Jinja file. The families that call tools (qwen2.5,
+llama3.1, mistral-tools) live in forge.tool_templates; a model whose Jinja is one of theirs gets their Go
+TEMPLATE, which renders tools, calls and results too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from forge.errors import Codes, ForgeError
+from forge.tool_templates import TOOL_FAMILIES, ToolFamily, tool_family_of
 
 LAST = "{{- $last := eq (len (slice $.Messages $i)) 1 -}}"
 FIND_SYSTEM = ('{{- $system := "" }}{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}'
@@ -91,13 +94,15 @@ FAMILIES: tuple[TemplateFamily, ...] = (
                "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"),
         special_tokens=("<s>", "</s>", "[INST]", "[/INST]"), eos="</s>", bos="<s>"),
 )
-BY_NAME = {f.name: f for f in FAMILIES}
+BY_NAME: dict[str, TemplateFamily | ToolFamily] = {f.name: f for f in (*FAMILIES, *TOOL_FAMILIES)}
 
 
-def go_template(family: TemplateFamily, system_header: str | None = None) -> str:
+def go_template(family: TemplateFamily | ToolFamily, system_header: str | None = None) -> str:
     """The Ollama TEMPLATE (Go text/template over .Messages) rendering what the family's Jinja renders
     with add_generation_prompt, BOS left out. ``system_header``: text the template always writes into
     a system header (Llama 3.1's dated one), which then opens every conversation."""
+    if isinstance(family, ToolFamily):
+        return family.go
     name = family.name
     if name == "phi4":
         return _loop("<|im_start|>{{ .Role }}<|im_sep|>{{ .Content }}<|im_end|>\n"
@@ -139,11 +144,14 @@ def _go_text(text: str) -> str:
     return text.replace("{{", '{{ "{{" }}')
 
 
-def detect_family(chat_template: str | None) -> TemplateFamily:
+def detect_family(chat_template: str | None) -> TemplateFamily | ToolFamily:
     if not chat_template:
         raise ForgeError(Codes.UNSUPPORTED_TEMPLATE, "the model has no chat template",
-                         "train with chat_template= a family (chatml, llama3, gemma, phi3, phi4, mistral) or a "
-                         ".jinja file, or start from an instruct model")
+                         f"train with chat_template= a family ({', '.join(BY_NAME)}) or a .jinja file, or start "
+                         "from an instruct model")
+    tools = tool_family_of(chat_template)  # before the markers: a tools template has its plain family's too
+    if tools is not None:
+        return tools
     for family in FAMILIES:
         if all(m in chat_template for m in family.markers):
             return family
@@ -166,7 +174,7 @@ PROBE_USER = "USER-PROBE-9c2d"
 class TemplatePlan:
     """How a model's Jinja template maps onto an Ollama Modelfile."""
 
-    family: TemplateFamily
+    family: TemplateFamily | ToolFamily
     template: str  # the Go TEMPLATE
     default_system: str | None = None  # what the template says when the conversation has no system message
     system_header: str | None = None  # text it always writes in a system header
@@ -187,6 +195,9 @@ def render(chat_template: str, messages: list[dict], bos: str | None = None, eos
 def plan(chat_template: str, bos: str | None = None, eos: str | None = None) -> TemplatePlan:
     """Detect the family and learn, by rendering, what the template adds on its own."""
     family = detect_family(chat_template)
+    if isinstance(family, ToolFamily):  # Forge's own: nothing to learn by probing
+        return TemplatePlan(family, family.go, notes=["the template calls tools: the TEMPLATE writes the tool "
+                                                      "list, the calls and their results as the Jinja does"])
     try:
         with_system = render(chat_template, [{"role": "system", "content": PROBE_SYSTEM},
                                              {"role": "user", "content": PROBE_USER}], bos, eos)
@@ -217,7 +228,7 @@ def plan(chat_template: str, bos: str | None = None, eos: str | None = None) -> 
 class ChosenTemplate:
     jinja: str
     source: str  # "model", "family:<name>" or "file:<path>"
-    family: TemplateFamily | None
+    family: TemplateFamily | ToolFamily | None
 
     @property
     def sha256(self) -> str:
@@ -225,7 +236,8 @@ class ChosenTemplate:
 
 
 def choose(chat_template: str) -> ChosenTemplate:
-    """``chat_template`` as a family name (chatml, llama3, gemma, phi3, phi4, mistral) or a Jinja file."""
+    """``chat_template`` as a family name (chatml, llama3, gemma, phi3, phi4, mistral; qwen2.5, llama3.1,
+    mistral-tools with tools) or a Jinja file."""
     if chat_template in BY_NAME:
         family = BY_NAME[chat_template]
         return ChosenTemplate(family.jinja, f"family:{family.name}", family)
@@ -237,5 +249,5 @@ def choose(chat_template: str) -> ChosenTemplate:
                          f"chat_template {chat_template[:120]!r} is neither a family nor a file",
                          f"pass one of {', '.join(BY_NAME)}, or the path of a .jinja file")
     jinja = read_text(path, "chat template")
-    family = next((f for f in FAMILIES if all(m in jinja for m in f.markers)), None)
+    family = tool_family_of(jinja) or next((f for f in FAMILIES if all(m in jinja for m in f.markers)), None)
     return ChosenTemplate(jinja, f"file:{path.resolve()}", family)
