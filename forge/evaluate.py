@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from forge import tool_eval
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
 from forge.paths import check_input_dir, checked, read_text
@@ -33,6 +34,8 @@ class EvaluateConfig(StageConfig):
     max_records: int = Field(32, ge=1, le=1000, description="Records measured, at most.")
     samples: int = Field(3, ge=0, le=20, description="Eval prompts answered by the base and the quantized model.")
     max_new_tokens: int = Field(64, ge=1, le=1024, description="Tokens per sample answer, at most.")
+    tool_turns: int = Field(16, ge=0, le=200, description=(
+        "For records with tools: assistant turns asked of each model to measure tool-call accuracy, at most."))
 
 
 @dataclass
@@ -114,9 +117,10 @@ def _prompt(conv: list[dict]) -> list[dict]:
     return conv[:last]
 
 
-def _hf_part(base_ref: str, adapter_dir: Path, scored: Scored, prompts: list, tokenizer, max_new: int) -> dict:
-    """Base and fine-tuned (base + adapter, the adapter switched off for the base) scores, and the base
-    model's greedy answers to the sample prompts."""
+def _hf_part(base_ref: str, adapter_dir: Path, scored: Scored, prompts: list, tokenizer, max_new: int,
+             tool_cases: list) -> dict:
+    """Base and fine-tuned (base + adapter, the adapter switched off for the base) scores, the base
+    model's greedy answers to the sample prompts, and both models' replies to the tool-call turns."""
     import torch
     from peft import PeftModel
 
@@ -135,8 +139,10 @@ def _hf_part(base_ref: str, adapter_dir: Path, scored: Scored, prompts: list, to
 
     tuned = nll_sum(model)
     stops = {i for i in [tokenizer.eos_token_id, *_list(model.generation_config.eos_token_id)] if i is not None}
+    tools = {"fine-tuned": tool_eval.hf_answers(model, tokenizer, tool_cases, max_new, sorted(stops))}
     with model.disable_adapter():
         base = nll_sum(model)
+        tools["base"] = tool_eval.hf_answers(model, tokenizer, tool_cases, max_new, sorted(stops))
         answers = []
         for prompt in prompts:
             ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True,
@@ -149,7 +155,7 @@ def _hf_part(base_ref: str, adapter_dir: Path, scored: Scored, prompts: list, to
             answers.append({"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "stopped": stopped,
                             "tokens": len(new)})
     del model
-    return {"base": base, "fine-tuned": tuned, "answers": answers}
+    return {"base": base, "fine-tuned": tuned, "answers": answers, "tools": tools}
 
 
 def _list(value) -> list:
@@ -211,28 +217,37 @@ def evaluate(config: EvaluateConfig, on_progress: ProgressCallback | None = None
     convs, source, warnings = _conversations(config, train_cfg, trained)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # the tokenizer and chat template trained with
     scored = _score_set(tokenizer, convs, train_cfg.get("max_length", 1024))
-    prompts = [_prompt(c) for c in convs[:config.samples]]
+    sampled = [c for c in convs if not getattr(c, "tools", None)][:config.samples]  # tool records: tool_calls
+    prompts = [_prompt(c) for c in sampled]
+    tool_cases, tool_warnings = tool_eval.tool_cases(convs, config.tool_turns, tokenizer.chat_template)
+    warnings.extend(tool_warnings)
 
     writer.stage("measuring_base_and_fine_tuned", step=1, total_steps=total)
     base_ref = trained.get("base_model_dir") or trained["base_model"]
     if Path(base_ref).exists():
         base_ref = str(check_input_dir(base_ref, "base model"))
-    hf = _hf_part(base_ref, adapter_dir, scored, prompts, tokenizer, config.max_new_tokens)
+    hf = _hf_part(base_ref, adapter_dir, scored, prompts, tokenizer, config.max_new_tokens, tool_cases)
+    tool_scores = {who: tool_eval.score(tool_cases, answers) for who, answers in
+                   (("base", hf["tools"]["base"]), ("fine-tuned", hf["tools"]["fine-tuned"]))}
     measured = []
     for i, (quant, path) in enumerate(ggufs, start=2):
         writer.stage("measuring_gguf", quant=quant, step=i, total_steps=total)
         measured.append((quant, path, _gguf_nll(Path(path), scored)))
+        if tool_cases:
+            answers = tool_eval.gguf_answers(Path(path), tool_cases, config.max_new_tokens)
+            tool_scores[f"{quant} GGUF"] = tool_eval.score(tool_cases, answers)
     quantized = _gguf_answers(Path(ggufs[-1][1]), prompts, config.max_new_tokens) if ggufs and prompts else []
     if not ggufs:
         warnings.append("the run is not quantized yet: no GGUF rows; run forge quantize, then evaluate again")
     samples = [{"prompt": p[-1]["content"], "expected": c[len(p)]["content"], "base": b,
                 **({"quantized": q, "quantized_model": ggufs[-1][0]} if q else {})}
-               for p, c, b, q in zip(prompts, convs[:len(prompts)], hf["answers"],
+               for p, c, b, q in zip(prompts, sampled, hf["answers"],
                                       quantized or [None] * len(prompts), strict=True)]
     table = _table(hf, measured, scored.tokens)
     result = {"status": Outcome.SUCCEEDED, "run_dir": str(run_dir), "source": source, "tokens": scored.tokens,
               "table": table, "samples": samples, "warnings": warnings,
-              "stopped_on_its_own": _stop_counts(samples), "config": config.model_dump(mode="json")}
+              "stopped_on_its_own": _stop_counts(samples), "config": config.model_dump(mode="json"),
+              **({"tool_calls": tool_scores} if tool_cases else {})}
     writer({"event": "done", "step": total, "total_steps": total, "percent": 100.0})
     record_stage(run_dir, "evaluate", result)
     return result

@@ -123,6 +123,15 @@ def evaluation_section(ev: dict) -> list[str]:
                 f"| Prompt | Expected | Base | {quant} |", "|---|---|---|---|"]
         out += [f"| {_cell(s['prompt'], 80)} | {_cell(s['expected'], 80)} | {_answer(s.get('base'))} | "
                 f"{_answer(s.get('quantized'))} |" for s in samples]
+    tools = ev.get("tool_calls") or {}
+    if tools:
+        out += ["", "Tool calls (greedy, parsed with the template's call syntax): right = the data's tool names and "
+                "arguments (as JSON values); no-call turns are right when the model calls nothing.", "",
+                "| Model | Right | Calling turns | No-call turns | Calls that parse |", "|---|---|---|---|---|"]
+        for who, row in tools.items():
+            parsed = "—" if row.get("parsed_share") is None else f"{row['parsed_share']:.0%}"
+            out.append(f"| {_cell(who, 40)} | {row['right']}/{row['turns']} | {row['calls_right']} | "
+                       f"{row['no_call_right']} | {parsed} |")
     return out + [""]
 
 

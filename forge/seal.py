@@ -101,7 +101,8 @@ def run_record(run_dir: Path) -> dict:
         "eval_curve": metrics.get("eval_curve", []),
         "merge_parity": stages.get("merge", {}).get("parity"),
         "evaluation": {k: stages["evaluate"].get(k) for k in ("source", "tokens", "table", "samples",
-                                                               "stopped_on_its_own", "warnings")}
+                                                               "stopped_on_its_own", "warnings", "tool_calls")
+                       if k != "tool_calls" or "tool_calls" in stages["evaluate"]}
         if "evaluate" in stages else None,
         "gguf": [{"quant": o["quant"], "path": o["path"], "generated": o.get("verification", {}).get("generated")}
                  for o in quant.get("outputs", [])],

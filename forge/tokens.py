@@ -13,11 +13,13 @@ import statistics
 from dataclasses import dataclass
 
 from forge.errors import Codes, ForgeError
+from forge.tool_json import render_form
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja raises plain exceptions for roles a template refuses
         raise ForgeError(Codes.UNSUPPORTED_TEMPLATE, f"the chat template could not render a conversation: {exc}",
                          "check the roles your records use against the model's chat template "
@@ -42,20 +44,22 @@ def render_pair(tokenizer, pair: dict) -> dict:
     return out
 
 
-def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+def tokenize_conversation(tokenizer, conversation: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids and an assistant mask (1 = in the loss) for one conversation.
 
     Each assistant turn spans from the end of the prompt that precedes it (with the generation
     prompt) to the end of the conversation rendered through that turn, so the turn's end-of-turn
-    token is inside its span.
+    token is inside its span. Its tool calls are part of the turn, so they are trained; the tool list
+    (in the prompt) and tool results (their own turns) are not.
     """
-    text = _render(tokenizer, messages, add_generation_prompt=False)
+    messages, tools = render_form(conversation)
+    text = _render(tokenizer, messages, False, tools)
     spans = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        before = _render(tokenizer, messages[:i], True, tools)
+        through = _render(tokenizer, messages[: i + 1], False, tools)
         if not (text.startswith(through) and through.startswith(before)):
             raise ForgeError(
                 Codes.UNSUPPORTED_TEMPLATE,
@@ -88,6 +92,53 @@ def tokenize_all(tokenizer, conversations: list[list[dict]]) -> TokenizedSet:
 def _percentile(values: list[int], q: float) -> int:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def tool_list_tokens(tokenizer, conversations: list[list[dict]]) -> int:
+    """The most tokens any record's tool list adds to its prompt (the list repeats in every record that
+    declares it), measured as the template renders it. Records with tools need a template Forge wrote for
+    tools: it prints tools and calls exactly as Ollama's TEMPLATE does, so what is trained is what Ollama and
+    llama.cpp ask. Any other template (none at all, or a model's own) is refused, before a model learns to call
+    tools in a format its Modelfile cannot render."""
+    from forge.tool_templates import tool_family_of
+
+    with_tools = [c for c in conversations if getattr(c, "tools", None)]
+    if not with_tools:
+        return 0
+    if tool_family_of(tokenizer.chat_template) is None:
+        raise ForgeError(Codes.UNSUPPORTED_TEMPLATE,
+                         "records declare tools, but the chat template is not one of Forge's tools-capable "
+                         "families, so the tools would be trained in a format the Modelfile cannot render",
+                         "train with chat_template= qwen2.5, llama3.1 or mistral-tools (it replaces an instruct "
+                         "model's own template, with a warning)")
+    seen, most = set(), 0
+    probe = [{"role": "user", "content": "?"}]
+    plain = len(tokenizer(_render(tokenizer, probe, True), add_special_tokens=False)["input_ids"])
+    for conversation in with_tools:
+        if (key := repr(conversation.tools)) in seen:
+            continue
+        seen.add(key)
+        _, shown = render_form(_with_tools(probe, conversation.tools))
+        rendered = _render(tokenizer, probe, True, shown)
+        most = max(most, len(tokenizer(rendered, add_special_tokens=False)["input_ids"]) - plain)
+    return most
+
+
+def _with_tools(messages: list[dict], tools: list[dict]):
+    from forge.records import Conversation
+
+    conversation = Conversation(messages)
+    conversation.tools = tools
+    return conversation
+
+
+def tool_warnings(stats: dict, max_length: int) -> list[str]:
+    """A tool list that takes most of max_length leaves little room for the conversation itself."""
+    share = stats.get("tool_list_tokens", 0) / max_length
+    if share < 0.5:
+        return []
+    return [f"the tool list takes {stats['tool_list_tokens']} tokens of every record that declares it, "
+            f"{share:.0%} of max_length={max_length}: raise max_length or declare fewer or shorter tools"]
 
 
 def token_stats(tokens: TokenizedSet, max_length: int) -> dict:
@@ -131,6 +182,12 @@ def prepare_tokenizer(base_model: str, chat_template: str | None = None) -> tupl
     info: dict = {"source": "model", "added_tokens": []}
     if chat_template:
         chosen = templates.choose(chat_template)
+        own = getattr(tokenizer, "chat_template", None)
+        if isinstance(own, str) and own and own != chosen.jinja:  # an instruct model's own template, replaced
+            info["replaced"] = {"sha256": hashlib.sha256(own.encode("utf-8")).hexdigest()}
+            info["warning"] = (f"the model's own chat template (sha256 {info['replaced']['sha256'][:12]}…) is "
+                               f"replaced by {chosen.source}: the fine-tune answers in the new format, and the "
+                               "GGUF and Modelfile carry the new template")
         tokenizer.chat_template = chosen.jinja
         info["source"] = chosen.source
         if chosen.family is not None:
@@ -147,7 +204,8 @@ def prepare_tokenizer(base_model: str, chat_template: str | None = None) -> tupl
             tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
         raise ForgeError(Codes.UNSUPPORTED_TEMPLATE, f"{base_model} has no chat template",
-                         "pass chat_template= a family (chatml, llama3, gemma, phi3, phi4, mistral) or a .jinja "
+                         "pass chat_template= a family (chatml, llama3, gemma, phi3, phi4, mistral, qwen2.5, "
+                         "llama3.1, mistral-tools) or a .jinja "
                          "file; its special tokens are added and trained")
     if not tokenizer.is_fast:
         raise ForgeError(Codes.UNSUPPORTED_TEMPLATE, f"{base_model} has only a slow tokenizer",

@@ -252,9 +252,12 @@ class _FakeOllama:
                     self.send_response(404)
                     self.end_headers()
                     return
+                message = {"role": "assistant", "content": "Hi from Ollama."}
+                if body.get("tools"):  # Ollama parses the calls and answers them apart from the text
+                    message = {"role": "assistant", "content": "", "tool_calls": [{"function": {
+                        "index": 0, "name": body["tools"][0]["function"]["name"], "arguments": {"city": "Oslo"}}}]}
                 reply = {"model": body["model"]} if self.path == "/api/show" else {
-                    "message": {"role": "assistant", "content": "Hi from Ollama."}, "done_reason": "stop",
-                    "prompt_eval_count": 9, "eval_count": 4}
+                    "message": message, "done_reason": "stop", "prompt_eval_count": 9, "eval_count": 4}
                 data = json.dumps(reply).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -284,10 +287,28 @@ async def test_query_model_uses_a_running_ollama_when_it_has_the_model(server, m
     finally:
         ollama.close()
     assert reply == {"reply": "Hi from Ollama.", "finish_reason": "stop", "prompt_tokens": 9,
-                     "completion_tokens": 4, "backend": "ollama"}
+                     "completion_tokens": 4, "backend": "ollama", "tool_calls": None, "unparsed_calls": None}
     chat = [body for path, body in ollama.received if path == "/api/chat"][0]
     assert chat["messages"] == [{"role": "user", "content": "Hi"}] and chat["stream"] is False
     assert missing["error"]["code"] == "model_not_found"
+
+
+async def test_query_model_passes_tools_to_ollama_and_returns_its_calls(server, monkeypatch):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                                "parameters": {"type": "object", "properties": {
+                                                    "city": {"type": "string"}}, "required": ["city"]}}}]
+    ollama = _FakeOllama(models={"my-tools-model"})
+    monkeypatch.setenv("OLLAMA_HOST", ollama.host)
+    try:
+        async with Client(server) as client:
+            reply = await call(client, "forge_query_model", {"model": "my-tools-model", "prompt": "Oslo?",
+                                                             "tools": tools})
+    finally:
+        ollama.close()
+    chat = [body for path, body in ollama.received if path == "/api/chat"][0]
+    assert chat["tools"][0]["function"]["name"] == "get_weather"
+    assert reply["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Oslo"}}]
+    assert reply["unparsed_calls"] == 0 and reply["backend"] == "ollama"
 
 
 async def test_seal_verify_resources_and_publish_through_mcp(server, home, monkeypatch):

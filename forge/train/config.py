@@ -26,11 +26,13 @@ class TrainConfig(StageConfig):
     """Training config. Field names follow TRL's SFTConfig / PEFT's LoraConfig where they exist."""
 
     base_model: str = Field(description="Local model dir or hub id to fine-tune.")
-    dataset: Path = Field(description="JSONL dataset (alpaca, messages or prompt/completion).")
+    dataset: Path = Field(description=(
+        "JSONL dataset: alpaca, messages (with tools/tool_calls), prompt/completion, preference or sharegpt."))
     output_dir: Path | None = Field(None, description="Run dir; default $FORGE_HOME/runs/<run_name>.")
     chat_template: str | None = Field(None, description=(
-        "For a base model without one: a family (chatml, llama3, gemma, phi3, phi4, mistral) or a Jinja file; "
-        "tokens it needs are added and trained."))
+        "A family (chatml, llama3, gemma, phi3, phi4, mistral; with tools: qwen2.5, llama3.1, mistral-tools) or a "
+        "Jinja file: needed by a base model, and replaces an instruct model's own (with a warning); tokens it "
+        "needs are added and trained."))
     run_name: str | None = Field(None, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                                  description="Name of the run dir under $FORGE_HOME/runs (letters, digits, '.', "
                                  "'_', '-'; e.g. support-bot-v2).")

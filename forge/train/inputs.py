@@ -41,12 +41,19 @@ def prepare_data(config: TrainConfig, model_ref: str, writer: ProgressWriter) ->
     datasets.disable_progress_bars()  # their bars are noise next to progress.jsonl
     writer.stage("preparing_data")
     tokenizer, template = tokens.prepare_tokenizer(model_ref, config.chat_template)
+    if template.get("warning"):
+        writer({"event": "warning", "message": template["warning"]})
     ds = data.load_dataset(config.dataset, config.dataset_format, config.system_prompt)
     if config.preference:
         return _preference_data(config, tokenizer, template, ds)
     train_convs, eval_convs = data.split(ds.conversations, config.eval_fraction, config.seed)
+    tool_tokens = tokens.tool_list_tokens(tokenizer, ds.conversations)
     train_tokens = tokens.tokenize_all(tokenizer, train_convs)
     stats = tokens.token_stats(train_tokens, config.max_length)
+    if tool_tokens:
+        stats["tool_list_tokens"] = tool_tokens
+        for warning in tokens.tool_warnings(stats, config.max_length):
+            writer({"event": "warning", "message": warning})
     if not config.assistant_only_loss:
         train_tokens.assistant_masks = [[1] * len(m) for m in train_tokens.assistant_masks]
     eval_tokens = tokens.tokenize_all(tokenizer, eval_convs) if eval_convs else None

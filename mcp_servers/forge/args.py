@@ -25,9 +25,15 @@ def name_arg(description: str):
 ModelRef = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS, description=(
     "A model dir or .gguf under an allowed root, or a hub id, e.g. Qwen/Qwen2.5-0.5B."))]
 ChatTemplate = Annotated[str | None, Field(None, max_length=MAX_PATH_CHARS, description=(
-    "Base models only: chatml, llama3, gemma, phi3, phi4, mistral, or a .jinja file."))]
+    "A family (chatml, llama3, gemma, phi3, phi4, mistral; with tools: qwen2.5, llama3.1, mistral-tools) or a "
+    ".jinja file; needed by base models, and replaces an instruct model's own template (with a warning)."))]
 DatasetPath = Annotated[str, path_arg(
-    "A JSONL file under an allowed root (alpaca, messages, prompt/completion or chosen/rejected records).")]
+    "A JSONL file under an allowed root, one record per line, in one of:\n"
+    "alpaca: {instruction, input?, output}\n"
+    "messages: {messages: [{role: system|user|assistant|tool, content, tool_calls?}], tools?: [function tools]}\n"
+    "prompt_completion: {prompt, completion}\n"
+    "preference: {prompt or messages, chosen, rejected}\n"
+    "sharegpt: {conversations: [{from: human|gpt|system|function_call|observation, value}], system?, tools?}")]
 AS_TRAIN = "As forge_train's."  # an argument a tool shares with forge_train, described there once
 RequestId = Annotated[str | None, Field(None, min_length=1, max_length=MAX_ID_CHARS, description=(
     "Retry key: same key, same job."))]
