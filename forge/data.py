@@ -87,10 +87,6 @@ def _depth(value, limit: int) -> int:
     return deepest
 
 
-def _not_a_number(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def _parse_line(raw: bytes, lineno: int) -> tuple[dict | None, str | None]:
     """One JSONL line → (record, None) or (None, the problem with its line number and fix)."""
     if len(raw) > MAX_LINE_BYTES:
@@ -102,7 +98,7 @@ def _parse_line(raw: bytes, lineno: int) -> tuple[dict | None, str | None]:
         return None, (f"line {lineno}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}); "
                       "save the file as UTF-8")
     try:
-        record = json.loads(text, parse_constant=_not_a_number)
+        record = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, (f"line {lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
                       "each line must be one JSON object")

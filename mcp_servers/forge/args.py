@@ -25,15 +25,10 @@ def name_arg(description: str):
 ModelRef = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS, description=(
     "A model dir or .gguf under an allowed root, or a hub id, e.g. Qwen/Qwen2.5-0.5B."))]
 ChatTemplate = Annotated[str | None, Field(None, max_length=MAX_PATH_CHARS, description=(
-    "A family (chatml, llama3, gemma, phi3, phi4, mistral; with tools: qwen2.5, llama3.1, mistral-tools) or a "
-    ".jinja file; needed by base models, and replaces an instruct model's own template (with a warning)."))]
+    "chatml, llama3, gemma, phi3, phi4, mistral, (tools:) qwen2.5, llama3.1, mistral-tools, or a .jinja file."))]
 DatasetPath = Annotated[str, path_arg(
-    "A JSONL file under an allowed root, one record per line, in one of:\n"
-    "alpaca: {instruction, input?, output}\n"
-    "messages: {messages: [{role: system|user|assistant|tool, content, tool_calls?}], tools?: [function tools]}\n"
-    "prompt_completion: {prompt, completion}\n"
-    "preference: {prompt or messages, chosen, rejected}\n"
-    "sharegpt: {conversations: [{from: human|gpt|system|function_call|observation, value}], system?, tools?}")]
+    "JSONL under an allowed root:\nalpaca {instruction, output}\nmessages {messages, tools?}\n"
+    "prompt_completion {prompt, completion}\npreference {prompt, chosen, rejected}\nsharegpt {conversations, tools?}")]
 AS_TRAIN = "As forge_train's."  # an argument a tool shares with forge_train, described there once
 RequestId = Annotated[str | None, Field(None, min_length=1, max_length=MAX_ID_CHARS, description=(
     "Retry key: same key, same job."))]

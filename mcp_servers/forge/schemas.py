@@ -147,9 +147,8 @@ class QueryResult(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     backend: str = Field(description="llama-cpp-python or ollama.")
-    tool_calls: list[dict] | None = Field(None, description=(
-        "With tools: the calls the reply made, each {name, arguments}; the reply keeps the text around them."))
-    unparsed_calls: int | None = Field(None, description="With tools: call blocks whose JSON did not parse.")
+    tool_calls: list[dict] | None = None  # with tools: each {name, arguments}
+    unparsed_calls: int | None = None  # with tools: call blocks that did not parse
 
 
 class SealResult(BaseModel):

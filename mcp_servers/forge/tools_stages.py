@@ -120,9 +120,7 @@ async def forge_query_model(
     max_tokens: Annotated[int, Field(gt=0, le=8192, description="Tokens to generate at most.")] = 64,
     temperature: Annotated[float, Field(ge=0, le=10, description="0 = greedy.")] = 0.0,
     tools: Annotated[list[dict] | None, Field(None, min_length=1, max_length=64, description=(
-        'Tools the model may call, e.g. [{"type": "function", "function": {"name": "get_weather", "description": '
-        '"...", "parameters": {"type": "object", "properties": {...}, "required": [...]}}}]; the reply then '
-        "carries the parsed tool_calls."))] = None,
+        "OpenAI-style function tools; the reply adds tool_calls."))] = None,
 ) -> QueryResult:
     """Ask a GGUF (llama.cpp) or an Ollama model something through its chat template: does it answer, and
     stop? With tools: which tool does it call, with what arguments?"""
