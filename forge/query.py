@@ -169,9 +169,7 @@ def render_with_tools(jinja: str, messages: list[dict], tools: list[dict], eos: 
     from forge.records import Conversation
     from forge.tool_json import render_form
 
-    conversation = Conversation(messages)
-    conversation.tools = tools
-    shown, shown_tools = render_form(conversation)
+    shown, shown_tools = render_form(Conversation(messages, tools))
     rendered, _ = render_jinja_template(conversations=[shown], tools=shown_tools, chat_template=jinja,
                                         add_generation_prompt=True, bos_token="", eos_token=eos)
     return rendered[0]

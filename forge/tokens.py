@@ -100,6 +100,7 @@ def tool_list_tokens(tokenizer, conversations: list[list[dict]]) -> int:
     tools: it prints tools and calls exactly as Ollama's TEMPLATE does, so what is trained is what Ollama and
     llama.cpp ask. Any other template (none at all, or a model's own) is refused, before a model learns to call
     tools in a format its Modelfile cannot render."""
+    from forge.records import Conversation
     from forge.tool_templates import tool_family_of
 
     with_tools = [c for c in conversations if getattr(c, "tools", None)]
@@ -118,18 +119,10 @@ def tool_list_tokens(tokenizer, conversations: list[list[dict]]) -> int:
         if (key := repr(conversation.tools)) in seen:
             continue
         seen.add(key)
-        _, shown = render_form(_with_tools(probe, conversation.tools))
+        _, shown = render_form(Conversation(probe, conversation.tools))
         rendered = _render(tokenizer, probe, True, shown)
         most = max(most, len(tokenizer(rendered, add_special_tokens=False)["input_ids"]) - plain)
     return most
-
-
-def _with_tools(messages: list[dict], tools: list[dict]):
-    from forge.records import Conversation
-
-    conversation = Conversation(messages)
-    conversation.tools = tools
-    return conversation
 
 
 def tool_warnings(stats: dict, max_length: int) -> list[str]:

@@ -31,8 +31,7 @@ def tool_cases(conversations: list, limit: int, chat_template: str | None) -> tu
         for i, message in enumerate(conversation):
             if message["role"] != "assistant":
                 continue
-            prompt = Conversation(conversation[:i])
-            prompt.tools = tools
+            prompt = Conversation(conversation[:i], tools)
             expected = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
                         for c in message.get("tool_calls") or []]
             cases.append({"messages": prompt, "expected": expected})
