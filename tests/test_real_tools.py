@@ -11,7 +11,6 @@ import pytest
 
 from forge.demo import DemoAssetsConfig, write_demo_assets
 from forge.pipeline import PipelineConfig, run_pipeline
-from forge.query import query
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +47,7 @@ HELD_OUT = [("What's the weather in Nairobi?", "get_weather", {"city": "Nairobi"
             ("Set a timer for 17 minutes.", "set_timer", {"minutes": 17}),
             ("Start a 45 minute timer, please.", "set_timer", {"minutes": 45})]
 NO_TOOL = "What is the capital of Italy?"
-TRAIN = {"chat_template": "qwen2.5", "num_train_epochs": 3, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
+TRAIN = {"chat_template": "qwen2.5", "num_train_epochs": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
          "lora_dropout": 0.0, "eval_fraction": 0.1, "save_steps": 1000, "max_length": 512}
 
 
@@ -87,18 +86,14 @@ def run(tmp_path_factory):
     return assets, out
 
 
-def calls(gguf: Path, question: str) -> dict:
-    return query(gguf, [{"role": "user", "content": question}], max_tokens=48, tools=TOOLS)
-
-
-def base_calls(base: Path, tuned: Path, question: str) -> dict:
-    """The base model asked exactly as its fine-tune is: through the tools template it was trained with."""
-    from forge.modelfile import gguf_tokens
+def asker(gguf: Path, chat_template: str | None = None):
+    """Ask one GGUF, loaded once, through llama.cpp as forge query does (its own template unless told)."""
     from forge.quantize import load_llama
     from forge.query import query_with_tools
 
-    return query_with_tools(load_llama(base, n_ctx=4096), base, [{"role": "user", "content": question}], TOOLS, 48,
-                            0.0, chat_template=gguf_tokens(tuned)["chat_template"])
+    llm = load_llama(gguf, n_ctx=4096)
+    return lambda question: query_with_tools(llm, gguf, [{"role": "user", "content": question}], TOOLS, 48, 0.0,
+                                             chat_template=chat_template)
 
 
 def right(reply: dict, name: str, arguments: dict) -> bool:
@@ -109,11 +104,16 @@ def test_the_q4_k_m_calls_the_right_tool_with_the_right_arguments_and_the_base_m
     assets, out = run
     tuned = Path(next(o["path"] for o in out["stages"]["quantize"]["outputs"] if o["quant"] == "Q4_K_M"))
     base = Path(assets["base_model"])
-    tuned_right = [right(calls(tuned, q), name, args) for q, name, args in HELD_OUT]
-    base_right = [right(base_calls(base, tuned, q), name, args) for q, name, args in HELD_OUT]
+    from forge.modelfile import gguf_tokens
+
+    ask_tuned = asker(tuned)
+    # the base model asked exactly as its fine-tune is: through the tools template it was trained with
+    ask_base = asker(base, chat_template=gguf_tokens(tuned)["chat_template"])
+    tuned_right = [right(ask_tuned(q), name, args) for q, name, args in HELD_OUT]
+    base_right = [right(ask_base(q), name, args) for q, name, args in HELD_OUT]
     assert sum(tuned_right) >= 4, tuned_right
     assert sum(base_right) <= 1, base_right
-    plain = calls(tuned, NO_TOOL)
+    plain = ask_tuned(NO_TOOL)
     assert plain["tool_calls"] == [] and plain["unparsed_calls"] == 0 and plain["reply"].strip(), plain
 
 
