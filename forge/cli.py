@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from forge.errors import Codes, ForgeError
 from forge.progress import quiet_libraries
 from forge.runs import Outcome
+from forge.term import ProgressBar
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], positional: str | None = None,
@@ -117,7 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="smollm2: a real 135M model learns five facts (about 2 minutes on 2 cores); tiny: random "
                            "weights, seconds")
     demo.add_argument("--json", dest="_json", action="store_true")
+    _add_plugins(sub)
     return parser
+
+
+def _add_plugins(sub) -> None:
+    """Subcommands other packages add through the ``forge.cli`` entry-point group (``forge jobs`` and ``forge
+    watch`` come from the MCP layer's job store this way, which forge/ itself never imports). Each entry point
+    is ``register(subparsers)``: it adds its parsers and sets ``_handler``, which takes the parsed args,
+    prints what a person reads and returns the result dict (printed as JSON under ``--json``). A plugin that
+    fails to load is reported and left out; the other commands still work."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="forge.cli"):
+        try:
+            entry.load()(sub)
+        except Exception as exc:  # another package's code: whatever it raises must not take the CLI down
+            print(f"warning: the forge.cli plugin {entry.name!r} ({entry.value}) failed to load: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -146,6 +164,8 @@ def _run(args: argparse.Namespace) -> dict:
         train,
     )
 
+    if getattr(args, "_handler", None):
+        return args._handler(args)
     if args.command == "seal" and args.seal_command == "verify":
         return seal.verify(args.seal_ref)
     if args.command == "demo":
@@ -171,23 +191,17 @@ def _run(args: argparse.Namespace) -> dict:
         "demo-assets": demo.write_demo_assets, "eval": evaluate.evaluate,
         "lora-gguf": lora_gguf.lora_gguf,
     }
-    if args.command in ("train", "pipeline") and not args._json:
-        return runners[args.command](config, _print_progress)
+    if args.command in ("train", "merge", "quantize", "pipeline") and not args._json:
+        with ProgressBar(sys.stdout, label=args.command) as bar:  # plain lines when piped
+            hooks = [lambda stage, result: _stage_done(bar, result)] if args.command == "pipeline" else []
+            return _stage_done(bar, runners[args.command](config, bar, *hooks))
     return runners[args.command](config)
 
 
-def _print_progress(event: dict) -> None:
-    stage = event.get("pipeline_stage", "")
-    prefix = f"[{stage}] " if stage else ""
-    if event.get("event") == "stage":
-        print(f"  {prefix}stage: {event['stage']}", flush=True)
-    elif event.get("event") == "progress":
-        loss = event.get("loss")
-        print(f"  {prefix}step {event['step']}/{event['total_steps']} ({event['percent']:.0f}%) "
-              f"epoch {event['epoch']:.2f} loss {loss if loss is None else f'{loss:.4f}'} "
-              f"{event['tokens_per_s']:.0f} tok/s eta {event['eta_s']:.0f}s", flush=True)
-    elif event.get("event") == "warning":
-        print(f"  {prefix}warning: {event['message']}", flush=True)
+def _stage_done(bar: ProgressBar, result: dict) -> dict:
+    if result.get("status", Outcome.SUCCEEDED) == Outcome.SUCCEEDED:
+        bar.complete()
+    return result
 
 
 def _summary(result: dict) -> str:
@@ -235,9 +249,17 @@ def run_demo(directory: str | None = None, echo: bool = True, model: str = "smol
     model, the same questions to the base and the fine-tuned GGUF before and after."""
     from forge import demo
 
-    say = print if echo else (lambda *a, **k: None)
-    return demo.run(Path(directory) if directory else None, model, say, _print_progress if echo else None,
-                    lambda stage, result: say("\n".join(_stage_report(stage, result))))
+    root = Path(directory) if directory else None
+    if not echo:
+        return demo.run(root, model, lambda *a, **k: None, None, lambda *a: None)
+
+    def stage_done(stage: str, result: dict) -> None:
+        _stage_done(bar, result)
+        bar.close()  # the stage's bar stays, whole; the report goes below it
+        bar.note("\n".join(_stage_report(stage, result)))
+
+    with ProgressBar(sys.stdout, label="demo") as bar:  # what the demo says goes above the bar
+        return demo.run(root, model, lambda *parts: bar.note(" ".join(map(str, parts))), bar, stage_done)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if as_json:
         print(json.dumps(result, indent=2, default=str))
-    elif args.command != "demo":
+    elif args.command != "demo" and not getattr(args, "_handler", None):  # a plugin prints its own
         print(_summary(result))
     if result.get("ok") is False:  # seal verify found a mismatch
         return 1
