@@ -21,9 +21,9 @@ $(if $(LLAMA_CPP),,$(error pyproject.toml must pin llama-cpp-python==X.Y.Z: the 
 LLAMA_CMAKE_ARGS := $(strip -DGGML_NATIVE=OFF $(CMAKE_ARGS))
 WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/forge/wheels/$(subst ==,-,$(LLAMA_CPP))-$(shell printf '%s' '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-8)
 
-.PHONY: demo test lint install go inspector tsclient clean fuzz
+.PHONY: demo test lint install go inspector tsclient clean fuzz ui browser
 
-install: $(STAMP)
+install: $(STAMP) ui
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,27 @@ go:
 		(apt-get update -qq && apt-get install -y -qq golang-go) >/dev/null || \
 		(sudo apt-get update -qq && sudo apt-get install -y -qq golang-go) >/dev/null; }
 
+# The web view's chart library, uPlot (MIT), from npm into the package: packaged with Forge, never fetched
+# at run time, and not committed (everything in the repo is written here).
+UPLOT := uplot@1.6.32
+UI_VENDOR := mcp_servers/forge/ui_static/vendor
+ui: $(UI_VENDOR)/uPlot.iife.min.js
+
+$(UI_VENDOR)/uPlot.iife.min.js:
+	@command -v npm >/dev/null 2>&1 || { echo "npm is needed once for the web view's charts (apt-get install npm)"; exit 1; }
+	@echo "installing the chart library $(UPLOT) (npm) into $(UI_VENDOR)"
+	@tmp=$$(mktemp -d) && (cd $$tmp && npm pack --silent $(UPLOT) >/dev/null && tar xzf uplot-*.tgz) && \
+		mkdir -p $(UI_VENDOR) && cp $$tmp/package/dist/uPlot.min.css $$tmp/package/LICENSE $(UI_VENDOR)/ && \
+		cp $$tmp/package/dist/uPlot.iife.min.js $(UI_VENDOR)/uPlot.iife.min.js.tmp && \
+		mv $(UI_VENDOR)/uPlot.iife.min.js.tmp $@ && rm -rf $$tmp
+
+# A real browser for the web view's tests: Debian's Chromium, driven by Playwright (never `playwright install`).
+browser:
+	@test -x /usr/bin/chromium || { \
+		echo "installing chromium (Debian) for the browser tests"; \
+		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null || \
+		(sudo apt-get update -qq && sudo apt-get install -y -qq chromium) >/dev/null; }
+
 # The official MCP TypeScript SDK, for the test that drives Forge with its client (tests/ts/).
 tsclient:
 	@test -f .tsclient/node_modules/@modelcontextprotocol/sdk/package.json || { \
@@ -75,7 +96,7 @@ inspector:
 demo: $(STAMP)
 	$(BIN)/python -m mcp_servers.forge.demo_agent
 
-test: $(TEST_STAMP) go inspector tsclient lint
+test: $(TEST_STAMP) ui browser go inspector tsclient lint
 	$(BIN)/python -m pytest
 
 # Property-based fuzzing of dataset files and tool calls, ten times the examples `make test` runs.

@@ -17,16 +17,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import CallToolResult, TextContent
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp_types import CallToolResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams, TextContent
 from pydantic import ValidationError
 
 import forge
 from forge.errors import Codes, ForgeError
 from forge.failures import error_from
 from forge.paths import MAX_PATH_CHARS, confinement
-from mcp_servers.forge import resources, tools_follow, tools_jobs, tools_stages
+from mcp_servers.forge import resources, tools_follow, tools_jobs, tools_stages, ui_app
 from mcp_servers.forge.context import ForgeState
 from mcp_servers.lib.runner import Runner
 
@@ -130,8 +131,9 @@ class ForgeServer(MCPServer[ForgeState]):
 
     runner: Runner
 
-    def _unknown_arguments(self, name: str, arguments: dict[str, Any]) -> ForgeError | None:
-        tool = self._tool_manager.get_tool(name)
+    def _unknown_arguments(self, name: str, arguments: dict[str, Any], apps: bool) -> ForgeError | None:
+        # the view's tool is there only for a client that negotiated Apps: to any other it does not exist
+        tool = self._tool_manager.get_tool(name) if apps or name != ui_app.VIEW_TOOL else None
         if tool is None:
             return ForgeError(Codes.INVALID_ARGUMENT, f"there is no tool named {name[:80]!r}",
                               "list the tools with tools/list")
@@ -152,12 +154,24 @@ class ForgeServer(MCPServer[ForgeState]):
                 tool.output_schema = output_shape(tool.output_schema)
         return tools
 
+    # What a client lists depends on whether it negotiated the MCP App (ui_app): these handlers get the request.
+    async def _handle_list_tools(self, ctx: ServerRequestContext, params: PaginatedRequestParams | None
+                                 ) -> ListToolsResult:
+        return ListToolsResult(tools=ui_app.tools_for(await self.list_tools(), ui_app.negotiated(ctx)))
+
+    async def _handle_list_resources(self, ctx: ServerRequestContext, params: PaginatedRequestParams | None
+                                     ) -> ListResourcesResult:
+        return ListResourcesResult(resources=ui_app.resources_for(await self.list_resources(),
+                                                                  ui_app.negotiated(ctx)))
+
     async def read_resource(self, uri: Any, context: Context | None = None) -> Any:
+        if ui_app.is_view_uri(uri) and not ui_app.negotiated(context):
+            raise ResourceNotFoundError(f"Unknown resource: {uri}")  # the SDK's own words for a name it lacks
         with confinement():  # resources read files an agent named too
             return await super().read_resource(uri, context)
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None) -> Any:
-        refused = self._unknown_arguments(name, arguments)
+        refused = self._unknown_arguments(name, arguments, ui_app.negotiated(context))
         if refused is not None:
             return _error_result(refused)
         try:
@@ -180,7 +194,8 @@ class ForgeServer(MCPServer[ForgeState]):
             return _error_result(error)
 
 
-def create_server(home: Path | None = None) -> ForgeServer:
+def create_server(home: Path | None = None, apps: bool = True) -> ForgeServer:
+    """The server; ``apps=False`` leaves the MCP App out altogether (what a client without Apps sees)."""
     runner = Runner(home)
 
     @asynccontextmanager
@@ -189,7 +204,7 @@ def create_server(home: Path | None = None) -> ForgeServer:
         yield ForgeState(runner=runner)
 
     server = ForgeServer(name="forge", title="Forge", version=forge.__version__, instructions=INSTRUCTIONS,
-                         lifespan=lifespan)
+                         lifespan=lifespan, extensions=[ui_app.build_apps()] if apps else None)
     server.runner = runner  # tests and the CLI reach the runner through the server
     for fn, title, hints in [*tools_stages.TOOLS, *tools_jobs.TOOLS, *tools_follow.TOOLS]:
         server.add_tool(fn, title=title, description=inspect.cleandoc(fn.__doc__ or ""), annotations=hints)
@@ -253,6 +268,7 @@ def _refuse_start(err: ForgeError) -> int:
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
+    import sys
 
     parser = argparse.ArgumentParser(prog="forge-mcp", description="Forge MCP server")
     parser.add_argument("--transport", choices=["stdio", "http"], default="stdio")
@@ -278,9 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import uvicorn
 
+    from mcp_servers.forge.ui_web import UiApp, with_ui
+
     app = server.streamable_http_app(transport_security=security, host=args.host)
     if token:
         app = _bearer_app(app, token)
+    # The live view at /ui: the same Host rules and token (read from a cookie too: a browser sends no header)
+    app = with_ui(app, UiApp(lambda: server.runner.store, token, security.allowed_hosts))
+    print(f"Forge MCP at http://{args.host}:{args.port}/mcp, the live view at http://{args.host}:{args.port}/ui/",
+          file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -328,6 +328,13 @@ class JobStore:
             rows = conn.execute(sql + " ORDER BY seq LIMIT ?", args + [limit]).fetchall()
         return [{"seq": r["seq"], "ts": r["ts"], "type": r["type"], "data": json.loads(r["data"])} for r in rows]
 
+    def events_tail(self, job_id: str, limit: int = 40) -> list[dict]:
+        """A job's newest events, oldest first."""
+        with self._conn() as conn:
+            rows = conn.execute("SELECT * FROM events WHERE job_id = ? ORDER BY seq DESC LIMIT ?",
+                                (job_id, limit)).fetchall()
+        return [{"seq": r["seq"], "ts": r["ts"], "type": r["type"], "data": json.loads(r["data"])} for r in rows[::-1]]
+
     @staticmethod
     def _row(row: sqlite3.Row) -> dict:
         out = dict(row)
