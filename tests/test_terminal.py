@@ -84,7 +84,7 @@ def keep_screen(name: str, out: str) -> None:
         return
     lines = [line.rstrip("\r").split("\r")[-1].replace("\x1b[K", "") for line in out.split("\n")]
     Path(where).mkdir(parents=True, exist_ok=True)
-    (Path(where) / f"{name}.txt").write_text("\n".join(lines).strip() + "\n", encoding="utf-8")
+    (Path(where) / f"{name}.txt").write_text("\n".join(lines).strip("\n") + "\n", encoding="utf-8")
 
 
 def run_piped(*args: str) -> subprocess.CompletedProcess:

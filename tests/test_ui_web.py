@@ -159,11 +159,17 @@ def page(browser, site):
     assert errors == [], errors
 
 
-def shot(page, name: str) -> None:
+def shot(page, name: str, at: str | None = None) -> None:
+    """The page (the window from ``at`` down, when given) to $FORGE_UI_SCREENSHOTS/NAME.png, if set."""
     where = os.environ.get("FORGE_UI_SCREENSHOTS")
     if where:
         Path(where).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(where) / f"{name}.png"), full_page=True)
+        if at:
+            page.evaluate("sel => window.scrollTo(0, document.querySelector(sel).getBoundingClientRect().top"
+                          " + window.scrollY - 10)", at)
+        # the bytes, written here: given a path, Playwright writes it from a thread of its event loop's executor,
+        # which outlives the test
+        (Path(where) / f"{name}.png").write_bytes(page.screenshot(full_page=at is None))
 
 
 def test_off_loopback_the_page_and_its_data_refuse_without_the_token(site, browser):
@@ -226,7 +232,7 @@ def test_a_running_job_s_progress_bar_advances_and_its_loss_curve_gains_points(s
         assert points_of(page, "loss") > seen
         assert page.query_selector('[data-chart="loss"] canvas') is not None  # drawn by the chart library
         assert "step" in page.inner_text("#summary")
-        shot(page, "job")
+        shot(page, "job", at="h1")
     finally:
         site.call("forge_job_cancel", {"job_id": job_id, "force": True})
         assert site.wait(job_id, 120)["status"] in ("cancelled", "failed")
@@ -245,7 +251,7 @@ def test_the_evaluate_table_and_the_answers_render_and_markup_in_them_stays_text
     assert page.evaluate("window.__pwned") is None
     assert page.query_selector("#answers script, #answers img") is None
     assert page.query_selector('[data-chart="loss"]') is not None and points_of(page, "loss") >= 2
-    shot(page, "evaluation")
+    shot(page, "evaluation", at="#evaluation-title")
 
 
 def test_the_seal_and_its_verify_result_render(site, page):

@@ -223,7 +223,7 @@ def job_view(store: JobStore | None, job_id: str) -> dict:
                 "run_dir": str(run_dir) if run_dir else job.get("run_dir"),
                 "curves": curves(job), "timeline": _timeline(store, job), "events": _events(store, job_id),
                 "log_tail": log_tail(job), "evaluation": evaluation(job, run_dir),
-                "artifacts": results.artifacts(job.get("result")),
+                "artifacts": results.artifacts(job.get("result")), "metrics": results.metrics(job.get("result")),
                 "error": {k: err.get(k) for k in ("code", "message", "hint")} if err else None,
                 "polled_at": time.time()}
 

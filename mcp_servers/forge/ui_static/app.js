@@ -39,6 +39,9 @@ const fmt = {
   bytes: (n) => (n >= 1e9 ? `${(n / 1e9).toFixed(2)} GB` : n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : `${n} B`),
 };
 
+// A model path as its last two parts (the whole path in the cell's title); a hub id as it is
+const short = (ref) => (ref ? ref.split("/").slice(-2).join("/") : "—");
+
 function bar(percent, big) {
   const p = Math.max(0, Math.min(100, percent || 0));
   return el("span", {class: big ? "bar big" : "bar", "data-percent": p, role: "progressbar",
@@ -105,7 +108,7 @@ async function jobsView() {
                               "aria-label": "compare"})),
     el("td", {}, status(j.status)),
     el("td", {}, el("a", {href: `#/job/${encodeURIComponent(j.id)}`}, j.id)),
-    el("td", {}, j.run_name || "—"), el("td", {}, j.base_model || "—"), el("td", {}, j.stage || "—"),
+    el("td", {}, j.run_name || "—"), el("td", {title: j.base_model || ""}, short(j.base_model)), el("td", {}, j.stage || "—"),
     el("td", {}, bar(j.percent), " ", fmt.pct(j.percent)),
     el("td", {class: "num"}, j.total_steps ? `${j.step}/${j.total_steps}` : "—"),
     el("td", {class: "num"}, j.status === "running" ? fmt.eta(j.eta_s) : "—"),
@@ -133,7 +136,7 @@ function evaluationBlock(ev) {
     el("td", {}, s.prompt), el("td", {}, s.expected), el("td", {}, s.base ? s.base.text : ""),
     el("td", {}, s.quantized ? s.quantized.text : "")));
   const source = ev.source && typeof ev.source === "object" ? ev.source.kind || ev.source.path : ev.source;
-  return [el("h2", {}, `Evaluation (${fmt.int(ev.tokens)} tokens of ${source || "the eval split"})`),
+  return [el("h2", {id: "evaluation-title"}, `Evaluation (${fmt.int(ev.tokens)} tokens of ${source || "the eval split"})`),
           table(["model", "loss", "perplexity", "change", "tool calls right"], rows, {id: "evaluation"}),
           ...(answers.length ? [el("h2", {}, "Answers side by side"),
                                 table(["prompt", "expected", "base", "quantized"], answers, {class: "answers", id: "answers"})] : []),
@@ -142,7 +145,8 @@ function evaluationBlock(ev) {
 
 async function jobView(id) {
   const v = await api(`jobs/${encodeURIComponent(id)}`);
-  const j = v.job, p = v.progress;
+  const j = v.job, p = v.progress, m = v.metrics || {};
+  const loss = p.loss ?? m.last_logged_loss ?? m.train_loss, tps = p.tokens_per_s ?? m.tokens_per_s;
   const grid = el("div", {class: "charts"});
   const out = [
     el("h1", {}, j.id), el("p", {}, status(j.status), " · ", j.kind, " · ", j.stage || "", " · run ", j.run_name || "—",
@@ -151,8 +155,9 @@ async function jobView(id) {
     el("div", {class: "summary", id: "summary"},
        el("span", {}, "progress ", el("b", {}, fmt.pct(j.percent))),
        el("span", {}, "step ", el("b", {}, p.total_steps ? `${p.step}/${p.total_steps}` : "—")),
-       el("span", {}, "loss ", el("b", {}, fmt.num(p.loss))),
-       el("span", {}, "tokens/s ", el("b", {}, fmt.int(p.tokens_per_s))),
+       el("span", {}, "loss ", el("b", {}, fmt.num(loss))),
+       ...(m.eval_loss !== undefined && m.eval_loss !== null ? [el("span", {}, "eval loss ", el("b", {}, fmt.num(m.eval_loss)))] : []),
+       el("span", {}, "tokens/s ", el("b", {}, fmt.int(tps))),
        el("span", {}, "ETA ", el("b", {}, v.terminal ? "—" : fmt.eta(p.eta_s)))),
   ];
   if (v.error) out.push(el("div", {class: "error"}, el("b", {}, v.error.code), ": ", v.error.message || "",
