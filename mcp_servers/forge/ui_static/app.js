@@ -204,6 +204,17 @@ async function sealsView() {
 
 // ---- routing and polling ----
 
+// Put the new nodes on the page, keeping each old one that is the same: a table that did not change since the
+// last poll is not laid out again (what a page open beside a training run costs it is the browser's time).
+function patch(nodes) {
+  const old = [...view.children];
+  nodes.forEach((node, i) => {
+    if (old[i] && old[i].isEqualNode(node)) return;
+    if (old[i]) old[i].replaceWith(node); else view.append(node);
+  });
+  for (const extra of old.slice(nodes.length)) extra.remove();
+}
+
 async function render() {
   const hash = decodeURIComponent(location.hash.slice(1) || "/");
   const parts = hash.split("/").filter(Boolean);
@@ -222,7 +233,7 @@ async function render() {
   const scroll = window.scrollY;
   const open = new Set([...view.querySelectorAll("details[open]")].map((d) => d.dataset.key));
   for (const c of Object.values(charts)) c.plot.root.remove();
-  view.replaceChildren(...nodes);
+  patch(nodes);
   for (const d of view.querySelectorAll("details")) if (open.has(d.dataset.key)) d.open = true;
   if (after) after();
   window.scrollTo(0, scroll);
@@ -230,10 +241,11 @@ async function render() {
 
 async function loop() {
   clearTimeout(timer);
-  await render();
+  if (!document.hidden) await render();  // a tab in the background asks nothing
   timer = setTimeout(loop, POLL_MS);
 }
 
+document.addEventListener("visibilitychange", () => { if (!document.hidden) loop(); });
 window.addEventListener("hashchange", () => {
   for (const c of Object.values(charts)) c.plot.destroy();
   charts = {};
