@@ -46,9 +46,25 @@ def printable(text: object, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+NUMBERS = ("step", "total_steps", "percent", "epoch", "loss", "tokens_per_s", "eta_s")
+
+
+def numeric(event: dict) -> dict:
+    """The event with each of its number fields a finite number or None: a job store's progress is read back
+    from a file, and a field that is not a number must neither reach the terminal nor stop the drawing."""
+    out = dict(event)
+    for key in NUMBERS:
+        value = out.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or value != value or value in (float("inf"), float("-inf"))):
+            out[key] = None
+    return out
+
+
 def plain_line(event: dict) -> str | None:
     """The line a stage, progress or warning event prints when the output is not a terminal; None for the
     other events. The format is the one `forge train` has always printed: scripts may parse it."""
+    event = numeric(event)
     stage = event.get("pipeline_stage", "")
     prefix = f"[{printable(stage)}] " if stage else ""
     kind = event.get("event")
@@ -119,6 +135,7 @@ class ProgressBar:
     # ---- events ----
 
     def __call__(self, event: dict) -> None:
+        event = numeric(event)
         kind = event.get("event")
         if not self.tty:
             line = plain_line(event)

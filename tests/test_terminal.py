@@ -189,6 +189,8 @@ def test_watch_reports_a_failed_job_and_ctrl_c_leaves_a_job_alone(home, capsys):
         proc = subprocess.Popen([*FORGE, "watch", queued["id"]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=terminal_env())
         try:
+            ready, _, _ = select.select([proc.stdout], [], [], 300)  # a deadline, not a read that may never end
+            assert ready, "forge watch printed nothing within 300 s"
             assert proc.stdout.readline() == "  status: queued\n"  # following: Ctrl-C now reaches the watch loop
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=120)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from forge.errors import Codes
 from forge.store_file import STORE_NAME
-from forge.term import ProgressBar, printable
+from forge.term import ProgressBar, numeric, printable
 from mcp_servers.lib.errors import ForgeError, JobCodes
 from mcp_servers.lib.store import TERMINAL, JobStore, Status
 
@@ -98,7 +98,7 @@ def run_name(job: dict) -> str | None:
 
 def job_row(job: dict) -> dict:
     return {"job_id": job["id"], "kind": job["kind"], "status": job["status"], "stage": job.get("stage"),
-            "percent": (job.get("progress") or {}).get("percent"), "run_name": run_name(job),
+            "percent": numeric(job.get("progress") or {}).get("percent"), "run_name": run_name(job),
             "created_at": job["created_at"], "error_code": (job.get("error") or {}).get("code")}
 
 

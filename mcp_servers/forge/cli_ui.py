@@ -41,7 +41,7 @@ def serve(args) -> dict:
                          f"export {TOKEN_ENV}=<a long random string>, or use --host 127.0.0.1")
     security = transport_security(args.host, os.environ.get(HOSTS_ENV))
     app = UiApp(store_in(forge_home()), token, security.allowed_hosts, root_redirect=True)
-    url = f"http://{args.host}:{args.port}/ui/"
+    url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}/ui/"
     print(f"Forge's live view of {forge_home()} at {url}" + (f"?token=<{TOKEN_ENV}>" if token else "")
           + "  (Ctrl-C stops it)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

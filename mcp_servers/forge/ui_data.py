@@ -13,6 +13,7 @@ import json
 import os
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from forge.errors import ForgeError
@@ -62,15 +63,19 @@ class _Tail:
     """A progress.jsonl read incrementally: each poll parses only the lines appended since the last."""
 
     def __init__(self):
-        self.ino, self.offset, self.partial = None, 0, b""
+        self.lock = threading.Lock()  # one reader at a time per file; other files are read meanwhile
+        self._reset(None)
+        self.shown: tuple | None = None  # (what it was computed from, the curves): a poll with nothing new
+
+    def _reset(self, ino) -> None:
+        self.ino, self.offset, self.partial = ino, 0, b""
         self.points: dict[str, dict[int, float]] = {name: {} for name in SERIES}
 
-    def read(self, path: Path) -> dict[str, dict[int, float]]:
+    def read(self, path: Path) -> None:
         with open_input(path, "progress file") as fh:
             stat = os.fstat(fh.fileno())
             if stat.st_ino != self.ino or stat.st_size < self.offset:  # a new or truncated file: start over
-                self.__init__()
-                self.ino = stat.st_ino
+                self._reset(stat.st_ino)
             fh.seek(self.offset)
             chunk = fh.read()
         self.offset += len(chunk)
@@ -78,7 +83,6 @@ class _Tail:
         self.partial = lines.pop()  # a line still being written waits for the next poll
         for line in lines:
             self._take(line)
-        return self.points
 
     def _take(self, line: bytes) -> None:
         try:
@@ -88,7 +92,12 @@ class _Tail:
         if not isinstance(event, dict) or not isinstance(event.get("step"), int):
             return
         training = event.get("pipeline_stage") in (None, "train")  # a pipeline's merge has steps of its own
-        if event.get("event") == "progress" and training:
+        if event.get("event") == "train_begin" and training:
+            # a run resumed from step s, or started again in the same dir: what was logged after s is gone
+            for series in self.points.values():
+                for step in [s for s in series if s > event["step"]]:
+                    del series[step]
+        elif event.get("event") == "progress" and training:
             for name in ("loss", "learning_rate", "tokens_per_s"):
                 value = _number(event.get(name))
                 if value is not None and event["step"] > 0:
@@ -97,8 +106,18 @@ class _Tail:
             self.points["eval_loss"][event["step"]] = float(event["eval_loss"])
 
 
-_tails: dict[str, _Tail] = {}
+TAILS_KEPT = 16  # runs whose progress files are followed at once; the least recently viewed is let go
+_tails: OrderedDict[str, _Tail] = OrderedDict()
 _tails_lock = threading.Lock()
+
+
+def _tail_of(path: Path) -> _Tail:
+    with _tails_lock:
+        tail = _tails.pop(str(path), None) or _Tail()
+        _tails[str(path)] = tail
+        while len(_tails) > TAILS_KEPT:
+            _tails.popitem(last=False)
+        return tail
 
 
 def _thin(points: dict[int, float]) -> list[list[float]]:
@@ -119,24 +138,31 @@ def _run_dir(job: dict) -> Path | None:
     return results.run_dir_of(job)
 
 
-def curves(job: dict) -> dict[str, list[list[float]]]:
-    """The job's run: train loss, eval loss, learning rate and tokens/s, as [step, value] pairs."""
-    run_dir = _run_dir(job)
-    points: dict[str, dict[int, float]] = {name: {} for name in SERIES}
-    if run_dir is not None and (run_dir / PROGRESS_FILE).is_file():
-        key = str(run_dir / PROGRESS_FILE)
-        with _tails_lock:
-            tail = _tails.setdefault(key, _Tail())
-            try:
-                points = {k: dict(v) for k, v in tail.read(run_dir / PROGRESS_FILE).items()}
-            except (ForgeError, OSError):
-                pass
-    final = (_train_result(job, run_dir) or {}).get("metrics") or {}  # every logged step, once training ended
-    for point in final.get("loss_curve") or []:
+def _merged(points: dict[str, dict[int, float]], final: dict) -> dict[str, list[list[float]]]:
+    points = {name: dict(series) for name, series in points.items()}
+    for point in final.get("loss_curve") or []:  # every logged step, once training ended
         points["loss"][point["step"]] = point["loss"]
     for point in final.get("eval_curve") or []:
         points["eval_loss"][point["step"]] = point["eval_loss"]
     return {name: _thin({s: v for s, v in series.items() if _number(v) is not None}) for name, series in points.items()}
+
+
+def curves(job: dict) -> dict[str, list[list[float]]]:
+    """The job's run: train loss, eval loss, learning rate and tokens/s, as [step, value] pairs."""
+    run_dir = _run_dir(job)
+    final = (_train_result(job, run_dir) or {}).get("metrics") or {}
+    if run_dir is None or not (run_dir / PROGRESS_FILE).is_file():
+        return _merged({name: {} for name in SERIES}, final)
+    tail = _tail_of(run_dir / PROGRESS_FILE)
+    with tail.lock:
+        try:
+            tail.read(run_dir / PROGRESS_FILE)
+        except (ForgeError, OSError):
+            return _merged({name: {} for name in SERIES}, final)
+        source = (tail.ino, tail.offset, len(final.get("loss_curve") or []), len(final.get("eval_curve") or []))
+        if tail.shown is None or tail.shown[0] != source:
+            tail.shown = (source, _merged(tail.points, final))
+        return tail.shown[1]
 
 
 def _train_result(job: dict, run_dir: Path | None) -> dict | None:
@@ -201,7 +227,7 @@ def evaluation(job: dict, run_dir: Path | None) -> dict | None:
     if job["kind"] == "pipeline":
         found = ((job.get("result") or {}).get("stages") or {}).get("evaluate")
     found = found or _stages(run_dir).get("evaluate")
-    if not found or "table" not in found:
+    if not isinstance(found, dict) or not isinstance(found.get("table"), list):
         return None
     return {"table": found["table"], "tokens": found.get("tokens"), "source": found.get("source"),
             "samples": found.get("samples", []), "tool_calls": found.get("tool_calls"),
@@ -250,26 +276,45 @@ def store_missing():
 
 # ---- seals ----
 
-_verified: dict[str, tuple[float, dict]] = {}
-VERIFY_TTL_S = 60.0
+_verified: dict[str, tuple[tuple, dict]] = {}  # seal id → (what its files looked like, the verify result)
+_verify_locks: dict[str, threading.Lock] = {}
+_verify_lock = threading.Lock()
 
 
-def _verify(seal_id: str) -> dict:
-    """A seal's verify result, re-hashed at most once a minute (artifacts can be gigabytes)."""
+def _stat(path: Path) -> tuple | None:
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_size, found.st_mtime_ns, found.st_ino
+
+
+def _signature(seal_dir: Path, record: dict) -> tuple:
+    """What a seal's verify result depends on, as cheap as a stat: its record and every artifact it lists."""
+    runs = [r for r in record.get("runs") or [] if isinstance(r, dict)]
+    paths = [a.get("path") for r in runs for a in r.get("artifacts") or [] if isinstance(a, dict)]
+    return (_stat(seal_dir / "seal.json"), *(_stat(Path(p)) for p in paths if isinstance(p, str)))
+
+
+def _verify(seal_id: str, signature: tuple) -> dict:
+    """A seal's verify result, re-hashed only when one of its files changed (artifacts can be gigabytes, and
+    the page asks every second); one poll hashes while the others wait for its result."""
     from forge.seal import verify
 
-    now = time.monotonic()
-    cached = _verified.get(seal_id)
-    if cached and now - cached[0] < VERIFY_TTL_S:
-        return cached[1]
-    try:
-        found = verify(seal_id)
-        outcome = {"ok": found["ok"], "mismatches": len(found["mismatches"]), "missing": len(found["missing"]),
-                   "chain_length": found["chain_length"]}
-    except ForgeError as err:
-        outcome = {"ok": False, "error": err.message}
-    _verified[seal_id] = (now, outcome)
-    return outcome
+    with _verify_lock:
+        lock = _verify_locks.setdefault(seal_id, threading.Lock())
+    with lock:
+        cached = _verified.get(seal_id)
+        if cached and cached[0] == signature:
+            return cached[1]
+        try:
+            found = verify(seal_id)
+            outcome = {"ok": found["ok"], "mismatches": len(found["mismatches"]), "missing": len(found["missing"]),
+                       "chain_length": found["chain_length"]}
+        except ForgeError as err:
+            outcome = {"ok": False, "error": err.message}
+        _verified[seal_id] = (signature, outcome)
+        return outcome
 
 
 def seals(limit: int = 20) -> list[dict]:
@@ -289,8 +334,11 @@ def seals(limit: int = 20) -> list[dict]:
                     if (seal_dir / "retrospective.md").is_file() else ""
             except (ForgeError, OSError, ValueError):
                 continue
+            if not isinstance(record, dict):
+                continue
+            runs = [r for r in record.get("runs") or [] if isinstance(r, dict)]
             out.append({"seal_id": seal_id, "created_at": record.get("created_at"), "note": record.get("note"),
-                        "runs": [Path(r.get("run_dir", "")).name for r in record.get("runs", [])],
-                        "verify": _verify(seal_id), "retrospective": retro})
+                        "runs": [Path(str(r.get("run_dir", ""))).name for r in runs],
+                        "verify": _verify(seal_id, _signature(seal_dir, record)), "retrospective": retro})
     return out
 

@@ -10,17 +10,21 @@ answer to, and when FORGE_MCP_TOKEN is set (required off loopback) every request
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
+import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import unquote
 
 from forge.errors import Codes, ForgeError
 from mcp_servers.forge import ui_data
 from mcp_servers.lib.errors import JobCodes
 from mcp_servers.lib.store import JobStore
 
+log = logging.getLogger("forge.ui")
 STATIC = Path(__file__).with_name("ui_static")
 # The only files served: name → (path under ui_static, content type). Nothing else under any name.
 FILES = {
@@ -45,10 +49,12 @@ StoreSource = Callable[[], JobStore | None]
 def store_in(home: Path) -> StoreSource:
     """The job store of ``home`` once it exists; the page never creates one."""
     opened: list[JobStore] = []
+    lock = threading.Lock()
 
     def source() -> JobStore | None:
-        if not opened and (home / "forge.db").is_file():
-            opened.append(JobStore(home / "forge.db"))
+        with lock:  # two first requests at once open one store, not two
+            if not opened and (home / "forge.db").is_file():
+                opened.append(JobStore(home / "forge.db"))
         return opened[0] if opened else None
 
     return source
@@ -99,6 +105,12 @@ class UiApp:
         self.stores, self.token, self.allowed_hosts, self.prefix = stores, token, allowed_hosts, prefix
         self.root_redirect = root_redirect  # served on its own (forge ui): / leads to the view
 
+    @property
+    def pass_value(self) -> str:
+        """What the cookie holds: derived from the token, never the token itself (which opens /mcp too, and a
+        cookie goes to every port of the host)."""
+        return hmac.new(self.token.encode("utf-8"), b"forge ui cookie", hashlib.sha256).hexdigest()
+
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":
@@ -107,22 +119,32 @@ class UiApp:
             return
         if scope["type"] != "http":
             return
+        try:
+            await self._serve(scope, send)
+        except Exception:  # a defect of ours: one JSON error, the traceback in the server's log only
+            log.exception("the view failed on %s", scope.get("path", "")[:200])
+            await _send(send, 500, {"error": {"code": Codes.INTERNAL, "message": "the view failed",
+                                              "hint": "see the server's log"}})
+
+    async def _serve(self, scope, send):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
         path = scope["path"]
         if not host_allowed(headers.get("host", ""), self.allowed_hosts):
             return await _send(send, 421, {"error": "this server does not answer to that Host"})
         if scope["method"] not in ("GET", "HEAD"):
             return await _send(send, 405, {"error": "the view is read-only: GET only"}, [(b"allow", b"GET, HEAD")])
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        given = (query.get("token") or [None])[0]
+        query = _query(scope.get("query_string", b""))
+        given = query.get("token")
         if self.token and not self._authorized(headers, given):
             return await _send(send, 401, {"error": "missing or wrong token (FORGE_MCP_TOKEN)",
                                            "hint": "open the page as /ui/?token=<FORGE_MCP_TOKEN>"},
                                [(b"www-authenticate", b"Bearer")])
-        if given is not None:  # keep the token in a cookie for the page's own requests, out of the URL
-            cookie = f"{COOKIE}={given}; Path={self.prefix}; HttpOnly; SameSite=Strict".encode("latin-1")
-            return await _send_raw(send, 303, b"", "text/plain", [(b"location", f"{self.prefix}/".encode()),
-                                                                  (b"set-cookie", cookie)])
+        if given is not None:  # out of the URL; with a token, a cookie for the page's own requests instead
+            extra = [(b"location", f"{self.prefix}/".encode())]
+            if self.token:
+                extra.append((b"set-cookie", f"{COOKIE}={self.pass_value}; Path={self.prefix}; HttpOnly; "
+                                             "SameSite=Strict".encode()))
+            return await _send_raw(send, 303, b"", "text/plain", extra)
         if self.root_redirect and path == "/":
             return await _send_raw(send, 307, b"", "text/plain", [(b"location", f"{self.prefix}/".encode())])
         if path != self.prefix and not path.startswith(self.prefix + "/"):
@@ -139,15 +161,17 @@ class UiApp:
         return await _send(send, 404, {"error": "no such page"})
 
     def _authorized(self, headers: dict, given: str | None) -> bool:
-        expected = self.token.encode("utf-8")
-        candidates = [headers.get("authorization", "").removeprefix("Bearer ").encode("latin-1")]
+        """The token as a bearer header or in the URL, or the cookie the page was given (compared as bytes, in
+        constant time)."""
+        token = self.token.encode("utf-8")
+        offered = [(headers.get("authorization", "").removeprefix("Bearer ").encode("latin-1"), token)]
+        if given is not None:
+            offered.append((given.encode("utf-8", errors="surrogateescape"), token))
         for part in headers.get("cookie", "").split(";"):
             name, _, value = part.strip().partition("=")
             if name == COOKIE:
-                candidates.append(value.encode("latin-1"))
-        if given is not None:
-            candidates.append(given.encode("utf-8", errors="replace"))
-        return any(hmac.compare_digest(c, expected) for c in candidates)
+                offered.append((value.encode("latin-1"), self.pass_value.encode()))
+        return any(hmac.compare_digest(got, expected) for got, expected in offered)
 
     async def _static(self, send, name: str):
         if name not in FILES:
@@ -165,6 +189,8 @@ class UiApp:
         try:
             body = await anyio.to_thread.run_sync(lambda: self._answer(what, query))
         except ForgeError as err:
+            if err.code == Codes.INTERNAL:
+                raise
             status = 404 if err.code in (JobCodes.JOB_NOT_FOUND, Codes.SEAL_NOT_FOUND, Codes.FILE_NOT_FOUND) else 400
             return await _send(send, status, {"error": err.to_dict()})
         if body is None:
@@ -176,13 +202,29 @@ class UiApp:
         if what == "jobs":
             return {"jobs": ui_data.job_list(store)}
         if what.startswith("jobs/") and what.count("/") == 1:
-            return ui_data.job_view(store, what.removeprefix("jobs/")[:64])
+            return ui_data.job_view(store, _job_id(what.removeprefix("jobs/")))
         if what == "compare":
-            ids = [i for i in ",".join(query.get("ids", [])).split(",") if i][:8]
-            return {"runs": ui_data.compare(store, [i[:64] for i in ids])}
+            ids = [_job_id(i) for i in query.get("ids", "").split(",") if i][:8]
+            return {"runs": ui_data.compare(store, ids)}
         if what == "seals":
             return {"seals": ui_data.seals()}
         return None
+
+
+def _query(raw: bytes) -> dict[str, str]:
+    """A query string's first value per name, percent-decoded as UTF-8 ('+' stays '+': a token may hold one)."""
+    out: dict[str, str] = {}
+    for part in raw.decode("latin-1").split("&"):
+        name, _, value = part.partition("=")
+        out.setdefault(unquote(name), unquote(value, errors="surrogateescape"))
+    return out
+
+
+def _job_id(value: str) -> str:
+    if len(value) > 64:
+        raise ForgeError(Codes.INVALID_ARGUMENT, f"a job id has at most 64 characters (got {len(value)})",
+                         "pass an id as the job list shows it")
+    return value
 
 
 async def _send(send, status: int, body: dict, extra: list | None = None):

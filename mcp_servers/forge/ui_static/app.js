@@ -4,6 +4,7 @@
 "use strict";
 
 const POLL_MS = 1000;
+const SETTLED_MS = 10000;  // a job that ended, or the seals: asked again now and then, not every second
 const view = document.getElementById("view");
 const live = document.getElementById("live");
 let timer = null;
@@ -215,21 +216,21 @@ function patch(nodes) {
   for (const extra of old.slice(nodes.length)) extra.remove();
 }
 
-async function render() {
-  const hash = decodeURIComponent(location.hash.slice(1) || "/");
-  const parts = hash.split("/").filter(Boolean);
+async function render(generation) {
   let shown;
   try {
+    const parts = decodeURIComponent(location.hash.slice(1) || "/").split("/").filter(Boolean);
     if (parts[0] === "job" && parts[1]) shown = await jobView(parts[1]);
     else if (parts[0] === "compare" && parts[1]) shown = await compareView(parts[1].split(","));
-    else if (parts[0] === "seals") shown = await sealsView();
+    else if (parts[0] === "seals") shown = {nodes: await sealsView(), done: true};
     else shown = await jobsView();
     live.classList.add("on");
   } catch (err) {
     shown = [el("div", {class: "error"}, `Could not load: ${err.message}`)];
     live.classList.remove("on");
   }
-  const {nodes, after} = Array.isArray(shown) ? {nodes: shown} : shown;
+  if (generation !== current) return false;  // the view changed while this one was on its way: drop it
+  const {nodes, after, done} = Array.isArray(shown) ? {nodes: shown} : shown;
   const scroll = window.scrollY;
   const open = new Set([...view.querySelectorAll("details[open]")].map((d) => d.dataset.key));
   for (const c of Object.values(charts)) c.plot.root.remove();
@@ -237,16 +238,29 @@ async function render() {
   for (const d of view.querySelectorAll("details")) if (open.has(d.dataset.key)) d.open = true;
   if (after) after();
   window.scrollTo(0, scroll);
+  return Boolean(done);
 }
+
+let current = 0;  // the view's generation: a new hash starts a new one
+let busy = false, rerun = false;  // one poll at a time; a poll asked for meanwhile runs right after it
 
 async function loop() {
   clearTimeout(timer);
-  if (!document.hidden) await render();  // a tab in the background asks nothing
-  timer = setTimeout(loop, POLL_MS);
+  if (busy) { rerun = true; return; }
+  busy = true;
+  let done = false;
+  try {
+    if (!document.hidden) done = await render(current);  // a tab in the background asks nothing
+  } finally {
+    busy = false;
+  }
+  if (rerun) { rerun = false; loop(); return; }
+  timer = setTimeout(loop, done ? SETTLED_MS : POLL_MS);
 }
 
 document.addEventListener("visibilitychange", () => { if (!document.hidden) loop(); });
 window.addEventListener("hashchange", () => {
+  current += 1;
   for (const c of Object.values(charts)) c.plot.destroy();
   charts = {};
   loop();
