@@ -13,6 +13,7 @@ view's tool or a read of its page as it answers an unknown name (ForgeServer doe
 from __future__ import annotations
 
 import inspect
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,7 @@ def app_view(full: dict) -> JobView:
                    curves={name: _thin(full["curves"].get(name) or []) for name in CURVES_SHOWN},
                    timeline=full["timeline"][-20:], log_tail="\n".join(log_lines),
                    evaluation=_evaluation(full.get("evaluation")), artifacts=full["artifacts"], error=full["error"],
-                   polled_at=full["polled_at"])
+                   polled_at=time.time())
 
 
 async def forge_job_view(job_id: JobIdArg, ctx: Context) -> JobView:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -250,8 +249,7 @@ def job_view(store: JobStore | None, job_id: str) -> dict:
                 "curves": curves(job), "timeline": _timeline(store, job), "events": _events(store, job_id),
                 "log_tail": log_tail(job), "evaluation": evaluation(job, run_dir),
                 "artifacts": results.artifacts(job.get("result")), "metrics": results.metrics(job.get("result")),
-                "error": {k: err.get(k) for k in ("code", "message", "hint")} if err else None,
-                "polled_at": time.time()}
+                "error": {k: err.get(k) for k in ("code", "message", "hint")} if err else None}
 
 
 def compare(store: JobStore | None, job_ids: list[str]) -> list[dict]:

@@ -157,7 +157,7 @@ class UiApp:
         if rest.startswith("/static/"):
             return await self._static(send, rest.removeprefix("/static/"))
         if rest.startswith("/api/"):
-            return await self._api(send, rest.removeprefix("/api/"), query)
+            return await self._api(send, rest.removeprefix("/api/"), query, headers.get("if-none-match"))
         return await _send(send, 404, {"error": "no such page"})
 
     def _authorized(self, headers: dict, given: str | None) -> bool:
@@ -183,7 +183,9 @@ class UiApp:
                                            "hint": "run make install (it fetches the chart library with npm)"})
         return await _send_raw(send, 200, path.read_bytes(), content_type)
 
-    async def _api(self, send, what: str, query: dict):
+    async def _api(self, send, what: str, query: dict, seen: str | None = None):
+        """The JSON of one view; ``seen`` is the ETag of the page's last copy: when nothing changed, a bodyless
+        304 (the page then does no work at all)."""
         import anyio
 
         try:
@@ -195,7 +197,11 @@ class UiApp:
             return await _send(send, status, {"error": err.to_dict()})
         if body is None:
             return await _send(send, 404, {"error": "no such API"})
-        return await _send(send, 200, body)
+        data = json.dumps(finite(body), default=str, allow_nan=False).encode("utf-8")
+        etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+        if seen == etag:
+            return await _send_raw(send, 304, b"", "application/json", [(b"etag", etag.encode())])
+        return await _send_raw(send, 200, data, "application/json", [(b"etag", etag.encode())])
 
     def _answer(self, what: str, query: dict):
         store = self.stores()

@@ -52,10 +52,19 @@ function bar(percent, big) {
 
 function status(s) { return el("span", {class: `status ${s}`}, s); }
 
+// The view's data. The server tags each reply; asked again with the tag, it answers 304 when nothing changed,
+// and the page then leaves itself as it is (throws UNCHANGED): a page open beside training costs it little.
+const UNCHANGED = new Error("unchanged");
+let etags = {};
+
 async function api(path) {
-  const reply = await fetch(`api/${path}`, {headers: {accept: "application/json"}, credentials: "same-origin"});
+  const asked = current, headers = {accept: "application/json"};
+  if (etags[path] && drawn === current) headers["if-none-match"] = etags[path];  // only what the page shows
+  const reply = await fetch(`api/${path}`, {headers, credentials: "same-origin"});
+  if (reply.status === 304) throw UNCHANGED;
   const body = await reply.json();
   if (!reply.ok) throw new Error(typeof body.error === "string" ? body.error : (body.error && body.error.message) || reply.status);
+  if (asked === current) etags[path] = reply.headers.get("etag");
   return body;
 }
 
@@ -226,6 +235,7 @@ async function render(generation) {
     else shown = await jobsView();
     live.classList.add("on");
   } catch (err) {
+    if (err === UNCHANGED) { live.classList.add("on"); return settled; }
     shown = [el("div", {class: "error"}, `Could not load: ${err.message}`)];
     live.classList.remove("on");
   }
@@ -238,10 +248,14 @@ async function render(generation) {
   for (const d of view.querySelectorAll("details")) if (open.has(d.dataset.key)) d.open = true;
   if (after) after();
   window.scrollTo(0, scroll);
-  return Boolean(done);
+  settled = Boolean(done);
+  drawn = generation;
+  return settled;
 }
 
 let current = 0;  // the view's generation: a new hash starts a new one
+let settled = false;  // the view on the page shows a job that ended (or the seals): asked again less often
+let drawn = -1;  // the generation whose view the page shows
 let busy = false, rerun = false;  // one poll at a time; a poll asked for meanwhile runs right after it
 
 async function loop() {
@@ -261,6 +275,7 @@ async function loop() {
 document.addEventListener("visibilitychange", () => { if (!document.hidden) loop(); });
 window.addEventListener("hashchange", () => {
   current += 1;
+  etags = {};  // the page is about to be another view: the next reply must be whole
   for (const c of Object.values(charts)) c.plot.destroy();
   charts = {};
   loop();
