@@ -6,6 +6,14 @@ import contextlib
 import json
 import os
 import signal
+import socket
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a server a test starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 async def call(client, name: str, args: dict | None = None) -> dict:

@@ -12,7 +12,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from helpers import call, call_ok, stop_runner, wait_job
+from helpers import call, call_ok, free_port, stop_runner, wait_job
 from mcp_servers.forge.server import create_server
 
 pytestmark = pytest.mark.anyio
@@ -43,12 +43,6 @@ def check_chain(summary: dict) -> None:
 
 def test_the_typescript_sdk_client_drives_the_chain_over_stdio_with_default_options(home):
     check_chain(node_chain("stdio", sys.executable, str(home)))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_the_typescript_sdk_client_drives_the_chain_over_http_with_default_options(home):

@@ -15,7 +15,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from helpers import call_ok as call
-from helpers import stop_runner, wait_job
+from helpers import free_port, stop_runner, wait_job
 from mcp_servers.forge.server import create_server
 from mcp_servers.forge.server import main as server_main
 
@@ -51,12 +51,6 @@ async def test_stdio_server_takes_the_demo_from_dataset_to_seal_with_forge_pipel
         assert sealed["seal_id"].startswith("sha256:")
     run_dir = Path(status["run_dir"])
     assert (run_dir / "gguf" / "Modelfile").is_file() and list(run_dir.glob("gguf/*-Q4_K_M.gguf"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def wait_http(url: str, proc) -> None:

@@ -18,18 +18,14 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
+from helpers import free_port
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "ui-test-token-7f3a"
 CHROMIUM = "/usr/bin/chromium"
 HOSTILE = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Site:

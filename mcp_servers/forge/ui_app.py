@@ -59,15 +59,6 @@ class JobView(BaseModel):
     polled_at: float
 
 
-def _thin(points: list[list[float]], limit: int = CURVE_POINTS) -> list[list[float]]:
-    """Every n-th point and the last one: the shape of the curve in at most about ``limit`` points."""
-    if len(points) <= limit:
-        return points
-    stride = -(-len(points) // limit)
-    kept = points[::stride]
-    return kept if kept[-1] is points[-1] else [*kept, points[-1]]
-
-
 def _cut(text: Any) -> str:
     text = "" if text is None else str(text)
     return text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + "…"
@@ -90,7 +81,7 @@ def app_view(full: dict) -> JobView:
     log_lines = (full.get("log_tail") or "").splitlines()[-LOG_LINES:]
     return JobView(job=full["job"], progress=full["progress"], terminal=full["terminal"], dataset=full.get("dataset"),
                    run_dir=full.get("run_dir"),
-                   curves={name: _thin(full["curves"].get(name) or []) for name in CURVES_SHOWN},
+                   curves={name: ui_data.thin(full["curves"].get(name) or [], CURVE_POINTS) for name in CURVES_SHOWN},
                    timeline=full["timeline"][-20:], log_tail="\n".join(log_lines),
                    evaluation=_evaluation(full.get("evaluation")), artifacts=full["artifacts"], error=full["error"],
                    polled_at=time.time())

@@ -119,12 +119,17 @@ def _tail_of(path: Path) -> _Tail:
         return tail
 
 
+def thin(points: list, limit: int = MAX_POINTS) -> list:
+    """Every n-th point and the last one: the shape of a curve in at most about ``limit`` points."""
+    if len(points) <= limit:
+        return points
+    stride = -(-len(points) // limit)
+    kept = points[::stride]
+    return kept if (len(points) - 1) % stride == 0 else [*kept, points[-1]]
+
+
 def _thin(points: dict[int, float]) -> list[list[float]]:
-    ordered = sorted(points.items())
-    if len(ordered) > MAX_POINTS:
-        stride = -(-len(ordered) // MAX_POINTS)
-        ordered = ordered[::stride] + ([ordered[-1]] if (len(ordered) - 1) % stride else [])
-    return [[step, value] for step, value in ordered]
+    return thin([[step, value] for step, value in sorted(points.items())])
 
 
 def _run_dir(job: dict) -> Path | None:

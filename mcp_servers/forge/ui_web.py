@@ -197,7 +197,7 @@ class UiApp:
             return await _send(send, status, {"error": err.to_dict()})
         if body is None:
             return await _send(send, 404, {"error": "no such API"})
-        data = json.dumps(finite(body), default=str, allow_nan=False).encode("utf-8")
+        data = _json(body)
         etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
         if seen == etag:
             return await _send_raw(send, 304, b"", "application/json", [(b"etag", etag.encode())])
@@ -233,9 +233,12 @@ def _job_id(value: str) -> str:
     return value
 
 
+def _json(body) -> bytes:
+    return json.dumps(finite(body), default=str, allow_nan=False).encode("utf-8")
+
+
 async def _send(send, status: int, body: dict, extra: list | None = None):
-    data = json.dumps(finite(body), default=str, allow_nan=False).encode("utf-8")
-    await _send_raw(send, status, data, "application/json", extra)
+    await _send_raw(send, status, _json(body), "application/json", extra)
 
 
 async def _send_raw(send, status: int, body: bytes, content_type: str, extra: list | None = None):
