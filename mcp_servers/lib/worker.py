@@ -8,6 +8,7 @@ file that the server applies to the store; tracebacks go to the job log (Ray's j
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -128,8 +129,19 @@ def _open(args: list[str]):
     return store, store.get(job_id), Path(db_path).parent
 
 
+class Stopped(BaseException):
+    """A cancel (SIGTERM) in a stage with no stop of its own: it unwinds the job, so subprocess.run ends the
+    tool it was running (llama-imatrix, a compiler) and every cleanup runs. Training replaces the handler
+    with its own, which saves a checkpoint first."""
+
+
+def _stop(*_) -> None:
+    raise Stopped()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # what a job writes is the user's alone
+    from forge.errors import ForgeError
     from forge.failures import error_from
     from forge.paths import confinement
     from forge.progress import quiet_libraries
@@ -160,10 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     tracker, on_progress = _reporter(store, job_id)
     quiet_libraries()
     log.info("job %s (%s) starting: %s", job_id, job["kind"], job["params"])
+    signal.signal(signal.SIGTERM, _stop)
     try:
         with confinement():  # the params came from an agent: reads and writes stay inside the roots
             recheck(job["params"])
             result = run_job(job["kind"], job["params"], on_progress)
+    except Stopped:
+        stop.set()
+        log.info("job %s cancelled", job_id)
+        with contextlib.suppress(ForgeError):  # a forced cancel may have recorded it already
+            _finish(store, job_id, Status.CANCELLED, home, progress=tracker.progress)
+        return 0
     except BaseException as exc:  # everything: the job must end in a final state, never silently
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         stop.set()
