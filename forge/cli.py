@@ -233,8 +233,15 @@ def _stage_report(stage: str, result: dict) -> list[str]:
         lines.append(f"   merged {result['merged_dir']} ({result['dtype']}) | parity max |Δlogit| "
                      f"{p['max_abs_diff']:.3g} ≤ {p['bound']:.3g}")
     elif stage == "quantize":
-        lines += [f"   {o['path']} {o['quant']} {o['bytes']} bytes sha256 {o['sha256'][:16]}… "
-                  f"generated {o['verification']['generated']!r}" for o in result["outputs"]]
+        lines += [_quant_line(o) for o in result["outputs"]]
+        matrix = result.get("imatrix") or {}
+        compared = matrix.get("comparison")
+        if compared:
+            lines.append(f"   importance matrix ({matrix.get('source')}, {matrix.get('tokens')} tokens): "
+                         f"{compared['quant']} mean KLD {compared['with']['kld_mean']} with it, "
+                         f"{compared['without']['kld_mean']} without")
+        if result.get("auto"):
+            lines.append(f"   auto: {result['auto']['why']}")
         lines += [f"   warning: {w}" for w in result["warnings"]]
     elif stage == "modelfile":
         lines.append(f"   {result['path']} | template {result['template_family']} | stops {result['stop_tokens']}"
@@ -242,6 +249,17 @@ def _stage_report(stage: str, result: dict) -> list[str]:
     elif stage == "seal":
         lines.append(f"   {result['seal_id']}\n   {result['retrospective_path']}\n\n{result['results_table']}")
     return lines
+
+
+def _quant_line(out: dict) -> str:
+    line = f"   {out['path']} {out['quant']} {out['bytes']} bytes sha256 {out['sha256'][:16]}…"
+    quality = out.get("quality")
+    if quality:
+        line += (f" | {quality['bpw']} bpw, mean KLD {quality['kld_mean']} (p99 {quality['kld_p99']}), "
+                 f"same top {quality['same_top_pct']} %, ΔPPL {quality['delta_ppl']}")
+    if "verification" in out:
+        line += f" | generated {out['verification']['generated']!r}"
+    return line
 
 
 def run_demo(directory: str | None = None, echo: bool = True, model: str = "smollm2") -> dict:

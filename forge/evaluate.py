@@ -12,19 +12,17 @@ Run: ``forge eval --run-dir RUN``; the result is kept in ``RUN/stages/evaluate.j
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field
 
-from forge import tool_eval
+from forge import measure_set, quant_quality, tool_eval
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
-from forge.paths import check_input_dir, checked, read_text
+from forge.paths import check_input_dir, checked
 from forge.progress import ProgressCallback, ProgressWriter
-from forge.runs import PROGRESS_FILE, TRAIN_CONFIG_FILE, Outcome, load_stages, record_stage
+from forge.runs import PROGRESS_FILE, Outcome, load_stages, record_stage
 
 
 class EvaluateConfig(StageConfig):
@@ -36,18 +34,6 @@ class EvaluateConfig(StageConfig):
     max_new_tokens: int = Field(64, ge=1, le=1024, description="Tokens per sample answer, at most.")
     tool_turns: int = Field(16, ge=0, le=200, description=(
         "For records with tools: assistant turns asked of each model to measure tool-call accuracy, at most."))
-
-
-@dataclass
-class Scored:
-    """Token ids and the positions in the loss, per record."""
-
-    ids: list[list[int]]
-    masks: list[list[int]]
-
-    @property
-    def tokens(self) -> int:
-        return sum(sum(m[1:]) for m in self.masks)
 
 
 def _nll(logits, ids: list[int], mask: list[int]) -> float:
@@ -67,48 +53,6 @@ def _row(model: str, nll: float, tokens: int, **extra) -> dict:
             "tokens": tokens, **extra}
 
 
-# ---- what to measure on ----
-
-def _train_config(run_dir: Path) -> dict:
-    path = run_dir / TRAIN_CONFIG_FILE
-    if not path.is_file():
-        raise ForgeError(Codes.RUN_NOT_FOUND, f"{run_dir} holds no {TRAIN_CONFIG_FILE}, so it is not a trained run",
-                         "pass a run dir forge train (or forge pipeline) wrote")
-    return json.loads(read_text(path, "train config"))
-
-
-def _conversations(config: EvaluateConfig, train_cfg: dict, trained: dict) -> tuple[list, dict, list[str]]:
-    """The records to measure on, where they came from, and warnings."""
-    from forge import data
-
-    warnings = []
-    if config.dataset is not None:
-        ds = data.load_dataset(config.dataset, system_prompt=train_cfg.get("system_prompt"))
-        convs, source = ds.conversations, {"kind": "file", "path": str(ds.path), "sha256": ds.sha256}
-    else:
-        ds = data.load_dataset(train_cfg["dataset"], train_cfg.get("dataset_format", "auto"),
-                               train_cfg.get("system_prompt"))
-        train, evals = data.split(ds.conversations, train_cfg.get("eval_fraction", 0.1), train_cfg.get("seed", 42))
-        convs = evals or train
-        source = {"kind": "eval split" if evals else "training records", "path": str(ds.path), "sha256": ds.sha256}
-        if not evals:
-            warnings.append("the run held out no eval split (eval_fraction=0): measured on training records, "
-                            "which shows fit, not generalization; pass dataset= to measure on held-out records")
-        recorded = (trained.get("dataset") or {}).get("sha256")
-        if recorded and recorded != ds.sha256:
-            warnings.append(f"{ds.path} changed since training (sha256 {recorded[:12]}… then, {ds.sha256[:12]}… "
-                            "now): the split is not the one held out")
-    source["records"] = min(len(convs), config.max_records)
-    return convs[:config.max_records], source, warnings
-
-
-def _score_set(tokenizer, convs: list, max_length: int) -> Scored:
-    from forge.tokens import tokenize_all
-
-    tokens = tokenize_all(tokenizer, convs)
-    return Scored([i[:max_length] for i in tokens.input_ids], [m[:max_length] for m in tokens.assistant_masks])
-
-
 # ---- the models ----
 
 def _prompt(conv: list[dict]) -> list[dict]:
@@ -117,7 +61,7 @@ def _prompt(conv: list[dict]) -> list[dict]:
     return conv[:last]
 
 
-def _hf_part(base_ref: str, adapter_dir: Path, scored: Scored, prompts: list, tokenizer, max_new: int,
+def _hf_part(base_ref: str, adapter_dir: Path, scored: measure_set.Scored, prompts: list, tokenizer, max_new: int,
              tool_cases: list) -> dict:
     """Base and fine-tuned (base + adapter, the adapter switched off for the base) scores, the base
     model's greedy answers to the sample prompts, and both models' replies to the tool-call turns."""
@@ -162,18 +106,6 @@ def _list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def _gguf_nll(path: Path, scored: Scored) -> float:
-    from forge.quantize import load_llama
-
-    llm = load_llama(path, n_ctx=max(len(i) for i in scored.ids) + 8, logits_all=True)
-    total = 0.0
-    for ids, mask in zip(scored.ids, scored.masks, strict=True):
-        llm.reset()
-        llm.eval(ids)
-        total += _nll(llm.scores[: len(ids)], ids, mask)
-    return total
-
-
 def _gguf_answers(path: Path, prompts: list, max_new: int) -> list[dict]:
     from forge.query import query
 
@@ -185,16 +117,67 @@ def _gguf_answers(path: Path, prompts: list, max_new: int) -> list[dict]:
     return out
 
 
-def _table(hf: dict, ggufs: list[tuple[str, str, float]], tokens: int) -> list[dict]:
-    """One row per model; the fine-tuned row says what it gained over the base, each GGUF what it lost."""
+def _table(hf: dict, ggufs: list[tuple[str, str, dict]], tokens: int, removed: list[dict]) -> list[dict]:
+    """One row per model; the fine-tuned row says what it gained over the base, each GGUF what it lost
+    (perplexity against the fine-tuned model, KL divergence and same top token against the f16 GGUF)."""
     base = _row("base", hf["base"], tokens)
     tuned = _row("fine-tuned", hf["fine-tuned"], tokens)
     tuned["vs_base_pct"] = round(100 * (tuned["perplexity"] / base["perplexity"] - 1), 2)
     rows = [base, tuned]
-    for quant, path, nll in ggufs:
-        row = _row(f"{quant} GGUF", nll, tokens, path=path)
-        row["vs_fine_tuned_pct"] = round(100 * (row["perplexity"] / tuned["perplexity"] - 1), 2)
-        rows.append(row)
+    for quant, path, quality in ggufs:
+        row = _row(f"{quant} GGUF", quality["nll"], tokens, path=path)
+        rows.append(_gguf_row(row, quality, tuned))
+    for found in removed:  # measured by the quantize stage on these same tokens, then deleted
+        row = {"model": found["model"], "loss": round(math.log(found["ppl"]), 5), "perplexity": found["ppl"],
+               "tokens": tokens, "file": "removed after the quantize stage measured it",
+               "measured_by": "quantize stage"}
+        rows.append(_gguf_row(row, found, tuned))
+    return rows
+
+
+def _gguf_row(row: dict, quality: dict, tuned: dict) -> dict:
+    row["vs_fine_tuned_pct"] = round(100 * (row["perplexity"] / tuned["perplexity"] - 1), 2)
+    for key in ("kld_mean", "kld_p99", "same_top_pct", "answers_kld_mean", "answers_same_top_pct", "delta_ppl",
+                "bytes", "bpw", "imatrix", "measured_by"):
+        if quality.get(key) is not None:
+            row[key] = quality[key]
+    return row
+
+
+def _unchanged(out: dict) -> bool:
+    """A GGUF the quantize stage measured, still there and still the file it measured."""
+    from forge.workspace import sha256_file
+
+    path = Path(out["path"])
+    return bool(out.get("quality")) and path.is_file() and sha256_file(path) == out.get("sha256")
+
+
+def _same_basis(quantized: dict, basis: dict) -> bool:
+    """The quantize stage measured these very tokens, against the f16 GGUF that is still there unchanged."""
+    theirs, recorded = quantized.get("measured_on") or {}, quantized.get("outputs") or []
+    same = bool(theirs) and all(theirs.get(k) == basis.get(k) for k in ("sha256", "kind", "records", "tokens",
+                                                                          "positions"))
+    return same and bool(recorded) and _unchanged(recorded[0])
+
+
+def _measured_by_quantize(quantized: dict, outputs: list[dict], basis: dict) -> list[dict | None]:
+    """The quantize stage's measurement of each GGUF, where it measured exactly these tokens against the same
+    f16 and the file is still the one it measured (same sha256); None where it must be measured again."""
+    if not outputs or not _same_basis(quantized, basis) or outputs[0]["path"] != quantized["outputs"][0]["path"]:
+        return [None] * len(outputs)  # another measure set, or another reference
+    return [outputs[0]["quality"], *(out["quality"] if _unchanged(out) else None for out in outputs[1:])]
+
+
+def _removed_rows(quantized: dict, basis: dict) -> list[dict]:
+    """Files the quantize stage measured and deleted (auto's other candidates, the type without the
+    importance matrix), when it measured them on exactly the tokens evaluate scores."""
+    if not _same_basis(quantized, basis):
+        return []
+    rows = [{"model": f"{c['quant']} GGUF", **c} for c in (quantized.get("auto") or {}).get("candidates", [])
+            if not c.get("kept")]
+    comparison = (quantized.get("imatrix") or {}).get("comparison")
+    if comparison and not comparison.get("kept"):
+        rows.append({"model": f"{comparison['quant']} GGUF (no imatrix)", **comparison["without"], "imatrix": False})
     return rows
 
 
@@ -203,24 +186,26 @@ def evaluate(config: EvaluateConfig, on_progress: ProgressCallback | None = None
     from transformers import AutoTokenizer
 
     run_dir = check_input_dir(Path(config.run_dir), "run dir")
-    train_cfg, stages = _train_config(run_dir), load_stages(run_dir)
+    train_cfg, stages = measure_set.train_config(run_dir), load_stages(run_dir)
     trained = stages.get("train")
     if not trained or trained.get("status", Outcome.SUCCEEDED) != Outcome.SUCCEEDED:
         raise ForgeError(Codes.RUN_NOT_FOUND, f"{run_dir} has no finished training to evaluate",
                          "finish (or resume) training first")
     writer = ProgressWriter(run_dir / PROGRESS_FILE, on_progress)
     adapter_dir = check_input_dir(trained["adapter_dir"], "adapter dir")
-    ggufs = [(o["quant"], str(checked(o["path"], "GGUF"))) for o in (stages.get("quantize") or {}).get("outputs", [])
-             if Path(o["path"]).is_file()]
-    total = 2 + len(ggufs)
-    writer.stage("preparing_data", step=0, total_steps=total)
-    convs, source, warnings = _conversations(config, train_cfg, trained)
+    quantized_stage = stages.get("quantize") or {}
+    outputs = [o for o in quantized_stage.get("outputs", []) if Path(o["path"]).is_file()]
+    ggufs = [(o["quant"], str(checked(o["path"], "GGUF"))) for o in outputs]
+    writer.stage("preparing_data", step=0, total_steps=2 + len(ggufs))
+    convs, source, warnings = measure_set.conversations(train_cfg, config.dataset, config.max_records,
+                                                        (trained.get("dataset") or {}).get("sha256"))
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # the tokenizer and chat template trained with
-    scored = _score_set(tokenizer, convs, train_cfg.get("max_length", 1024))
+    scored = measure_set.score_set(tokenizer, convs, train_cfg.get("max_length", 1024), source)
     sampled = [c for c in convs if not getattr(c, "tools", None)][:config.samples]  # tool records: tool_calls
     prompts = [_prompt(c) for c in sampled]
     tool_cases, tool_warnings = tool_eval.tool_cases(convs, config.tool_turns, tokenizer.chat_template)
     warnings.extend(tool_warnings)
+    total = 2 + len(ggufs) * (2 if tool_cases else 1)
 
     writer.stage("measuring_base_and_fine_tuned", step=1, total_steps=total)
     base_ref = trained.get("base_model_dir") or trained["base_model"]
@@ -229,13 +214,29 @@ def evaluate(config: EvaluateConfig, on_progress: ProgressCallback | None = None
     hf = _hf_part(base_ref, adapter_dir, scored, prompts, tokenizer, config.max_new_tokens, tool_cases)
     tool_scores = {who: tool_eval.score(tool_cases, answers) for who, answers in
                    (("base", hf["tools"]["base"]), ("fine-tuned", hf["tools"]["fine-tuned"]))}
-    measured = []
-    for i, (quant, path) in enumerate(ggufs, start=2):
-        writer.stage("measuring_gguf", quant=quant, step=i, total_steps=total)
-        measured.append((quant, path, _gguf_nll(Path(path), scored)))
-        if tool_cases:
-            answers = tool_eval.gguf_answers(Path(path), tool_cases, config.max_new_tokens)
-            tool_scores[f"{quant} GGUF"] = tool_eval.score(tool_cases, answers)
+    # every GGUF against the run's first (its f16), on the same tokens: llama.cpp's KLD, same top token, PPL
+    def measuring(i: int, _path: Path) -> None:
+        writer.stage("measuring_gguf", quant=ggufs[i][0], step=2 + i, total_steps=total)
+
+    paths = [Path(path) for _, path in ggufs]
+    recorded = quantized_stage.get("outputs") or []
+    if ggufs and recorded and ggufs[0][1] != str(checked(recorded[0]["path"], "GGUF")):
+        warnings.append(f"the run's {recorded[0]['quant']} GGUF is gone: each GGUF's KL divergence is measured "
+                        f"against {paths[0].name} instead; quantize again to measure against the float model")
+    qualities = _measured_by_quantize(quantized_stage, outputs, scored.basis)
+    todo = [i for i, quality in enumerate(qualities) if quality is None]
+    if todo:
+        found = quant_quality.measure(paths[0], [paths[i] for i in todo], scored,
+                                      lambda n, path: measuring(todo[n], path))
+        for i, quality in zip(todo, found, strict=True):
+            qualities[i] = quality
+    measured = [(quant, path, {**quality, "imatrix": out.get("imatrix", False),
+                               "measured_by": "evaluate" if i in todo else "quantize stage"})
+                for i, ((quant, path), quality, out) in enumerate(zip(ggufs, qualities, outputs, strict=True))]
+    for i, (quant, path) in enumerate(ggufs if tool_cases else [], start=2 + len(ggufs)):
+        writer.stage("asking_gguf", quant=quant, step=i, total_steps=total)
+        answers = tool_eval.gguf_answers(Path(path), tool_cases, config.max_new_tokens)
+        tool_scores[f"{quant} GGUF"] = tool_eval.score(tool_cases, answers)
     quantized = _gguf_answers(Path(ggufs[-1][1]), prompts, config.max_new_tokens) if ggufs and prompts else []
     if not ggufs:
         warnings.append("the run is not quantized yet: no GGUF rows; run forge quantize, then evaluate again")
@@ -243,14 +244,29 @@ def evaluate(config: EvaluateConfig, on_progress: ProgressCallback | None = None
                 **({"quantized": q, "quantized_model": ggufs[-1][0]} if q else {})}
                for p, c, b, q in zip(prompts, sampled, hf["answers"],
                                       quantized or [None] * len(prompts), strict=True)]
-    table = _table(hf, measured, scored.tokens)
+    table = _table(hf, measured, scored.tokens, _removed_rows(quantized_stage, scored.basis))
     result = {"status": Outcome.SUCCEEDED, "run_dir": str(run_dir), "source": source, "tokens": scored.tokens,
+              "measured_on": scored.basis, "reference": Path(ggufs[0][1]).name if ggufs else None,
+              "quantization": _quantization(quantized_stage),
               "table": table, "samples": samples, "warnings": warnings,
               "stopped_on_its_own": _stop_counts(samples), "config": config.model_dump(mode="json"),
               **({"tool_calls": tool_scores} if tool_cases else {})}
     writer({"event": "done", "step": total, "total_steps": total, "percent": 100.0})
     record_stage(run_dir, "evaluate", result)
     return result
+
+
+def _quantization(quantized: dict) -> dict | None:
+    """How the run's quants were made: the importance matrix (what it was computed on, what it bought) and
+    auto's choice, in words."""
+    matrix, auto = quantized.get("imatrix") or {}, quantized.get("auto") or {}
+    if not matrix and not auto:
+        return None
+    out = {"imatrix": {k: matrix.get(k) for k in ("used", "setting", "source", "tokens", "records", "used_for",
+                                                  "comparison") if matrix.get(k) is not None}}
+    if auto:
+        out["auto"] = {k: auto.get(k) for k in ("chosen", "why", "within_budget", "budget")}
+    return out
 
 
 def _stop_counts(samples: list[dict]) -> dict:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from forge.config import StageConfig
 from forge.progress import ProgressCallback
@@ -30,13 +30,24 @@ class PipelineConfig(StageConfig):
     method: Method = Field("lora", description=METHOD_HELP)
     output_dir: Path | None = Field(None, description="Run dir; default $FORGE_HOME/runs/<run_name>.")
     run_name: str | None = Field(None, description="Name of the run dir under $FORGE_HOME/runs.")
-    quantizations: list[str] = Field(["Q4_K_M"], description="llama.cpp quant types to make.")
+    quantizations: list[str] = Field(["Q4_K_M"], description=(
+        "llama.cpp quant types to make; [\"auto\"]: the smallest within the quantize budget (max_kld)."))
+    quantize: dict[str, Any] = Field(default_factory=dict, description=(
+        "Extra quantize fields (QuantizeConfig names), e.g. {\"max_kld\": 0.03} or {\"imatrix\": \"off\"}."))
     system_prompt: str | None = Field(None, description="System prompt for training records and the Modelfile.")
     pre_tokenizer: str | None = Field(None, description="llama.cpp pre-tokenizer fallback for unknown tokenizers.")
     train: dict[str, Any] = Field(default_factory=dict, description="Extra train fields (TrainConfig names).")
     note: str | None = Field(None, description="A note kept in the seal.")
     evaluate: bool = Field(True, description=(
         "After quantize, measure base / fine-tuned / each GGUF on the eval split and compare sample answers."))
+
+    @model_validator(mode="after")
+    def _quantize_fields(self) -> PipelineConfig:
+        """The quantize fields are checked now, not after training."""
+        from forge.quantize import QuantizeConfig
+
+        QuantizeConfig.build(**{**self.quantize, "model_dir": Path("."), "quantizations": self.quantizations})
+        return self
 
 
 StageHook = Callable[[str, dict], None]
@@ -75,9 +86,9 @@ def run_pipeline(config: PipelineConfig, on_progress: ProgressCallback | None = 
     run_dir = Path(trained["run_dir"])
     merged = done("merge", merge(MergeConfig(adapter_dir=Path(trained["adapter_dir"]),
                                              base_model=config.base_model), progress("merge")))
-    quantized = done("quantize", quantize(QuantizeConfig(model_dir=Path(merged["merged_dir"]),
-                                                         quantizations=config.quantizations,
-                                                         pre_tokenizer=config.pre_tokenizer), progress("quantize")))
+    quantized = done("quantize", quantize(QuantizeConfig.build(
+        **{**config.quantize, "model_dir": Path(merged["merged_dir"]), "quantizations": config.quantizations,
+           "pre_tokenizer": config.pre_tokenizer}), progress("quantize")))
     if config.evaluate:
         done("evaluate", evaluate(EvaluateConfig(run_dir=run_dir), progress("evaluate")))
     progress("modelfile")

@@ -47,7 +47,9 @@ def _files(config: PublishConfig) -> list[Path]:
     if source.is_dir():
         check_input_dir(source, "source")  # confined: no link in it may lead outside the roots
     if config.kind == "gguf":
-        files = [source] if source.is_file() else sorted(source.glob("*.gguf")) + sorted(source.glob("Modelfile"))
+        # an importance matrix is statistics of the training data, not a model: it is not published
+        files = [source] if source.is_file() else sorted(
+            p for p in source.glob("*.gguf") if not p.name.endswith(".imatrix.gguf")) + sorted(source.glob("Modelfile"))
         if not any(f.suffix == ".gguf" for f in files):
             raise ForgeError(Codes.GGUF_NOT_FOUND, f"no .gguf file in {source}", "pass a .gguf or the gguf dir")
         return files

@@ -18,14 +18,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from forge import disk
+from forge import disk, llama_tools
 from forge._gguf_convert import FALLBACK_MARKER
 from forge.config import StageConfig
 from forge.converter import ensure_converter, gguf_fields, gguf_module
 from forge.errors import Codes, ForgeError
 from forge.paths import check_input_dir, check_output, fresh_temp, open_output
 from forge.progress import ProgressCallback, ProgressWriter
-from forge.runs import Outcome, progress_path, record_stage_near
+from forge.quant_plan import AUTO, AUTO_CANDIDATES
+from forge.runs import Outcome, find_run_dir, progress_path, record_stage_near
 from forge.workspace import artifact, refuse_existing
 
 # llama.cpp pre-tokenizer to assume for a model type when the converter does not know the
@@ -59,7 +60,23 @@ class QuantizeConfig(StageConfig):
     output_dir: Path | None = Field(None, description="Where the GGUFs go; default <model dir>/../gguf.")
     gguf_name: str | None = Field(None, description="File name stem of the GGUFs; default the run dir's name.")
     outtype: Literal["f16", "bf16", "q8_0"] = Field("f16", description="Type of the converted (unquantized) GGUF.")
-    quantizations: list[str] = Field(["Q4_K_M"], description="llama.cpp quant types made from it, e.g. Q4_K_M, Q8_0.")
+    quantizations: list[str] = Field(["Q4_K_M"], description=(
+        "llama.cpp quant types made from it, e.g. Q4_K_M, Q8_0; or [\"auto\"]: the smallest within max_kld."))
+    imatrix: str = Field("auto", max_length=4096, description=(
+        "Importance matrix for the types that use one: 'auto' (llama.cpp computes it from the run's training "
+        "records), 'off', or the path of one llama-imatrix wrote."))
+    imatrix_tokens: int = Field(32768, ge=64, le=2_000_000, description="Training tokens it is computed on, at most.")
+    compare_imatrix: bool = Field(True, description=(
+        "Also make the chosen (or first) type without the matrix and measure both, to show what it bought."))
+    measure: bool = Field(True, description=(
+        "Measure each GGUF against the f16 one: KL divergence, same top token, perplexity, bits per weight."))
+    measure_dataset: Path | None = Field(None, description="JSONL records to measure on; default the run's eval split.")
+    max_kld: float = Field(0.05, gt=0, le=10, description="auto: the largest mean KL divergence from the f16 kept.")
+    min_same_top: float | None = Field(None, ge=0, le=100, description=(
+        "auto: also the smallest share of positions (%) where it picks the f16's top token."))
+    candidates: list[str] = Field(list(AUTO_CANDIDATES), min_length=1, max_length=12, description=(
+        "auto: the types tried, large to small."))
+    keep_candidates: bool = Field(False, description="Keep the files auto did not choose and the no-imatrix one.")
     pre_tokenizer: str | None = Field(
         None, description="llama.cpp pre-tokenizer to use when the tokenizer's hash is unknown; default from the "
         "model type; 'none' turns the fallback off.")
@@ -69,9 +86,30 @@ class QuantizeConfig(StageConfig):
     @field_validator("quantizations")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
+        upper = [v.upper() for v in value]
+        if AUTO in upper:
+            if len(upper) > 1:
+                raise ForgeError(Codes.CONFIG_INVALID, "'auto' picks one type by itself: pass it alone",
+                                 "use quantizations=[\"auto\"], or list the types you want")
+            return [AUTO]
+        for name in value:
+            quant_ftype(name)
+        return upper
+
+    @field_validator("candidates")
+    @classmethod
+    def _known_candidates(cls, value: list[str]) -> list[str]:
         for name in value:
             quant_ftype(name)
         return [v.upper() for v in value]
+
+    @property
+    def auto(self) -> bool:
+        return self.quantizations == [AUTO]
+
+    def planned(self) -> list[str]:
+        """The types made: the list given, or auto's candidates."""
+        return list(dict.fromkeys(self.candidates)) if self.auto else self.quantizations
 
     def gguf_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path(self.model_dir).resolve().parent / "gguf"
@@ -242,47 +280,96 @@ def logits_check(model_dir: Path, gguf_path: Path, outtype: str) -> dict:
 
 
 def quantize(config: QuantizeConfig, on_progress: ProgressCallback | None = None) -> dict:
+    from forge import imatrix as imx
+    from forge import quant_plan
+
     model_dir = check_input_dir(Path(config.model_dir), "model_dir")
     _model_type(model_dir)
     out_dir = config.gguf_dir()
     check_output(out_dir / config.stem(), "GGUF")
+    planned = config.planned()
+    setting = quant_plan.imatrix_plan(config, planned)
     out_dir.mkdir(parents=True, exist_ok=True)
-    disk.ensure_space(out_dir, disk.quantize_bytes(model_dir, config.outtype, config.quantizations),
+    twins = 1 if setting != "off" and config.compare_imatrix else 0
+    disk.ensure_space(out_dir, disk.quantize_bytes(model_dir, config.outtype, planned + planned[:twins]),
                       "conversion and quantization")
     stem = config.stem()
     base_path = out_dir / f"{stem}-{config.outtype}.gguf"
-    quant_paths = {q: out_dir / f"{stem}-{q}.gguf" for q in config.quantizations}
-    for path in [base_path, *quant_paths.values()]:
+    quant_paths = {q: out_dir / f"{stem}-{q}.gguf" for q in planned}
+    matrix_path = [out_dir / f"{stem}.imatrix.gguf"] if setting == "auto" else []
+    for path in [base_path, *quant_paths.values(), *matrix_path]:
         refuse_existing(path, config.force)
     writer = ProgressWriter(progress_path(base_path), on_progress)
-    total = 1 + len(quant_paths)  # steps: convert, each quantization, then verify
+    run_dir = find_run_dir(model_dir)
+    total = 4 + len(quant_paths) + twins  # convert, imatrix, each type, its no-imatrix twin, measure, verify
+    log_path = out_dir / "quantize.log"
 
-    writer.stage("converting", step=0, total_steps=total + 1)
+    writer.stage("converting", step=0, total_steps=total)
     conv = convert(model_dir, base_path, config.outtype, config.pre_tokenizer, out_dir / "convert.log")
     warnings = []
     if conv["pre_tokenizer_fallback"]:
         warnings.append(f"llama.cpp did not recognise the tokenizer's pre-tokenizer hash; used "
                         f"'{conv['pre_tokenizer_fallback']}' (--pre-tokenizer / model type default)")
         writer({"event": "warning", "message": warnings[-1]})
-    files = [{"quant": config.outtype, "path": base_path}]
-    for i, (quant, path) in enumerate(quant_paths.items(), start=1):
-        writer.stage("quantizing", quant=quant, step=i, total_steps=total + 1)
-        quantize_file(base_path, path, quant)
-        files.append({"quant": quant, "path": path})
+    scored, found = quant_plan.measure_set_for(config, model_dir, run_dir)
+    warnings += found
+    if setting == "auto" and llama_tools.find_tools() is None and not os.environ.get(llama_tools.ENV_DIR):
+        writer.stage("building_llama_tools", step=1, total_steps=total)  # once: a few minutes of compiling
+    writer.stage("computing_imatrix", step=1, total_steps=total)
+    matrix, found = quant_plan.importance_matrix(config, setting, base_path, model_dir, run_dir, log_path)
+    warnings += found
+    made = []
+    for i, (quant, path) in enumerate(quant_paths.items(), start=2):
+        writer.stage("quantizing", quant=quant, step=i, total_steps=total)
+        with_matrix = matrix is not None and imx.uses_imatrix(quant)
+        if with_matrix:
+            quant_plan.quantize_with_tools(base_path, path, quant, Path(matrix["path"]), log_path)
+        else:
+            quantize_file(base_path, path, quant)
+        made.append({"quant": quant, "path": path, "imatrix": with_matrix})
 
+    files = [{"quant": config.outtype, "path": base_path, "imatrix": False}]
+    plan = quant_plan.Kept(files + made)
+    if scored is not None:
+        compare = matrix is not None and twins
+
+        def twin(step: int) -> None:
+            if plan.compared() is not None:
+                writer.stage("quantizing", quant=f"{plan.compared()['quant']} without imatrix", step=step,
+                             total_steps=total)
+                plan.add_twin(base_path, quantize_file, config.force)
+
+        if compare and not config.auto:  # the type to compare is known now: one measuring pass for all
+            twin(total - 3)
+        writer.stage("measuring", step=total - 2, total_steps=total)
+        plan.measure(base_path, scored)
+        if config.auto:
+            plan.choose(config.max_kld, config.min_same_top, config.keep_candidates)
+            warnings += plan.warnings
+            if compare:  # auto's choice, made again without the matrix
+                twin(total - 2)
+                plan.measure(base_path, scored)
+        plan.settle_twin(config.keep_candidates)
     outputs = []
-    for entry in files:
-        out = {"quant": entry["quant"], **artifact(entry["path"], "gguf")}
+    for entry in plan.kept:
+        out = {"quant": entry["quant"], **artifact(entry["path"], "gguf"), "imatrix": entry["imatrix"]}
+        if "quality" in entry:
+            out["quality"] = entry["quality"]
         if config.verify:
-            writer.stage("verifying", file=entry["path"].name, step=total, total_steps=total + 1)
+            writer.stage("verifying", file=entry["path"].name, step=total - 1, total_steps=total)
             out["verification"] = verify_gguf(entry["path"])
         outputs.append(out)
     if config.verify:
         outputs[0]["verification"]["logits_vs_hf"] = logits_check(model_dir, base_path, config.outtype)
     writer({"event": "done", "files": [o["path"] for o in outputs]})
+    artifacts = [{k: o[k] for k in ("kind", "path", "bytes", "sha256")} for o in outputs]
+    if matrix is not None and matrix.get("source") != "given":
+        artifacts.append({"kind": "imatrix", "path": matrix["path"], "bytes": matrix["bytes"],
+                          "sha256": matrix["sha256"]})
     result = {"status": Outcome.SUCCEEDED, "gguf_dir": str(out_dir), "outputs": outputs, "warnings": warnings,
               "pre_tokenizer_fallback": conv["pre_tokenizer_fallback"], "convert_log": conv["log"],
-              "artifacts": [{k: o[k] for k in ("kind", "path", "bytes", "sha256")} for o in outputs],
-              "config": config.model_dump(mode="json")}
+              "measured_on": scored.basis if scored is not None else None,
+              "imatrix": plan.imatrix_record(matrix, setting), "artifacts": artifacts,
+              "config": config.model_dump(mode="json"), **plan.auto_record()}
     record_stage_near(base_path, "quantize", result)
     return result

@@ -104,17 +104,48 @@ def _answer(answer: dict | None) -> str:
     return f"{_cell(answer['text']) or '(empty)'} — {ending}"
 
 
+def _g(value, spec: str = ".4g") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _quantization_lines(quantization: dict) -> list[str]:
+    """The importance matrix (what it was computed on, what it bought) and auto's choice, in words."""
+    matrix, auto, out = quantization.get("imatrix") or {}, quantization.get("auto") or {}, []
+    if matrix.get("used"):
+        line = (f"Importance matrix: computed by llama.cpp from the {_cell(matrix.get('source'), 120)} "
+                f"({matrix.get('tokens')} tokens of {matrix.get('records')} records)" if matrix.get("setting") == "auto"
+                else "Importance matrix: given")
+        compared = matrix.get("comparison")
+        if compared:
+            line += (f"; {compared['quant']} mean KLD {_g(compared['with']['kld_mean'])} with it, "
+                     f"{_g(compared['without']['kld_mean'])} without")
+        out.append(line + ".")
+    elif matrix:
+        out.append("No importance matrix was used.")
+    if auto:
+        out.append(f"Chosen by auto: {_cell(auto.get('why'), 600)}.")
+    return ["", *out] if out else []
+
+
 def evaluation_section(ev: dict) -> list[str]:
     """What the fine-tune gained and each quantization cost, and sample answers side by side."""
     source = ev.get("source") or {}
     out = ["### Evaluation", "",
            f"On {source.get('records')} records of the {source.get('kind')} (`{source.get('path')}`), "
-           f"{ev.get('tokens')} answer tokens scored by every model:", "",
-           "| Model | Loss | Perplexity | Change |", "|---|---|---|---|"]
+           f"{ev.get('tokens')} answer tokens scored by every model; each GGUF also against the f16 GGUF "
+           "(KL divergence and same top token, as llama.cpp measures them"
+           + (f": {_cell(ev['measured_on']['text'], 300)}" if (ev.get("measured_on") or {}).get("text") else "")
+           + "):", "",
+           "| Model | Loss | Perplexity | Change | Mean KLD | KLD p99 | Same top | Size |",
+           "|---|---|---|---|---|---|---|---|"]
     for row in ev.get("table") or []:
         change = ("vs base " + f"{row['vs_base_pct']:+.2f}%" if "vs_base_pct" in row
                   else "vs fine-tuned " + f"{row['vs_fine_tuned_pct']:+.2f}%" if "vs_fine_tuned_pct" in row else "")
-        out.append(f"| {row['model']} | {row['loss']:.4f} | {row['perplexity']:.4g} | {change} |")
+        quant = (f" {_g(row.get('kld_mean'))} | {_g(row.get('kld_p99'))} | {_g(row.get('same_top_pct'), '.1f')} % | "
+                 f"{row['bytes'] / 1e6:.1f} MB, {row['bpw']} bpw{', imatrix' if row.get('imatrix') else ''}"
+                 f"{' (deleted)' if row.get('file') else ''} |" if "bytes" in row else " | | | |")
+        out.append(f"| {row['model']} | {row['loss']:.4f} | {row['perplexity']:.4g} | {change} |{quant}")
+    out += _quantization_lines(ev.get("quantization") or {})
     samples = ev.get("samples") or []
     if samples:
         quant = samples[0].get("quantized_model", "quantized")

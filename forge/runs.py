@@ -27,7 +27,9 @@ STAGES = ("train", "merge", "quantize", "evaluate", "modelfile", "seal")
 # Stages that leave a record in the run dir (the seal records itself elsewhere).
 RECORDED_STAGES = (*STAGES[:-1], "lora_gguf")  # lora_gguf: a LoRA alone as a GGUF (forge lora-gguf)
 # Files a seal hashes, by artifact kind, relative to the run dir.
-ARTIFACT_GLOBS = {"adapter": "adapter/*", "merged": "merged/*", "gguf": "gguf/*.gguf", "modelfile": "gguf/Modelfile*"}
+ARTIFACT_GLOBS = {"adapter": "adapter/*", "merged": "merged/*", "gguf": "gguf/*.gguf", "imatrix": "gguf/*.imatrix.gguf",
+                  "modelfile": "gguf/Modelfile*"}
+IMATRIX_SUFFIX = ".imatrix.gguf"  # an importance matrix: GGUF-formatted, not a model
 PROGRESS_FILE = "progress.jsonl"
 STAGES_DIR = "stages"
 TRAIN_CONFIG_FILE = "train_config.json"

@@ -24,8 +24,17 @@ from pydantic import Field
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
 from forge.paths import check_path, confined, forge_home, open_input, read_text
+from forge.quant_quality import compact
 from forge.retrospective import plot_loss_curve, render_retrospective, results_table
-from forge.runs import ARTIFACT_GLOBS, STAGES_DIR, TRAIN_CONFIG_FILE, Outcome, load_stages, progress_warnings
+from forge.runs import (
+    ARTIFACT_GLOBS,
+    IMATRIX_SUFFIX,
+    STAGES_DIR,
+    TRAIN_CONFIG_FILE,
+    Outcome,
+    load_stages,
+    progress_warnings,
+)
 from forge.workspace import artifact, atomic_write_text, sha256_file
 
 SCHEMA = "forge.seal/2"
@@ -77,7 +86,8 @@ def run_record(run_dir: Path) -> dict:
     base_ref = train.get("base_model") or stages.get("merge", {}).get("base_model")
     artifacts = []
     for kind, pattern in ARTIFACT_GLOBS.items():
-        artifacts += [artifact(p, kind) for p in sorted(run_dir.glob(pattern)) if p.is_file()]
+        artifacts += [artifact(p, kind) for p in sorted(run_dir.glob(pattern))
+                      if p.is_file() and (kind == "imatrix" or not p.name.endswith(IMATRIX_SUFFIX))]
     template = next((run_dir / d / "chat_template.jinja" for d in ("merged", "adapter")
                      if (run_dir / d / "chat_template.jinja").is_file()), None)
     configs = {s: r["config"] for s, r in stages.items() if "config" in r}
@@ -100,12 +110,16 @@ def run_record(run_dir: Path) -> dict:
         "loss_curve": metrics.get("loss_curve", []),
         "eval_curve": metrics.get("eval_curve", []),
         "merge_parity": stages.get("merge", {}).get("parity"),
-        "evaluation": {k: stages["evaluate"].get(k) for k in ("source", "tokens", "table", "samples",
+        "evaluation": {k: stages["evaluate"].get(k) for k in ("source", "tokens", "measured_on", "reference",
+                                                               "quantization", "table", "samples",
                                                                "stopped_on_its_own", "warnings", "tool_calls")
                        if k != "tool_calls" or "tool_calls" in stages["evaluate"]}
         if "evaluate" in stages else None,
-        "gguf": [{"quant": o["quant"], "path": o["path"], "generated": o.get("verification", {}).get("generated")}
+        "gguf": [{"quant": o["quant"], "path": o["path"], "generated": o.get("verification", {}).get("generated"),
+                  "imatrix": o.get("imatrix"), "quality": compact(o.get("quality"))}
                  for o in quant.get("outputs", [])],
+        "quantization": {"measured_on": (quant.get("measured_on") or {}).get("text"),
+                         "imatrix": quant.get("imatrix"), "auto": quant.get("auto")} if quant else None,
         "modelfile": {k: stages["modelfile"].get(k) for k in ("path", "template_family", "stop_tokens",
                                                               "ollama_create", "model_name")}
         if "modelfile" in stages else None,

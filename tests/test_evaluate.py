@@ -20,7 +20,9 @@ from forge.seal import SealConfig, seal
 from helpers import call_ok, stop_runner, wait_job
 from mcp_servers.forge.server import create_server
 
-TABLE_MODELS = ["base", "fine-tuned", "f16 GGUF", "Q4_K_M GGUF"]
+# the last row: Q4_K_M made again without the importance matrix, measured by the quantize stage on the same
+# tokens and deleted, so the table shows what the matrix bought
+TABLE_MODELS = ["base", "fine-tuned", "f16 GGUF", "Q4_K_M GGUF", "Q4_K_M GGUF (no imatrix)"]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,15 @@ def test_the_pipeline_measures_base_fine_tuned_and_each_gguf_on_the_same_tokens(
     assert rows["fine-tuned"]["perplexity"] < rows["base"]["perplexity"]  # training taught the held-out answers
     assert abs(rows["f16 GGUF"]["vs_fine_tuned_pct"]) < 1.0  # f16 costs (almost) nothing
     assert rows["Q4_K_M GGUF"]["loss"] != rows["f16 GGUF"]["loss"]  # and 4 bits cost something measurable
+    # llama.cpp's own measure against the f16 GGUF: the f16 itself is 0 / 100 %, measured; 4 bits lose some
+    assert rows["f16 GGUF"]["kld_mean"] < 1e-6 and rows["f16 GGUF"]["same_top_pct"] == 100.0
+    assert rows["Q4_K_M GGUF"]["kld_mean"] > 0 and rows["Q4_K_M GGUF"]["kld_p99"] >= rows["Q4_K_M GGUF"]["kld_mean"]
+    assert rows["Q4_K_M GGUF"]["imatrix"] and not rows["Q4_K_M GGUF (no imatrix)"]["imatrix"]
+    assert rows["Q4_K_M GGUF"]["bpw"] < 6 < rows["f16 GGUF"]["bpw"]
+    assert ev["measured_on"]["tokens"] == ev["tokens"] and ev["reference"].endswith("-f16.gguf")
+    assert ev["quantization"]["imatrix"]["used_for"] == ["Q4_K_M"]
+    # the quantize stage measured these very files on these very tokens: its numbers are taken, not redone
+    assert {r["measured_by"] for r in ev["table"][2:]} == {"quantize stage"}
     assert len(ev["samples"]) == 3
     for sample in ev["samples"]:
         assert sample["prompt"] and sample["expected"] and sample["quantized_model"] == "Q4_K_M"
@@ -66,6 +77,9 @@ def test_eval_on_a_file_of_ones_own_from_the_cli(run, tmp_path, capsys):
     code = main(["eval", "--run-dir", run["run_dir"], "--dataset", str(records), "--samples", "1", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["source"]["kind"] == "file" and out["source"]["records"] == 1
+    ggufs = [r for r in out["table"] if r["model"].endswith("GGUF")]  # other tokens: measured here, again
+    assert [r["measured_by"] for r in ggufs] == ["evaluate", "evaluate"] and ggufs[0]["kld_mean"] < 1e-6
+    assert not any("no imatrix" in r["model"] for r in out["table"])  # its numbers were on other tokens
     assert len(out["samples"]) == 1 and out["samples"][0]["expected"] == "A low-rank adapter."
 
 

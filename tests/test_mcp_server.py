@@ -130,7 +130,16 @@ async def test_stage_tools_one_by_one_from_train_to_seal(connect):
         quant = await call(client, "forge_quantize", {"model": merge["job_id"], "quantizations": ["Q4_K_M"]})
         quantized = await wait_job(client, quant["job_id"])
         assert quantized["status"] == "succeeded", quantized
-        assert {a["path"].rsplit("-", 1)[-1] for a in quantized["artifacts"]} == {"f16.gguf", "Q4_K_M.gguf"}
+        ggufs = [a for a in quantized["artifacts"] if a["kind"] == "gguf"]
+        assert {a["path"].rsplit("-", 1)[-1] for a in ggufs} == {"f16.gguf", "Q4_K_M.gguf"}
+        assert [a["path"].endswith(".imatrix.gguf") for a in quantized["artifacts"] if a["kind"] == "imatrix"] == [True]
+        # what the Q4_K_M lost against the f16, in the status an agent reads: measured, and said on what
+        quality = quantized["quality"]
+        rows = {r["model"]: r for r in quality["rows"]}
+        assert rows["f16 GGUF"]["kld_mean"] < 1e-6 and rows["f16 GGUF"]["same_top_pct"] == 100.0
+        assert rows["Q4_K_M GGUF"]["kld_mean"] > 0 and rows["Q4_K_M GGUF"]["imatrix"] is True
+        assert quality["measured_on"].startswith("KLD and same top token over ")
+        assert "Q4_K_M mean KLD" in quality["imatrix"] and "without" in quality["imatrix"]
 
         mf = await call(client, "forge_modelfile", {"gguf": quant["job_id"], "system_prompt": "Be brief.",
                                                     "parameters": {"temperature": 0.2}})

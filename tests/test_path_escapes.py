@@ -248,6 +248,7 @@ INPUTS = [
     ("merge-base_model", "forge_merge", "base_model", "model"),
     ("quantize-model", "forge_quantize", "model", "model"),
     ("quantize-adapter", "forge_quantize", "model", "adapter"),
+    ("quantize-imatrix", "forge_quantize", "imatrix", "x.gguf"),
     ("evaluate-run", "forge_evaluate", "run", "adapter"),
     ("evaluate-dataset", "forge_evaluate", "dataset", "d.jsonl"),
     ("modelfile-gguf", "forge_modelfile", "gguf", "x.gguf"),

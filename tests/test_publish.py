@@ -38,9 +38,12 @@ def test_gguf_publish_uploads_files_and_a_card_from_the_seal_in_one_commit(hub, 
     assert hub.repos["someone/tiny-demo"]["private"] is True
     [commit] = hub.commits
     names = set(commit["files"])
-    assert {p.name for p in gguf_dir.glob("*.gguf")} | {"README.md"} <= names
-    for path in gguf_dir.glob("*.gguf"):
+    models = [p for p in gguf_dir.glob("*.gguf") if not p.name.endswith(".imatrix.gguf")]
+    assert {p.name for p in models} | {"README.md"} <= names and len(models) == 2
+    for path in models:
         assert commit["files"][path.name] == path.read_bytes()
+    # the importance matrix is statistics of the training data, not a model: it stays home
+    assert list(gguf_dir.glob("*.imatrix.gguf")) and not any(n.endswith(".imatrix.gguf") for n in names)
     card = commit["files"]["README.md"].decode()
     assert card.startswith("---\n") and "library_name: gguf" in card and "license: other" in card
     assert sealed["seal_id"] in card and "| Eval loss |" in card and "ollama create tiny-demo" in card
@@ -64,7 +67,7 @@ def test_dry_run_returns_the_exact_plan_and_contacts_nothing(hub, quantized):
     assert result["dry_run"] and hub.requests == []
     sizes = {f["path_in_repo"]: f["bytes"] for f in plan["files"]}
     for path in Path(quantized["gguf_dir"]).glob("*.gguf"):
-        assert sizes[path.name] == path.stat().st_size
+        assert sizes.get(path.name) == (None if path.name.endswith(".imatrix.gguf") else path.stat().st_size)
     assert sizes["README.md"] == len(plan["model_card"].encode()) and plan["total_bytes"] == sum(sizes.values())
 
 

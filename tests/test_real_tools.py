@@ -81,6 +81,7 @@ def run(tmp_path_factory):
     dataset = tmp_path_factory.mktemp("data") / "tools.jsonl"
     dataset.write_text("".join(json.dumps(r) + "\n" for r in records()), encoding="utf-8")
     out = run_pipeline(PipelineConfig(base_model=assets["base_model"], dataset=str(dataset), train=TRAIN,
+                                      quantizations=["Q8_0", "Q4_K_M"],
                                       output_dir=tmp_path_factory.mktemp("runs") / "tools"))
     assert out["status"] == "succeeded"
     return assets, out
@@ -155,3 +156,23 @@ async def test_an_agent_asks_the_gguf_with_tools_through_mcp_and_gets_the_parsed
                                                        "tools": [{"type": "function", "function": {"name": ""}}]})
     assert reply["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Nairobi"}}], reply
     assert bad["error"]["code"] == "invalid_argument" and "name" in bad["error"]["message"], bad
+
+
+def test_what_each_quant_loses_is_measured_against_the_fine_tunes_own_f16_as_llama_cpp_does(run):
+    _, out = run
+    ev = out["stages"]["evaluate"]
+    rows = {r["model"]: r for r in ev["table"]}
+    # the f16 against itself: nothing lost, measured; 8 bits lose less than 4; 4 bits keep most top tokens
+    assert rows["f16 GGUF"]["kld_mean"] < 1e-6 and rows["f16 GGUF"]["same_top_pct"] == 100.0
+    assert 0 < rows["Q8_0 GGUF"]["kld_mean"] < rows["Q4_K_M GGUF"]["kld_mean"] < 0.5
+    assert rows["Q8_0 GGUF"]["same_top_pct"] >= rows["Q4_K_M GGUF"]["same_top_pct"] > 80
+    assert rows["Q4_K_M GGUF"]["bpw"] < rows["Q8_0 GGUF"]["bpw"] < rows["f16 GGUF"]["bpw"]
+    # the importance matrix llama.cpp computed from the training split lowers the Q4_K_M's divergence on
+    # the held-out split (Q8_0 does not use one)
+    matrix = out["stages"]["quantize"]["imatrix"]
+    assert matrix["used_for"] == ["Q4_K_M"] and matrix["source"] == "training split of tools.jsonl"
+    assert rows["Q4_K_M GGUF"]["imatrix"] and not rows["Q4_K_M GGUF (no imatrix)"]["imatrix"]
+    assert rows["Q4_K_M GGUF"]["kld_mean"] < rows["Q4_K_M GGUF (no imatrix)"]["kld_mean"]
+    assert ev["measured_on"]["kind"] == "eval split" and ev["measured_on"]["positions"] > 500
+    retrospective = Path(out["stages"]["seal"]["retrospective_path"]).read_text(encoding="utf-8")
+    assert "Importance matrix: computed by llama.cpp from the training split of tools.jsonl" in retrospective

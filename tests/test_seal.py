@@ -35,7 +35,8 @@ def test_record_is_canonical_json_whose_hash_is_its_id(sealed_run):
     assert set(run["configs"]) == {"train", "merge", "quantize", "modelfile"}
     assert run["dataset"]["sha256"] == hashlib.sha256(Path(run["dataset"]["path"]).read_bytes()).hexdigest()
     assert run["dataset"]["tokens"]["records"] > 0
-    assert {a["kind"] for a in run["artifacts"]} == {"adapter", "merged", "gguf", "modelfile"}
+    assert {a["kind"] for a in run["artifacts"]} == {"adapter", "merged", "gguf", "imatrix", "modelfile"}
+    assert [a["path"].endswith(".imatrix.gguf") for a in run["artifacts"] if a["kind"] == "imatrix"] == [True]
     for a in run["artifacts"]:
         assert a["sha256"] == hashlib.sha256(Path(a["path"]).read_bytes()).hexdigest()
     assert run["chat_template_sha256"] and run["loss_curve"] and run["metrics"]["eval_loss"] is not None

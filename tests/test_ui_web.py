@@ -258,9 +258,16 @@ def test_the_evaluate_table_and_the_answers_render_and_markup_in_them_stays_text
     page.goto(f"{site.base}/ui/#/job/{job_id}")
     page.wait_for_selector("#evaluation tr[data-model]")
     models = [r.get_attribute("data-model") for r in page.query_selector_all("#evaluation tr[data-model]")]
-    assert models == ["base", "fine-tuned", "f16 GGUF", "Q4_K_M GGUF"]
+    assert models == ["base", "fine-tuned", "f16 GGUF", "Q4_K_M GGUF", "Q4_K_M GGUF (no imatrix)"]
+    cells = {}
     for row in page.query_selector_all("#evaluation tr[data-model]"):
-        assert float(row.query_selector_all("td")[2].inner_text().replace(",", "")) > 0  # a perplexity
+        cells[row.get_attribute("data-model")] = [td.inner_text() for td in row.query_selector_all("td")]
+        assert float(cells[row.get_attribute("data-model")][2].replace(",", "")) > 0  # a perplexity
+    # each GGUF's KL divergence from the f16 GGUF: the f16 itself 0 and 100 % same top token, 4 bits more
+    assert float(cells["f16 GGUF"][5]) == 0 and cells["f16 GGUF"][7] == "100.0%"
+    assert float(cells["Q4_K_M GGUF"][5]) > 0 and "bpw" in cells["Q4_K_M GGUF"][8]
+    assert cells["Q4_K_M GGUF"][9] == "imatrix" and "removed" in cells["Q4_K_M GGUF (no imatrix)"][9]
+    assert "KLD and same top token over" in page.inner_text("#measured-on")
     answers = page.inner_text("#answers")
     assert "<script>window.__pwned = 1</script>" in answers  # shown as the characters it is
     assert page.evaluate("window.__pwned") is None

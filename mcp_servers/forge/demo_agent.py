@@ -85,6 +85,12 @@ async def run(home: Path) -> int:
         merge = await follow(client, await call(client, "forge_merge", {"adapter": train["job_id"]}))
         quant = await follow(client, await call(client, "forge_quantize", {"model": merge["job_id"],
                                                                           "quantizations": ["Q4_K_M"]}))
+        quality = quant.get("quality") or {}
+        for row in quality.get("rows", []):
+            print(f"    {row['model']}: mean KL divergence from the f16 {row['kld_mean']:.4g}, same top token "
+                  f"{row['same_top_pct']:.1f} %, {row['bpw']} bits per weight")
+        if quality:
+            print(f"    measured on {quality['measured_on']}\n    importance matrix: {quality.get('imatrix', 'none')}")
         modelfile = await call(client, "forge_modelfile", {"gguf": quant["job_id"],
                                                             "parameters": {"temperature": 0.2, "num_ctx": 2048}})
         print(f"  ← {modelfile['path']} ({modelfile['template_family']}, stops {modelfile['stop_tokens']})\n"

@@ -39,6 +39,7 @@ def status_of(runner: Runner, job: dict) -> JobStatus:
         stages=[StageState(**s) for s in stages], run_dir=job.get("run_dir"),
         artifacts=[Artifact(**a) for a in results.artifacts(job.get("result"))],
         metrics={k: _short(v) for k, v in results.metrics(job.get("result")).items() if v is not None},
+        quality=results.quality(job.get("result")),
         error=ErrorInfo(**{k: err[k] for k in ErrorInfo.model_fields if k in err}) if err else None,
         next_actions=results.next_actions(job),
         result=job.get("result") if job["kind"] == "publish" else None)

@@ -235,6 +235,7 @@ def evaluation(job: dict, run_dir: Path | None) -> dict | None:
         return None
     return {"table": found["table"], "tokens": found.get("tokens"), "source": found.get("source"),
             "samples": found.get("samples", []), "tool_calls": found.get("tool_calls"),
+            "measured_on": (found.get("measured_on") or {}).get("text"), "quantization": found.get("quantization"),
             "warnings": found.get("warnings", [])}
 
 

@@ -46,6 +46,44 @@ def metrics(result: dict | None) -> dict:
     return {k: v for k, v in found.items() if k not in CURVES}
 
 
+QUALITY_KEYS = ("kld_mean", "kld_p99", "same_top_pct", "delta_ppl", "bpw", "bytes", "imatrix")
+QUALITY_ROWS = 8
+
+
+def quality(result: dict | None) -> dict | None:
+    """What each quant lost against the f16, compact: the evaluate table's GGUF rows (else the quantize stage's
+    own measurements), what they were measured on, the importance matrix and auto's choice in words."""
+    if not result:
+        return None
+    stages = result.get("stages") or {}
+    evaluated = result if "table" in result else stages.get("evaluate")
+    quantized = result if "outputs" in result and "gguf_dir" in result else stages.get("quantize")
+    rows, basis = [], None
+    if evaluated:
+        rows = [{"model": r["model"], **{k: r[k] for k in QUALITY_KEYS if k in r}}
+                for r in evaluated.get("table", []) if "kld_mean" in r]
+        basis = (evaluated.get("measured_on") or {}).get("text")
+    elif quantized:
+        rows = [{"model": f"{o['quant']} GGUF", **{k: o["quality"].get(k) for k in QUALITY_KEYS[:-1]},
+                 "imatrix": o.get("imatrix")} for o in quantized.get("outputs", []) if o.get("quality")]
+        basis = (quantized.get("measured_on") or {}).get("text")
+    if not rows:
+        return None
+    out: dict = {"measured_on": basis, "rows": rows[:QUALITY_ROWS]}
+    matrix = (quantized or {}).get("imatrix") or ((evaluated or {}).get("quantization") or {}).get("imatrix") or {}
+    compared = matrix.get("comparison")
+    if matrix.get("used"):
+        out["imatrix"] = (f"computed from the {matrix.get('source')} ({matrix.get('tokens')} tokens)"
+                          if matrix.get("setting") == "auto" else f"given: {matrix.get('path')}")
+        if compared:
+            out["imatrix"] += (f"; {compared['quant']} mean KLD {compared['with']['kld_mean']} with it, "
+                               f"{compared['without']['kld_mean']} without")
+    auto = (quantized or {}).get("auto") or ((evaluated or {}).get("quantization") or {}).get("auto")
+    if auto:
+        out["chosen"] = auto.get("why")
+    return out
+
+
 def last_gguf(result: dict) -> str:
     """The last GGUF a quantize or pipeline job wrote (the most quantized one)."""
     outputs = result.get("outputs") or (result.get("stages") or {}).get("quantize", {}).get("outputs")

@@ -141,13 +141,22 @@ function evaluationBlock(ev) {
     el("td", {}, r.model), el("td", {class: "num"}, fmt.num(r.loss)), el("td", {class: "num"}, fmt.num(r.perplexity)),
     el("td", {class: "num"}, r.vs_base_pct !== undefined ? `${r.vs_base_pct}% vs base` :
                               r.vs_fine_tuned_pct !== undefined ? `${r.vs_fine_tuned_pct}% vs fine-tuned` : ""),
-    el("td", {class: "num"}, tools[r.model] ? fmt.pct(100 * tools[r.model].accuracy) : "")));
+    el("td", {class: "num"}, tools[r.model] ? fmt.pct(100 * tools[r.model].accuracy) : ""),
+    // what the quant lost against the f16 GGUF, the way llama.cpp measures it; and what it weighs
+    el("td", {class: "num"}, r.kld_mean !== undefined ? fmt.num(r.kld_mean, 3) : ""),
+    el("td", {class: "num"}, r.kld_p99 !== undefined ? fmt.num(r.kld_p99, 3) : ""),
+    el("td", {class: "num"}, r.same_top_pct !== undefined ? fmt.pct(r.same_top_pct) : ""),
+    el("td", {class: "num"}, r.bytes !== undefined ? `${fmt.bytes(r.bytes)} (${r.bpw} bpw)` : ""),
+    el("td", {}, r.imatrix ? "imatrix" : "", r.file ? el("span", {class: "muted"}, ` ${r.file}`) : "")));
   const answers = (ev.samples || []).map((s) => el("tr", {},
     el("td", {}, s.prompt), el("td", {}, s.expected), el("td", {}, s.base ? s.base.text : ""),
     el("td", {}, s.quantized ? s.quantized.text : "")));
   const source = ev.source && typeof ev.source === "object" ? ev.source.kind || ev.source.path : ev.source;
   return [el("h2", {id: "evaluation-title"}, `Evaluation (${fmt.int(ev.tokens)} tokens of ${source || "the eval split"})`),
-          table(["model", "loss", "perplexity", "change", "tool calls right"], rows, {id: "evaluation"}),
+          table(["model", "loss", "perplexity", "change", "tool calls right", "mean KLD", "KLD p99", "same top",
+                 "size", ""], rows, {id: "evaluation"}),
+          ...(ev.measured_on ? [el("p", {class: "muted", id: "measured-on"}, `GGUFs against the f16: ${ev.measured_on}`)] : []),
+          ...(ev.quantization && ev.quantization.auto ? [el("p", {id: "auto-choice"}, `auto: ${ev.quantization.auto.why}`)] : []),
           ...(answers.length ? [el("h2", {}, "Answers side by side"),
                                 table(["prompt", "expected", "base", "quantized"], answers, {class: "answers", id: "answers"})] : []),
           ...(ev.warnings || []).map((w) => el("p", {class: "muted"}, `warning: ${w}`))];
