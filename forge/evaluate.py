@@ -176,8 +176,10 @@ def _removed_rows(quantized: dict, basis: dict) -> list[dict]:
     rows = [{"model": f"{c['quant']} GGUF", **c} for c in (quantized.get("auto") or {}).get("candidates", [])
             if not c.get("kept")]
     comparison = (quantized.get("imatrix") or {}).get("comparison")
-    if comparison and not comparison.get("kept"):
+    if comparison and comparison.get("kept") == "with":
         rows.append({"model": f"{comparison['quant']} GGUF (no imatrix)", **comparison["without"], "imatrix": False})
+    elif comparison and comparison.get("kept") == "without":  # the plain file measured better and was kept
+        rows.append({"model": f"{comparison['quant']} GGUF (imatrix)", **comparison["with"], "imatrix": True})
     return rows
 
 

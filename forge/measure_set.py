@@ -93,9 +93,10 @@ def score_set(tokenizer, convs: list, max_length: int, source: dict | None = Non
     scored.basis = {"tokens": scored.tokens, "positions": scored.positions, "records": len(convs),
                     "kind": source.get("kind"), "path": source.get("path"), "sha256": source.get("sha256")}
     name = f" ({Path(source['path']).name})" if source.get("path") else ""
-    scored.basis["text"] = (f"KLD and same top token over {scored.positions} positions of {len(convs)} "
-                            f"{source.get('kind') or 'measure set'} records{name}; perplexity over their "
-                            f"{scored.tokens} answer tokens")
+    kind = source.get("kind") or "measure set"
+    records = f"{len(convs)} {kind}" + ("" if kind.endswith("records") else " records")
+    scored.basis["text"] = (f"KLD and same top token over {scored.positions} positions of {records}{name}; "
+                            f"perplexity over their {scored.tokens} answer tokens")
     return scored
 
 

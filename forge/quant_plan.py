@@ -230,20 +230,36 @@ class Kept:
         self.twin = {"quant": f"{target['quant']}-no-imatrix", "path": twin, "imatrix": False, "of": target}
 
     def settle_twin(self, keep: bool) -> None:
-        """Record what the matrix bought; keep the twin's file only when asked."""
+        """Record what the matrix bought. The better-measured of the two files keeps the type's name (a matrix
+        from too little text can cost more than it saves: measured, not assumed); the other file goes unless
+        asked to keep it."""
         from forge.quant_quality import compact
 
         twin = self.twin
         if twin is None or "quality" not in twin:
             return
-        with_, without = twin["of"]["quality"], twin["quality"]
+        target, with_, without = twin["of"], twin["of"]["quality"], twin["quality"]
+        worse = with_["kld_mean"] is not None and without["kld_mean"] is not None and \
+            without["kld_mean"] < with_["kld_mean"]
         self.comparison = {
-            "quant": twin["of"]["quant"], "with": compact(with_), "without": compact(without),
+            "quant": target["quant"], "with": compact(with_), "without": compact(without),
             "kld_change_pct": (None if not without["kld_mean"] else
                                round(100 * (with_["kld_mean"] / without["kld_mean"] - 1), 2)),
-            "measured_on": without["measured_on"], "kept": keep}
+            "measured_on": without["measured_on"], "kept": "both" if keep else "without" if worse else "with"}
         if keep:
             self.kept.insert(1, {k: v for k, v in twin.items() if k != "of"})
+        elif worse:  # the plain file takes the type's name
+            twin["path"].replace(target["path"])
+            target.update(imatrix=False, quality=without, bytes=without["bytes"], bpw=without["bpw"])
+            self.warnings.append(
+                f"the importance matrix made {target['quant']} worse on the measure set (mean KLD "
+                f"{with_['kld_mean']:.4g} with it, {without['kld_mean']:.4g} without): kept the file made without "
+                "it; calibrate on more text (more training records, imatrix_tokens) or pass imatrix='off'")
+            if self.auto and self.auto["chosen"] == target["quant"]:
+                for row in self.auto["candidates"]:
+                    if row["chosen"]:
+                        row.update(compact(without), imatrix=False)
+                self.auto["why"] += "; made without the importance matrix, which measured better"
         else:
             twin["path"].unlink(missing_ok=True)
 

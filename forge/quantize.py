@@ -345,11 +345,11 @@ def quantize(config: QuantizeConfig, on_progress: ProgressCallback | None = None
         plan.measure(base_path, scored)
         if config.auto:
             plan.choose(config.max_kld, config.min_same_top, config.keep_candidates)
-            warnings += plan.warnings
             if compare:  # auto's choice, made again without the matrix
                 twin(total - 2)
                 plan.measure(base_path, scored)
         plan.settle_twin(config.keep_candidates)
+        warnings += plan.warnings
     outputs = []
     for entry in plan.kept:
         out = {"quant": entry["quant"], **artifact(entry["path"], "gguf"), "imatrix": entry["imatrix"]}

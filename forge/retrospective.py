@@ -119,6 +119,8 @@ def _quantization_lines(quantization: dict) -> list[str]:
         if compared:
             line += (f"; {compared['quant']} mean KLD {_g(compared['with']['kld_mean'])} with it, "
                      f"{_g(compared['without']['kld_mean'])} without")
+            if compared.get("kept") == "without":
+                line += " (the file made without it measured better and was kept)"
         out.append(line + ".")
     elif matrix:
         out.append("No importance matrix was used.")

@@ -61,7 +61,9 @@ def test_an_importance_matrix_from_the_training_data_is_what_llama_cpp_quantized
     assert not (Path(matrix["path"]).parent / "calibration.txt").exists()  # the copy of the data is gone
     assert any(a["kind"] == "imatrix" and a["path"] == matrix["path"] for a in quantized["artifacts"])
     comparison = matrix["comparison"]
-    assert comparison["quant"] == "Q4_K_M" and not comparison["kept"]
+    # here the matrix measured better, so the Q4_K_M made with it keeps the name and the other goes
+    assert comparison["quant"] == "Q4_K_M" and comparison["kept"] == "with"
+    assert comparison["with"]["kld_mean"] < comparison["without"]["kld_mean"]
     assert comparison["with"] == {k: quantized["outputs"][-1]["quality"][k] for k in comparison["with"]}
     assert comparison["without"]["kld_mean"] > 0 and comparison["without"]["bytes"] > 0
     assert not list(Path(quantized["gguf_dir"]).glob("*-no-imatrix.gguf"))
@@ -136,6 +138,29 @@ def test_a_type_llama_cpp_makes_only_with_a_matrix_is_made_and_not_compared_with
     made = out["outputs"][-1]
     assert made["quant"] == "IQ2_XXS" and made["imatrix"] and made["quality"]["kld_mean"] > 0
     assert out["imatrix"]["comparison"] is None and not list(tmp_path.glob("*no-imatrix*"))
+
+
+def test_when_the_matrix_measures_worse_the_file_made_without_it_keeps_the_name(tmp_path):
+    """A matrix from too little text can cost more than it saves: the better-measured file is kept."""
+    made, plain = tmp_path / "r-Q4_K_M.gguf", tmp_path / "r-Q4_K_M-no-imatrix.gguf"
+    made.write_bytes(b"with the matrix")
+    plain.write_bytes(b"without it")
+
+    def quality(kld: float) -> dict:
+        return {"kld_mean": kld, "kld_p99": kld * 5, "same_top_pct": 90.0, "ppl": 2.0, "delta_ppl": 0.1,
+                "bytes": 15, "bpw": 5.0, "measured_on": "KLD over 10 positions"}
+
+    plan = quant_plan.Kept([{"quant": "f16", "path": tmp_path / "r-f16.gguf", "imatrix": False},
+                            {"quant": "Q4_K_M", "path": made, "imatrix": True, "quality": quality(0.2)}])
+    plan.twin = {"quant": "Q4_K_M-no-imatrix", "path": plain, "imatrix": False, "of": plan.files[1],
+                 "quality": quality(0.1)}
+    plan.settle_twin(keep=False)
+    assert made.read_bytes() == b"without it" and not plain.exists()
+    assert plan.kept[-1]["imatrix"] is False and plan.kept[-1]["quality"]["kld_mean"] == 0.1
+    assert plan.comparison["kept"] == "without" and plan.comparison["kld_change_pct"] == 100.0
+    assert plan.warnings[0].startswith("the importance matrix made Q4_K_M worse on the measure set")
+    record = plan.imatrix_record({"path": "m.gguf", "source": "training split of d.jsonl"}, "auto")
+    assert record["used_for"] == [] and record["comparison"]["kept"] == "without"
 
 
 def test_evaluate_reuses_only_measurements_of_files_that_did_not_change(quantized, tmp_path):

@@ -35,10 +35,9 @@ RequestId = Annotated[str | None, Field(None, min_length=1, max_length=MAX_ID_CH
 Text = Annotated[str | None, Field(None, max_length=MAX_TEXT_CHARS)]
 QuantName = Annotated[str, Field(max_length=16)]  # the names themselves are checked against llama.cpp's
 Quantizations = Annotated[list[QuantName] | None, Field(None, min_length=1, max_length=8, description=(
-    "Besides f16; default [\"Q4_K_M\"]. Also Q5_K_M, Q6_K, Q8_0, IQ4_XS, Q3_K_M, Q2_K...; or [\"auto\"]: the "
-    "smallest whose mean KL divergence from the f16 stays within max_kld."))]
+    "Besides f16; default [\"Q4_K_M\"]; e.g. Q8_0, Q3_K_M; [\"auto\"]: the smallest within max_kld."))]
 MaxKld = Annotated[float | None, Field(None, gt=0, le=10, description=(
-    "auto's budget: the largest mean KL divergence from the f16 GGUF, on the eval split; default 0.05."))]
+    "auto's budget: mean KL divergence from the f16; default 0.05."))]
 
 
 def template_arg(chat_template: str | None) -> str | None:

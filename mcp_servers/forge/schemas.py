@@ -83,9 +83,7 @@ class JobStatus(BaseModel):
     run_dir: str | None = None
     artifacts: list[Artifact] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
-    quality: dict[str, Any] | None = Field(None, description=(
-        "Quantize, evaluate, pipeline: each GGUF against the f16 (mean and p99 KL divergence, same top token %, "
-        "ΔPPL, bits per weight), what it was measured on, the importance matrix and auto's choice."))
+    quality: dict[str, Any] | None = Field(None, description="Each GGUF against the f16: KLD, same top %, bpw.")
     error: ErrorInfo | None = None
     result: dict[str, Any] | None = Field(None, description="A publish job's result (its plan on a dry run).")
     next_actions: list[str] = Field(default_factory=list, description="Tool calls that usually come next.")

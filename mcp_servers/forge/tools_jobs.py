@@ -143,16 +143,12 @@ async def forge_quantize(
     quantizations: Quantizations = None,
     gguf_name: Annotated[str | None, name_arg("GGUF file name stem; default the run's name.")] = None,
     max_kld: MaxKld = None,
-    min_same_top: Annotated[float | None, Field(None, ge=0, le=100, description=(
-        "auto: also the least share (%) of positions where it picks the f16's top token."))] = None,
     imatrix: Annotated[str | None, Field(None, max_length=4096, description=(
-        "Importance matrix: 'auto' (default; from the run's training records), 'off', or a llama-imatrix "
-        "file's path."))] = None,
-    keep_candidates: Annotated[bool, Field(description="auto: keep the files not chosen.")] = False,
+        "auto (default: from the training data), off, or a file."))] = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start converting a merged model to GGUF and quantizing it, each file run in llama.cpp and measured
-    against the f16 (KL divergence, same top token). Returns a job handle; next: forge_modelfile."""
+    """Start GGUF conversion and quantization in llama.cpp, each file measured against the f16. Returns a
+    job handle; next: forge_modelfile."""
     from forge.quantize import QuantizeConfig
 
     runner = runner_of(ctx)
@@ -172,9 +168,7 @@ async def forge_quantize(
         params["gguf_name"] = gguf_name
     if imatrix and imatrix.strip().lower() not in ("auto", "off"):
         imatrix = str(check_path(imatrix, "imatrix"))
-    options = {"max_kld": max_kld, "min_same_top": min_same_top, "imatrix": imatrix,
-               "keep_candidates": keep_candidates or None}
-    params.update({k: v for k, v in options.items() if v is not None})
+    params.update({k: v for k, v in {"max_kld": max_kld, "imatrix": imatrix}.items() if v is not None})
     params["quantizations"] = QuantizeConfig.build(**params).quantizations  # known types, upper case
     job, _ = runner.submit("quantize", params, client_request_id)
     return handle_of(runner, job)
@@ -186,7 +180,6 @@ async def forge_pipeline(
     chat_template: Annotated[str | None, Field(max_length=4096, description=AS_TRAIN)] = None,
     quantizations: Annotated[list[QuantName] | None, Field(None, min_length=1, max_length=8,
                                                            description="As forge_quantize's.")] = None,
-    max_kld: MaxKld = None,
     system_prompt: Annotated[Text, Field(description="For records without one, and the Modelfile.")] = None,
     hyperparameters: Annotated[dict[str, Any] | None, Field(description=(
         "forge_train's hyperparameters."))] = None,
@@ -205,7 +198,6 @@ async def forge_pipeline(
     checked = await anyio.to_thread.run_sync(lambda: _checked_dataset(dataset, train))
     params = {"base_model": train["base_model"], "dataset": checked["dataset"], "method": method,
               "quantizations": quantizations or ["Q4_K_M"], "system_prompt": system_prompt,
-              **({"quantize": {"max_kld": max_kld}} if max_kld is not None else {}),
               "train": {**_train_fields(hyperparameters), "chat_template": train["chat_template"]},
               "_dataset": checked["_dataset"]}
     if run_name:

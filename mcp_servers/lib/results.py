@@ -77,7 +77,7 @@ def quality(result: dict | None) -> dict | None:
                           if matrix.get("setting") == "auto" else f"given: {matrix.get('path')}")
         if compared:
             out["imatrix"] += (f"; {compared['quant']} mean KLD {compared['with']['kld_mean']} with it, "
-                               f"{compared['without']['kld_mean']} without")
+                               f"{compared['without']['kld_mean']} without; kept: {compared.get('kept')}")
     auto = (quantized or {}).get("auto") or ((evaluated or {}).get("quantization") or {}).get("auto")
     if auto:
         out["chosen"] = auto.get("why")
