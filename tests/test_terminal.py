@@ -32,6 +32,14 @@ BAR = re.compile(r"train training [█░]{10,40} (\d+)/(\d+) (\d+)% loss \d+\.\
 PLAIN = re.compile(r"  step (\d+)/(\d+) \(\d+%\) epoch \d+\.\d\d loss (None|\d+\.\d{4}) \d+ tok/s eta \d+s")
 
 
+def _ctrl_c_as_in_a_shell() -> None:
+    """Ctrl-C reaches `forge watch` as it does from a shell: SIGINT at its default and not blocked. A child
+    inherits an ignored or blocked SIGINT, and after the whole suite this process has one: the watch then
+    never saw the Ctrl-C (seen twice in full runs, never alone)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def terminal_env() -> dict:
     """The test's environment as a terminal's: a TERM that erases lines, and the width the pty reports
     (COLUMNS would override it)."""
@@ -187,7 +195,7 @@ def test_watch_reports_a_failed_job_and_ctrl_c_leaves_a_job_alone(home, capsys):
                         [failed["id"], "merge", "failed", "(adapter_not_found)"]]
 
         proc = subprocess.Popen([*FORGE, "watch", queued["id"]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=terminal_env())
+                                text=True, env=terminal_env(), preexec_fn=_ctrl_c_as_in_a_shell)
         try:
             ready, _, _ = select.select([proc.stdout], [], [], 300)  # a deadline, not a read that may never end
             assert ready, "forge watch printed nothing within 300 s"
