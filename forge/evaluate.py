@@ -38,13 +38,8 @@ class EvaluateConfig(StageConfig):
 
 def _nll(logits, ids: list[int], mask: list[int]) -> float:
     """Summed negative log-likelihood of the masked tokens, given each position's logits (numpy, n × vocab)."""
-    import numpy as np
-
-    logits = np.asarray(logits, dtype=np.float64)
-    top = logits.max(axis=-1, keepdims=True)
-    log_norm = (top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True)))[:, 0]
-    picked = [t for t in range(1, len(ids)) if mask[t]]
-    return float(sum(log_norm[t - 1] - logits[t - 1, ids[t]] for t in picked))
+    log_probs = quant_quality.log_softmax(logits)
+    return float(-sum(log_probs[t - 1, ids[t]] for t in range(1, len(ids)) if mask[t]))
 
 
 def _row(model: str, nll: float, tokens: int, **extra) -> dict:
@@ -160,18 +155,18 @@ def _same_basis(quantized: dict, basis: dict) -> bool:
     return same and bool(recorded) and _unchanged(recorded[0])
 
 
-def _measured_by_quantize(quantized: dict, outputs: list[dict], basis: dict) -> list[dict | None]:
+def _measured_by_quantize(quantized: dict, outputs: list[dict], same_basis: bool) -> list[dict | None]:
     """The quantize stage's measurement of each GGUF, where it measured exactly these tokens against the same
     f16 and the file is still the one it measured (same sha256); None where it must be measured again."""
-    if not outputs or not _same_basis(quantized, basis) or outputs[0]["path"] != quantized["outputs"][0]["path"]:
+    if not outputs or not same_basis or outputs[0]["path"] != quantized["outputs"][0]["path"]:
         return [None] * len(outputs)  # another measure set, or another reference
     return [outputs[0]["quality"], *(out["quality"] if _unchanged(out) else None for out in outputs[1:])]
 
 
-def _removed_rows(quantized: dict, basis: dict) -> list[dict]:
+def _removed_rows(quantized: dict, same_basis: bool) -> list[dict]:
     """Files the quantize stage measured and deleted (auto's other candidates, the type without the
     importance matrix), when it measured them on exactly the tokens evaluate scores."""
-    if not _same_basis(quantized, basis):
+    if not same_basis:
         return []
     rows = [{"model": f"{c['quant']} GGUF", **c} for c in (quantized.get("auto") or {}).get("candidates", [])
             if not c.get("kept")]
@@ -225,7 +220,8 @@ def evaluate(config: EvaluateConfig, on_progress: ProgressCallback | None = None
     if ggufs and recorded and ggufs[0][1] != str(checked(recorded[0]["path"], "GGUF")):
         warnings.append(f"the run's {recorded[0]['quant']} GGUF is gone: each GGUF's KL divergence is measured "
                         f"against {paths[0].name} instead; quantize again to measure against the float model")
-    qualities = _measured_by_quantize(quantized_stage, outputs, scored.basis)
+    same_basis = _same_basis(quantized_stage, scored.basis)  # hashes the f16 once
+    qualities = _measured_by_quantize(quantized_stage, outputs, same_basis)
     todo = [i for i, quality in enumerate(qualities) if quality is None]
     if todo:
         found = quant_quality.measure(paths[0], [paths[i] for i in todo], scored,
@@ -246,7 +242,7 @@ def evaluate(config: EvaluateConfig, on_progress: ProgressCallback | None = None
                 **({"quantized": q, "quantized_model": ggufs[-1][0]} if q else {})}
                for p, c, b, q in zip(prompts, sampled, hf["answers"],
                                       quantized or [None] * len(prompts), strict=True)]
-    table = _table(hf, measured, scored.tokens, _removed_rows(quantized_stage, scored.basis))
+    table = _table(hf, measured, scored.tokens, _removed_rows(quantized_stage, same_basis))
     result = {"status": Outcome.SUCCEEDED, "run_dir": str(run_dir), "source": source, "tokens": scored.tokens,
               "measured_on": scored.basis, "reference": Path(ggufs[0][1]).name if ggufs else None,
               "quantization": _quantization(quantized_stage),

@@ -29,7 +29,7 @@ from forge.measure_set import Scored
 CACHE_BYTES = 768 << 20
 
 
-def _log_softmax(logits):
+def log_softmax(logits):
     import numpy as np
 
     logits = np.asarray(logits, dtype=np.float64)
@@ -74,7 +74,7 @@ class _Reference:
         ids = self.scored.ids[index]
         self.llm.reset()
         self.llm.eval(ids)
-        found = _log_softmax(self.llm.scores[: len(ids) - 1])
+        found = log_softmax(self.llm.scores[: len(ids) - 1])
         if self.cache is not None:
             self.cache[index] = found.astype(np.float32)  # float32 log-probs: rounding far below any KLD shown
         return found
@@ -124,7 +124,7 @@ def measure(reference: Path, files: list[Path], scored: Scored,
                     p = ref.log_probs(index)
                     llm.reset()
                     llm.eval(ids)
-                    q = _log_softmax(llm.scores[: len(ids) - 1])
+                    q = log_softmax(llm.scores[: len(ids) - 1])
                     kld = (np.exp(p) * (p - q)).sum(axis=-1).clip(min=0.0)
                     agree = p.argmax(axis=-1) == q.argmax(axis=-1)
                     rows, targets = _answers(ids, mask)

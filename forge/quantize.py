@@ -279,8 +279,62 @@ def logits_check(model_dir: Path, gguf_path: Path, outtype: str) -> dict:
     return {"max_abs_diff": max_diff, "bound": bound, "outtype": outtype, "passed": True}
 
 
-def quantize(config: QuantizeConfig, on_progress: ProgressCallback | None = None) -> dict:
+def _make_types(quant_paths: dict, base_path: Path, matrix: dict | None, log_path: Path, writer, total: int):
+    """Each type from the float GGUF: with the importance matrix where the type uses one (llama-quantize),
+    else through the binding."""
     from forge import imatrix as imx
+    from forge import quant_plan
+
+    made = []
+    for i, (quant, path) in enumerate(quant_paths.items(), start=2):
+        writer.stage("quantizing", quant=quant, step=i, total_steps=total)
+        with_matrix = matrix is not None and imx.uses_imatrix(quant)
+        if with_matrix:
+            quant_plan.quantize_with_tools(base_path, path, quant, Path(matrix["path"]), log_path)
+        else:
+            quantize_file(base_path, path, quant)
+        made.append({"quant": quant, "path": path, "imatrix": with_matrix})
+    return made
+
+
+def _measure_and_keep(config: QuantizeConfig, plan, base_path: Path, scored, compare: bool, writer,
+                      total: int) -> None:
+    """Measure every file against the float GGUF, let auto choose, and settle the type made without the matrix."""
+    def twin(step: int) -> None:
+        if plan.compared() is not None:
+            writer.stage("quantizing", quant=f"{plan.compared()['quant']} without imatrix", step=step,
+                         total_steps=total)
+            plan.add_twin(base_path, quantize_file, config.force)
+
+    if compare and not config.auto:  # the type to compare is known now: one measuring pass for all
+        twin(total - 3)
+    writer.stage("measuring", step=total - 2, total_steps=total)
+    plan.measure(base_path, scored)
+    if config.auto:
+        plan.choose(config.max_kld, config.min_same_top, config.keep_candidates)
+        if compare:  # auto's choice, made again without the matrix
+            twin(total - 2)
+            plan.measure(base_path, scored)
+    plan.settle_twin(config.keep_candidates)
+
+
+def _verified_outputs(config: QuantizeConfig, plan, model_dir: Path, base_path: Path, writer, total: int):
+    """The kept files as artifacts, each checked in llama.cpp, the float one's logits against the HF model's."""
+    outputs = []
+    for entry in plan.kept:
+        out = {"quant": entry["quant"], **artifact(entry["path"], "gguf"), "imatrix": entry["imatrix"]}
+        if "quality" in entry:
+            out["quality"] = entry["quality"]
+        if config.verify:
+            writer.stage("verifying", file=entry["path"].name, step=total - 1, total_steps=total)
+            out["verification"] = verify_gguf(entry["path"])
+        outputs.append(out)
+    if config.verify:
+        outputs[0]["verification"]["logits_vs_hf"] = logits_check(model_dir, base_path, config.outtype)
+    return outputs
+
+
+def quantize(config: QuantizeConfig, on_progress: ProgressCallback | None = None) -> dict:
     from forge import quant_plan
 
     model_dir = check_input_dir(Path(config.model_dir), "model_dir")
@@ -318,49 +372,12 @@ def quantize(config: QuantizeConfig, on_progress: ProgressCallback | None = None
     writer.stage("computing_imatrix", step=1, total_steps=total)
     matrix, found = quant_plan.importance_matrix(config, setting, base_path, model_dir, run_dir, log_path)
     warnings += found
-    made = []
-    for i, (quant, path) in enumerate(quant_paths.items(), start=2):
-        writer.stage("quantizing", quant=quant, step=i, total_steps=total)
-        with_matrix = matrix is not None and imx.uses_imatrix(quant)
-        if with_matrix:
-            quant_plan.quantize_with_tools(base_path, path, quant, Path(matrix["path"]), log_path)
-        else:
-            quantize_file(base_path, path, quant)
-        made.append({"quant": quant, "path": path, "imatrix": with_matrix})
-
-    files = [{"quant": config.outtype, "path": base_path, "imatrix": False}]
-    plan = quant_plan.Kept(files + made)
+    made = _make_types(quant_paths, base_path, matrix, log_path, writer, total)
+    plan = quant_plan.Kept([{"quant": config.outtype, "path": base_path, "imatrix": False}, *made])
     if scored is not None:
-        compare = matrix is not None and twins
-
-        def twin(step: int) -> None:
-            if plan.compared() is not None:
-                writer.stage("quantizing", quant=f"{plan.compared()['quant']} without imatrix", step=step,
-                             total_steps=total)
-                plan.add_twin(base_path, quantize_file, config.force)
-
-        if compare and not config.auto:  # the type to compare is known now: one measuring pass for all
-            twin(total - 3)
-        writer.stage("measuring", step=total - 2, total_steps=total)
-        plan.measure(base_path, scored)
-        if config.auto:
-            plan.choose(config.max_kld, config.min_same_top, config.keep_candidates)
-            if compare:  # auto's choice, made again without the matrix
-                twin(total - 2)
-                plan.measure(base_path, scored)
-        plan.settle_twin(config.keep_candidates)
+        _measure_and_keep(config, plan, base_path, scored, matrix is not None and twins, writer, total)
         warnings += plan.warnings
-    outputs = []
-    for entry in plan.kept:
-        out = {"quant": entry["quant"], **artifact(entry["path"], "gguf"), "imatrix": entry["imatrix"]}
-        if "quality" in entry:
-            out["quality"] = entry["quality"]
-        if config.verify:
-            writer.stage("verifying", file=entry["path"].name, step=total - 1, total_steps=total)
-            out["verification"] = verify_gguf(entry["path"])
-        outputs.append(out)
-    if config.verify:
-        outputs[0]["verification"]["logits_vs_hf"] = logits_check(model_dir, base_path, config.outtype)
+    outputs = _verified_outputs(config, plan, model_dir, base_path, writer, total)
     writer({"event": "done", "files": [o["path"] for o in outputs]})
     artifacts = [{k: o[k] for k in ("kind", "path", "bytes", "sha256")} for o in outputs]
     if matrix is not None and matrix.get("source") != "given":

@@ -164,7 +164,10 @@ def test_when_the_matrix_measures_worse_the_file_made_without_it_keeps_the_name(
 
 
 def test_evaluate_reuses_only_measurements_of_files_that_did_not_change(quantized, tmp_path):
-    from forge.evaluate import _measured_by_quantize
+    from forge import evaluate
+
+    def _measured_by_quantize(stage: dict, outputs: list, basis: dict) -> list:
+        return evaluate._measured_by_quantize(stage, outputs, evaluate._same_basis(stage, basis))
 
     stage = json.loads(json.dumps(quantized, default=str))
     outputs = stage["outputs"]
