@@ -49,6 +49,16 @@ def plain_path(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".gguf") + "-no-imatrix.gguf")
 
 
+def imatrix_file(setting: str) -> str:
+    """``setting`` when it reads as a file (a separator or a suffix); a bare word other than auto and off
+    is a mistyped setting, answered with the accepted ones rather than looked up as a file."""
+    if setting.strip().lower() in ("auto", "off") or any(c in setting for c in ("/", "\\", ".")):
+        return setting
+    raise ForgeError(Codes.INVALID_ARGUMENT, f"imatrix {setting[:40]!r} is neither auto, off nor a file",
+                     "use 'auto' (computed from the training data), 'off', or the path of a matrix "
+                     "llama-imatrix wrote (e.g. ./run.imatrix.gguf)")
+
+
 def imatrix_plan(config, quants: list[str]) -> str:
     """'off', 'auto' or a checked path; an error when a type needs a matrix and none will be made."""
     setting = (config.imatrix or "auto").strip()
@@ -63,7 +73,7 @@ def imatrix_plan(config, quants: list[str]) -> str:
         return "off"
     if setting.lower() == "auto":
         return "auto"
-    path = check_path(setting, "imatrix")
+    path = check_path(imatrix_file(setting), "imatrix")
     if not path.is_file():
         raise ForgeError(Codes.FILE_NOT_FOUND, f"imatrix file {setting} does not exist",
                          "pass a matrix llama-imatrix wrote (.gguf or .dat), 'auto' or 'off'")

@@ -50,8 +50,9 @@ def quant_ftype(name: str) -> int:
     if value is None:
         known = sorted(k.removeprefix("LLAMA_FTYPE_MOSTLY_") for k in dir(llama_cpp)
                        if k.startswith("LLAMA_FTYPE_MOSTLY_"))
-        raise ForgeError(Codes.CONFIG_INVALID, f"unknown quantization type {name!r}",
-                         f"use one of: {', '.join(known)}")
+        raise ForgeError(Codes.INVALID_ARGUMENT, f"{name[:40]!r} is not a llama.cpp quantization type",
+                         f"use one of: auto, {', '.join(known)} (Q4_K_M is the usual choice; Q8_0 the safest)",
+                         details=[f"types: auto, {', '.join(known)}"])
     return value
 
 

@@ -235,19 +235,39 @@ class ChosenTemplate:
         return hashlib.sha256(self.jinja.encode("utf-8")).hexdigest()
 
 
+TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".tmpl", ".txt")
+
+
+def family_or_path(chat_template: str) -> str:
+    """``chat_template`` as given when it names a family or reads as a path (a separator, a template
+    suffix, a leading ``.`` or ``~``, or a file that exists); any other word is a family name Forge does
+    not know, answered with the names it does rather than looked up as a file."""
+    value = chat_template.strip()
+    if value in BY_NAME:
+        return value
+    if any(sep in value for sep in ("/", "\\")) or value.lower().endswith(TEMPLATE_SUFFIXES) \
+            or value.startswith((".", "~")) or Path(value).is_file():
+        return chat_template
+    close = [name for name in BY_NAME if name.lower() == value.lower()]
+    raise ForgeError(Codes.INVALID_ARGUMENT, f"chat_template {value[:80]!r} is not a template family Forge knows",
+                     (f"did you mean {close[0]!r}? " if close else "")
+                     + f"use one of {', '.join(BY_NAME)}, or the path of a .jinja file (e.g. ./my_template.jinja)",
+                     details=[f"families: {', '.join(BY_NAME)}"])
+
+
 def choose(chat_template: str) -> ChosenTemplate:
     """``chat_template`` as a family name (chatml, llama3, gemma, phi3, phi4, mistral; qwen2.5, llama3.1,
     mistral-tools with tools) or a Jinja file."""
-    if chat_template in BY_NAME:
-        family = BY_NAME[chat_template]
+    chat_template = family_or_path(chat_template)
+    if chat_template.strip() in BY_NAME:
+        family = BY_NAME[chat_template.strip()]
         return ChosenTemplate(family.jinja, f"family:{family.name}", family)
     from forge.paths import read_text
 
     path = Path(chat_template).expanduser()
     if not path.is_file():
-        raise ForgeError(Codes.INVALID_ARGUMENT,
-                         f"chat_template {chat_template[:120]!r} is neither a family nor a file",
-                         f"pass one of {', '.join(BY_NAME)}, or the path of a .jinja file")
+        raise ForgeError(Codes.FILE_NOT_FOUND, f"chat_template file {chat_template[:120]!r} does not exist",
+                         f"pass an existing .jinja file, or one of the families: {', '.join(BY_NAME)}")
     jinja = read_text(path, "chat template")
     family = tool_family_of(jinja) or next((f for f in FAMILIES if all(m in jinja for m in f.markers)), None)
     return ChosenTemplate(jinja, f"file:{path.resolve()}", family)

@@ -136,6 +136,28 @@ async def test_unknown_arguments_are_errors_that_name_them(paused_server, assets
     assert "hf_secret" not in json.dumps(publish) and listed["jobs"] == []
 
 
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("tool,extra,accepted", [
+    ("forge_train", {"chat_template": "qwen3"}, ["chatml", "llama3", "qwen2.5", "mistral-tools"]),
+    ("forge_train", {"chat_template": "Llama2"}, ["chatml", "llama3.1"]),
+    ("forge_pipeline", {"chat_template": "zephyr"}, ["chatml", "gemma"]),
+    ("forge_pipeline", {"quantizations": ["Q4_K_X"]}, ["auto", "Q4_K_M", "Q8_0", "IQ4_XS"]),
+    ("forge_train", {"method": "sft"}, ["'lora'", "'qlora'", "'dpo'", "'orpo'"]),
+    ("forge_validate_dataset", {"chat_template": "vicuna"}, ["chatml", "phi4"]),
+], ids=lambda v: str(v))
+async def test_an_unknown_name_in_a_closed_set_is_answered_with_the_accepted_ones(paused_server, assets, tool,
+                                                                                   extra, accepted):
+    """Never as a path outside the roots: the agent learns the names it may use."""
+    args = {"path": assets["dataset"], **extra} if tool == "forge_validate_dataset" else train_args(assets, **extra)
+    async with Client(paused_server) as client:
+        out = await call(client, tool, args)
+        listed = await call(client, "forge_job_list", {})
+    error = out["error"]
+    assert error["code"] == Codes.INVALID_ARGUMENT and "path" not in error["message"], error
+    assert all(name in error["hint"] or name in error["message"] for name in accepted), error
+    assert listed["jobs"] == []
+
 @pytest.mark.anyio
 async def test_an_absurd_plan_is_refused_before_it_takes_the_slot(paused_server, assets, monkeypatch):
     monkeypatch.setenv("FORGE_MAX_TRAIN_STEPS", "100")

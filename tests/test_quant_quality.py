@@ -185,7 +185,7 @@ def test_evaluate_reuses_only_measurements_of_files_that_did_not_change(quantize
 @pytest.mark.parametrize(("options", "code", "words"), [
     ({"quantizations": ["auto", "Q4_K_M"]}, Codes.CONFIG_INVALID, "alone"),
     ({"quantizations": ["IQ2_XXS"], "imatrix": "off"}, Codes.CONFIG_INVALID, "without an importance matrix"),
-    ({"candidates": ["Q4_K_XL"]}, Codes.CONFIG_INVALID, "unknown quantization type"),
+    ({"candidates": ["Q4_K_XL"]}, Codes.INVALID_ARGUMENT, "not a llama.cpp quantization type"),
 ])
 def test_bad_quantize_options_are_named_with_the_fix(merged, tmp_path, options, code, words):
     with pytest.raises(ForgeError) as info:

@@ -43,9 +43,12 @@ MaxKld = Annotated[float | None, Field(None, gt=0, le=10, description=(
 def template_arg(chat_template: str | None) -> str | None:
     """A chat template family's name as it is; a Jinja file checked against the roots."""
     from forge.paths import check_path
-    from forge.templates import BY_NAME
+    from forge.templates import BY_NAME, family_or_path
 
-    return chat_template if not chat_template or chat_template in BY_NAME else str(check_path(chat_template))
+    if not chat_template:
+        return chat_template
+    chat_template = family_or_path(chat_template)  # an unknown family name is answered with the known ones
+    return chat_template.strip() if chat_template.strip() in BY_NAME else str(check_path(chat_template))
 
 
 class Message(BaseModel):

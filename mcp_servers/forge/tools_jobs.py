@@ -149,6 +149,7 @@ async def forge_quantize(
 ) -> JobHandle:
     """Start GGUF conversion and quantization in llama.cpp, each file measured against the f16. Returns a
     job handle; next: forge_modelfile."""
+    from forge.quant_plan import imatrix_file
     from forge.quantize import QuantizeConfig
 
     runner = runner_of(ctx)
@@ -166,7 +167,7 @@ async def forge_quantize(
     params: dict[str, Any] = {"model_dir": str(model_dir), "quantizations": quantizations or ["Q4_K_M"]}
     if gguf_name:
         params["gguf_name"] = gguf_name
-    if imatrix and imatrix.strip().lower() not in ("auto", "off"):
+    if imatrix and imatrix_file(imatrix).strip().lower() not in ("auto", "off"):
         imatrix = str(check_path(imatrix, "imatrix"))
     params.update({k: v for k, v in {"max_kld": max_kld, "imatrix": imatrix}.items() if v is not None})
     params["quantizations"] = QuantizeConfig.build(**params).quantizations  # known types, upper case
