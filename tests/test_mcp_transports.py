@@ -153,6 +153,15 @@ async def test_http_off_loopback_takes_the_allowed_hosts_and_refuses_others_and_
             "invalid utf-8": raw_post(port, {**good, b"Authorization": b"Bearer \xff\xfe"}),
             "no scheme": raw_post(port, {**good, b"Authorization": b"s3cret-token"}),
         }
+        token = {b"Authorization": b"Bearer s3cret-token"}
+        for name in ("127.0.0.1", "localhost", "[::1]"):  # a client on the same machine, always allowed
+            statuses[f"loopback {name}"] = raw_post(port, {b"Host": f"{name}:{port}".encode(), **token})
+            statuses[f"loopback {name}, no token"] = raw_post(port, {b"Host": f"{name}:{port}".encode()})
+        from mcp.client.streamable_http import streamable_http_client
+
+        auth = httpx.AsyncClient(headers={"Authorization": "Bearer s3cret-token"}, timeout=httpx.Timeout(30, read=300))
+        async with auth, Client(streamable_http_client(f"http://127.0.0.1:{port}/mcp", http_client=auth)) as client:
+            env_report = await call(client, "forge_environment")
     finally:
         proc.terminate()
         proc.wait()
@@ -160,6 +169,9 @@ async def test_http_off_loopback_takes_the_allowed_hosts_and_refuses_others_and_
     assert statuses["other host"] == 421 and statuses["other origin"] == 403, statuses
     assert all(statuses[k] == 401 for k in ("no token", "wrong token", "non-ascii token", "invalid utf-8",
                                            "no scheme")), statuses
+    assert all(statuses[f"loopback {n}"] == 200 and statuses[f"loopback {n}, no token"] == 401
+               for n in ("127.0.0.1", "localhost", "[::1]")), statuses
+    assert env_report["forge_home"] == str(home.resolve())  # the SDK client over 127.0.0.1, with the token
 
 
 def test_serving_off_loopback_without_allowed_hosts_is_refused_and_changes_nothing(home, monkeypatch, capsys):

@@ -240,18 +240,18 @@ def _bearer_app(app, token: str):
 
 
 def transport_security(bind_host: str, allowed: str | None):
-    """DNS-rebinding protection: the Host (and Origin) headers a request may carry. Loopback by default on
-    loopback; names must be listed (FORGE_MCP_ALLOWED_HOSTS, comma-separated) to serve anywhere else."""
+    """DNS-rebinding protection: the Host (and Origin) headers a request may carry. Loopback names always (a
+    client on the same machine, with the token when one is set); other names must be listed
+    (FORGE_MCP_ALLOWED_HOSTS, comma-separated) to serve off loopback."""
     from mcp.server.transport_security import TransportSecuritySettings
 
     names = [h.strip() for h in (allowed or "").split(",") if h.strip()]
-    if not names:
-        if bind_host not in LOOPBACK:
-            raise ForgeError(Codes.INVALID_ARGUMENT,
-                             f"serving HTTP on {bind_host} needs the host names clients will use",
-                             f"export {HOSTS_ENV}=forge.internal,192.168.1.50 (the names or addresses in the URL "
-                             "clients connect to)")
-        names = ["127.0.0.1", "localhost", "[::1]"]
+    if not names and bind_host not in LOOPBACK:
+        raise ForgeError(Codes.INVALID_ARGUMENT,
+                         f"serving HTTP on {bind_host} needs the host names clients will use",
+                         f"export {HOSTS_ENV}=forge.internal,192.168.1.50 (the names or addresses in the URL "
+                         "clients connect to)")
+    names = list(dict.fromkeys([*names, "127.0.0.1", "localhost", "[::1]"]))
     hosts = [h for name in names for h in (name, f"{name}:*")]
     origins = [f"{scheme}://{h}" for scheme in ("http", "https") for h in hosts]
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
