@@ -27,6 +27,7 @@ class Codes:
     OUT_OF_MEMORY = "out_of_memory"
     PARITY_FAILED = "merge_parity_failed"
     NO_CHECKPOINT = "no_checkpoint"
+    SCHEDULE_COMPLETE = "schedule_complete"  # a resume whose checkpoint already reached the steps planned
     MODELFILE_INVALID = "modelfile_invalid"
     GGUF_NOT_FOUND = "gguf_not_found"
     GGUF_INVALID = "gguf_invalid"

@@ -162,11 +162,11 @@ async def test_stage_tools_one_by_one_from_train_to_seal(connect):
         assert json.loads(status.contents[0].text)["status"] == "succeeded"
 
 
-async def test_cancel_mid_train_leaves_a_checkpoint_and_resume_continues(server):
+async def test_cancel_mid_train_leaves_a_checkpoint_and_resume_from_job_alone_finishes_the_schedule(server):
     async with Client(server) as client:
         assets = await call(client, "forge_demo_assets")
         handle = await call(client, "forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
-                                                    "hyperparameters": {"max_steps": 5000, "save_steps": 1000}})
+                                                    "hyperparameters": {"max_steps": 150, "save_steps": 1000}})
         with anyio.fail_after(600):
             while ((await call(client, "forge_job_status", {"job_id": handle["job_id"]}))["progress"].get("step")
                    or 0) < 3:
@@ -175,17 +175,35 @@ async def test_cancel_mid_train_leaves_a_checkpoint_and_resume_continues(server)
         assert cancelling["status"] in ("cancelling", "cancelled")
         done = await wait_job(client, handle["job_id"])
         assert done["status"] == "cancelled", done
-        run_dir = Path(done["run_dir"])
-        checkpoints = sorted(run_dir.glob("checkpoints/checkpoint-*"))
+        checkpoints = sorted(Path(done["run_dir"]).glob("checkpoints/checkpoint-*"))
         assert checkpoints, "cancel did not leave a checkpoint"
         saved_step = int(checkpoints[-1].name.split("-")[1])
-        resumed = await call(client, "forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
-                                                     "resume_from_job": handle["job_id"],
-                                                     "hyperparameters": {"max_steps": saved_step + 3}})
+        assert 3 <= saved_step < 150
+
+        # a schedule the checkpoint already reached is refused with the numbers, whether given or inherited
+        too_short = await call(client, "forge_train", {"resume_from_job": handle["job_id"],
+                                                       "hyperparameters": {"max_steps": saved_step}})
+        # nothing but the job: its base model, dataset, run dir and schedule come from it
+        resumed = await call(client, "forge_train", {"resume_from_job": handle["job_id"],
+                                                     "hyperparameters": {"save_steps": 50}})
         final = await wait_job(client, resumed["job_id"])
+        finished = await call(client, "forge_train", {"resume_from_job": resumed["job_id"]})
+        other_model = await call(client, "forge_train", {"resume_from_job": handle["job_id"],
+                                                         "base_model": assets["dataset"]})
+        listed = await call(client, "forge_job_list", {"kind": "train"})
+    assert resumed["note"] == (f"continues {handle['job_id']} from checkpoint-{saved_step} (step {saved_step} of 150)"
+                               "; changed: save_steps: 1000 -> 50")
     assert final["status"] == "succeeded", final
-    assert final["metrics"]["global_step"] == saved_step + 3
+    assert final["metrics"]["global_step"] == 150 and final["metrics"]["train_loss"] > 0
     assert final["metrics"]["resumed_from"].endswith(f"checkpoint-{saved_step}")
+    assert final["inputs"]["base_model"] == assets["model_dir"] and final["inputs"]["max_steps"] == 150
+    assert final["run_dir"] is not None and Path(final["artifacts"][0]["path"]).is_relative_to(done["run_dir"])
+    for refused, reached in ((finished, 150), (too_short, saved_step)):
+        error = refused["error"]
+        assert error["code"] == "schedule_complete" and "max_steps=" in error["hint"], error
+        assert f"step_reached: {reached}" in error["details"] and f"steps_planned: {reached}" in error["details"]
+    assert other_model["error"]["code"] == "invalid_argument" and "base_model" in other_model["error"]["message"]
+    assert len(listed["jobs"]) == 2  # the refusals queued nothing
 
 
 async def test_queued_jobs_wait_behind_the_concurrency_limit_and_cancel_cleanly(server):

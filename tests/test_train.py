@@ -83,6 +83,18 @@ def test_latest_checkpoint_orders_numerically(tmp_path):
     assert latest_checkpoint(tmp_path).name == "checkpoint-1000"
 
 
+def test_a_resume_whose_checkpoint_reached_the_schedule_is_refused_not_reported_as_trained(assets, tmp_path):
+    config = dict(base_model=assets["model_dir"], dataset=assets["dataset"], output_dir=tmp_path / "run",
+                  max_steps=2, save_steps=1)
+    assert train(TrainConfig(**config))["metrics"]["global_step"] == 2
+    with pytest.raises(ForgeError) as info:
+        train(TrainConfig(**config, resume=True))
+    assert info.value.code == Codes.SCHEDULE_COMPLETE and "max_steps=4" in info.value.hint
+    assert info.value.details == ["step_reached: 2", "steps_planned: 2"]
+    more = train(TrainConfig(**{**config, "max_steps": 3}, resume=True))["metrics"]
+    assert more["global_step"] == 3 and more["resumed_from"].endswith("checkpoint-2")
+
+
 def test_resume_without_checkpoint_is_a_clear_error(assets, tmp_path):
     with pytest.raises(ForgeError) as info:
         train(TrainConfig(base_model=assets["model_dir"], dataset=assets["dataset"], output_dir=tmp_path / "x",

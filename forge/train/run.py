@@ -20,7 +20,14 @@ from forge.train.methods import build_trainer, trainer_arguments
 from forge.train.metrics import final_evals, train_metrics
 from forge.train.model import grow_vocabulary, load_model, resolve_base_model, use_liger
 from forge.train.ray_train import launch_ray_train
-from forge.train.run_dir import TrainRun, latest_checkpoint, prepare_run
+from forge.train.run_dir import (
+    TrainRun,
+    checkpoint_step,
+    latest_checkpoint,
+    prepare_run,
+    refuse_finished_schedule,
+    scheduled_steps,
+)
 from forge.train.trackers import open_trackers
 from forge.workspace import atomic_dir, atomic_write_json, dir_artifacts
 
@@ -56,6 +63,9 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     stop = StopFlag(run.dir)
     with open_trackers(config, run.dir):
         trainer = build_trainer(config, model, data, args, run.writer, stop)
+        if run.resume_from:
+            refuse_finished_schedule(checkpoint_step(run.resume_from), scheduled_steps(trainer),
+                                     f"the checkpoint {run.resume_from.name}")
 
         # Run
         started = time.time()

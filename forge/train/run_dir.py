@@ -40,6 +40,39 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint was saved at (its trainer state's, else its name's)."""
+    import json
+
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
+def scheduled_steps(trainer) -> int:
+    """The optimizer steps the Trainer will run to, as it computes them (max_steps, else epochs over the
+    packed batches, a partial accumulation counting as a step)."""
+    import math
+
+    args = trainer.args
+    if args.max_steps > 0:
+        return args.max_steps
+    per_epoch = max(math.ceil(len(trainer.get_train_dataloader()) / args.gradient_accumulation_steps), 1)
+    return math.ceil(per_epoch * args.num_train_epochs)
+
+
+def refuse_finished_schedule(reached: int, planned: int, what: str) -> None:
+    """A resume whose checkpoint already reached the schedule would train nothing and call it a success."""
+    if planned > reached:
+        return
+    raise ForgeError(Codes.SCHEDULE_COMPLETE,
+                     f"{what} reached step {reached} and the schedule plans {planned} steps: resuming would train "
+                     "nothing",
+                     f"to train on, raise the schedule past step {reached}: max_steps={max(2 * reached, reached + 1)} "
+                     "(or more num_train_epochs)", details=[f"step_reached: {reached}", f"steps_planned: {planned}"])
+
+
 def prepare_run(config: TrainConfig, on_progress: ProgressCallback | None) -> TrainRun:
     run_dir = check_output(config.run_dir(), "run dir")
     checkpoints_dir, adapter_dir = run_dir / "checkpoints", run_dir / "adapter"

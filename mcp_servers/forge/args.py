@@ -22,13 +22,13 @@ def name_arg(description: str):
     return Field(None, max_length=MAX_NAME_CHARS, pattern=NAME_PATTERN, description=description)
 
 
-ModelRef = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS, description=(
+ModelRef = Annotated[str | None, Field(None, min_length=1, max_length=MAX_PATH_CHARS, description=(
     "A model dir or .gguf under an allowed root, or a hub id, e.g. Qwen/Qwen2.5-0.5B."))]
 ChatTemplate = Annotated[str | None, Field(None, max_length=MAX_PATH_CHARS, description=(
     "chatml, llama3, gemma, phi3, phi4, mistral, (tools:) qwen2.5, llama3.1, mistral-tools, or a .jinja file."))]
-DatasetPath = Annotated[str, path_arg(
+DatasetPath = Annotated[str | None, Field(None, min_length=1, max_length=MAX_PATH_CHARS, description=(
     "JSONL under an allowed root:\nalpaca {instruction, output}\nmessages {messages, tools?}\n"
-    "prompt_completion {prompt, completion}\npreference {prompt, chosen, rejected}\nsharegpt {conversations, tools?}")]
+    "prompt_completion {prompt, completion}\npreference {prompt, chosen, rejected}\nsharegpt {conversations, tools?}"))]
 AS_TRAIN = "As forge_train's."  # an argument a tool shares with forge_train, described there once
 RequestId = Annotated[str | None, Field(None, min_length=1, max_length=MAX_ID_CHARS, description=(
     "Retry key: same key, same job."))]

@@ -51,7 +51,7 @@ def summary_of(job: dict) -> JobSummary:
                       finished_at=job.get("finished_at"), error_code=(job.get("error") or {}).get("code"))
 
 
-def handle_of(runner: Runner, job: dict) -> JobHandle:
+def handle_of(runner: Runner, job: dict, note: str | None = None) -> JobHandle:
     return JobHandle(job_id=job["id"], kind=job["kind"], status=job["status"],
                      queue_position=runner.queue_position(job["id"]),
-                     poll_after_s=5.0 if job["kind"] in LONG_KINDS else 2.0)
+                     poll_after_s=5.0 if job["kind"] in LONG_KINDS else 2.0, note=note)

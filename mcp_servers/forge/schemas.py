@@ -59,6 +59,7 @@ class JobHandle(BaseModel):
     status: str
     queue_position: int | None = Field(None, description="1 = next to start; null when not queued.")
     poll_after_s: float = Field(description="Suggested wait before the next status call.")
+    note: str | None = Field(None, description="A resume: from which checkpoint, and what the call changed.")
 
 
 class StageState(BaseModel):

@@ -36,16 +36,16 @@ from mcp_servers.forge.replies import handle_of
 from mcp_servers.forge.schemas import Hyperparameters, JobHandle
 from mcp_servers.lib import results
 
-MethodArg = Annotated[Method, Field(description=METHOD_HELP)]
+MethodArg = Annotated[Method | None, Field(description=METHOD_HELP + " Default lora.")]
 HyperparametersArg = Annotated[Hyperparameters | None, Field(description=(
     "e.g. {\"num_train_epochs\": 2}; others keep their defaults."))]
 RunName = Annotated[str | None, name_arg(
     "Run dir name; default the job id.")]
 
 
-def _checked_dataset(dataset: str, train_fields: dict) -> dict:
+def _checked_dataset(dataset: str, train_fields: dict) -> tuple[dict, int]:
     """Copy the dataset into FORGE_HOME, validate every line, and size the plan; return the train
-    fields the job runs with (the dataset now the copy)."""
+    fields the job runs with (the dataset now the copy) and the steps it plans."""
     from forge import data
     from forge.train import TrainConfig, check_plan
 
@@ -55,9 +55,9 @@ def _checked_dataset(dataset: str, train_fields: dict) -> dict:
     config = TrainConfig.build(**{**train_fields, "dataset": snapshot})
     if config.preference:
         loaded.preference_pairs()  # a dpo/orpo job on SFT records is refused now, not when it runs
-    check_plan(config, records)
+    planned = check_plan(config, records)
     return {**train_fields, "dataset": str(snapshot), "_dataset": {"source": dataset, "sha256": sha256,
-                                                                   "records": records}}
+                                                                    "records": records}}, planned
 
 
 def _hyperparameters(given: dict | None) -> Any:
@@ -76,28 +76,49 @@ def _train_fields(hyperparameters: Any) -> dict:
     return hyperparameters.model_dump(exclude_none=True) if hyperparameters else {}
 
 
+def _resumed(store, job_id: str, given: dict) -> tuple[dict, str]:
+    """The checked params of a job continuing ``job_id`` and the note saying from where and what changed."""
+    from mcp_servers.forge import resume
+
+    job = resume.resumable(store, job_id)
+    fields, changed = resume.resume_fields(job, given)
+    params, planned = _checked_dataset(fields["dataset"], fields)
+    if "dataset" not in given or given["dataset"] is None:
+        params["_dataset"] = job["params"].get("_dataset", params["_dataset"])  # where the copy came from
+    _, planned, checkpoint = resume.check_schedule(job, changed, planned)
+    return params, resume.resume_note(job, checkpoint, planned, changed)
+
+
 async def forge_train(
-    base_model: ModelRef, dataset: DatasetPath, ctx: Context, method: MethodArg = "lora",
+    ctx: Context, base_model: ModelRef = None, dataset: DatasetPath = None, method: MethodArg = None,
     chat_template: ChatTemplate = None,
     run_name: RunName = None,
     hyperparameters: HyperparametersArg = None,
     resume_from_job: Annotated[str | None, Field(None, max_length=64, description=(
-        "A failed or cancelled train job to continue."))] = None,
+        "A stopped train job to continue from its last checkpoint; it gives every argument left out."))] = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
     """Start training a LoRA adapter (TRL + PEFT) on assistant turns or chosen/rejected pairs. Returns a job
     handle; next: forge_merge."""
     runner = runner_of(ctx)
-    fields: dict[str, Any] = {"base_model": model_ref(base_model, "base_model"), "method": method,
-                              "chat_template": template_arg(chat_template), **_train_fields(hyperparameters)}
+    given = {"base_model": model_ref(base_model, "base_model") if base_model else None, "method": method,
+             "chat_template": template_arg(chat_template), "dataset": dataset, **_train_fields(hyperparameters)}
+    note = None
     if resume_from_job:
-        previous = runner.store.require(resume_from_job, "train", finished=False)
-        fields.update(output_dir=previous["params"]["output_dir"], resume=True)
-    if run_name:
-        fields["run_name"] = run_name
-    params = await anyio.to_thread.run_sync(lambda: _checked_dataset(dataset, fields))
+        if run_name:
+            raise ForgeError(Codes.INVALID_ARGUMENT, "run_name cannot change on a resume: the checkpoint is in "
+                             "the resumed job's run dir", "leave run_name out")
+        params, note = await anyio.to_thread.run_sync(lambda: _resumed(runner.store, resume_from_job, given))
+    else:
+        if not base_model or not dataset:
+            raise ForgeError(Codes.INVALID_ARGUMENT, "forge_train needs base_model and dataset (or resume_from_job)",
+                             "pass both, e.g. forge_demo_assets()'s base_model and dataset")
+        fields = {**{k: v for k, v in given.items() if k != "dataset"}, "method": method or "lora"}
+        if run_name:
+            fields["run_name"] = run_name
+        params, _ = await anyio.to_thread.run_sync(lambda: _checked_dataset(dataset, fields))
     job, _ = runner.submit("train", params, client_request_id)
-    return handle_of(runner, job)
+    return handle_of(runner, job, note)
 
 
 async def forge_merge(
@@ -196,7 +217,7 @@ async def forge_pipeline(
     train = {"base_model": model_ref(base_model, "base_model"), "method": method,
              "system_prompt": system_prompt, "chat_template": template_arg(chat_template),
              **_train_fields(hyperparameters)}
-    checked = await anyio.to_thread.run_sync(lambda: _checked_dataset(dataset, train))
+    checked, _ = await anyio.to_thread.run_sync(lambda: _checked_dataset(dataset, train))
     params = {"base_model": train["base_model"], "dataset": checked["dataset"], "method": method,
               "quantizations": quantizations or ["Q4_K_M"], "system_prompt": system_prompt,
               "train": {**_train_fields(hyperparameters), "chat_template": train["chat_template"]},

@@ -189,5 +189,5 @@ def next_actions(job: dict) -> list[str]:
     if status in ACTIVE or status == Status.QUEUED:
         return [f'forge_job_wait(job_id="{jid}")']
     if kind == "train":
-        return [f'forge_train(..., resume_from_job="{jid}")', f'forge_job_events(job_id="{jid}")']
+        return [f'forge_train(resume_from_job="{jid}")', f'forge_job_events(job_id="{jid}")']
     return [f'forge_job_events(job_id="{jid}")']

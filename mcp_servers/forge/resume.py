@@ -1,0 +1,81 @@
+"""Continuing a train job: what forge_train(resume_from_job=…) takes from it, what the call changed, and
+whether anything is left to train.
+
+The job being resumed knows its base model, dataset (the copy it trained on), method, template, run dir and
+hyperparameters; an argument the call gives overrides one of them and is named in the reply. A schedule the
+checkpoint already reached is refused at submit with both numbers, never run as a success that trained
+nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from forge.errors import Codes, ForgeError
+from forge.train.run_dir import checkpoint_step, latest_checkpoint, refuse_finished_schedule
+from mcp_servers.forge.schemas import AGENT_TRAIN_FIELDS
+from mcp_servers.lib.errors import JobCodes
+from mcp_servers.lib.store import JobStore, Status
+
+INHERITED = ("base_model", "method", "chat_template", "dataset", *AGENT_TRAIN_FIELDS)
+# Knobs that change how many steps the schedule plans: with none of them changed, the job's own total stands.
+SCHEDULE_KNOBS = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                  "eval_fraction", "seed", "num_processes", "dataset")
+# A checkpoint continues the weights of one base model, trained one way.
+FIXED = ("base_model", "method")
+
+
+def resumable(store: JobStore, job_id: str) -> dict:
+    """The train job to continue: one that ended (failed, cancelled, or succeeded and to be extended)."""
+    job = store.require(job_id, "train", finished=False)
+    if Status(job["status"]) not in (Status.FAILED, Status.CANCELLED, Status.SUCCEEDED):
+        raise ForgeError(JobCodes.JOB_NOT_FINISHED, f"train job {job_id} is {job['status']}: it has not stopped",
+                         f"cancel it with forge_job_cancel(job_id=\"{job_id}\") (it checkpoints first), then resume")
+    return job
+
+
+def _shown(value) -> str:
+    return "default" if value is None else repr(value)
+
+
+def resume_fields(job: dict, given: dict) -> tuple[dict, list[str]]:
+    """The train fields the new job runs with: the job's own, each given one over it; and what changed."""
+    params = job["params"]
+    fields = {k: params[k] for k in INHERITED if k in params}
+    changed = []
+    for key, value in given.items():
+        if value is None or value == params.get(key):
+            continue
+        if key in FIXED:
+            raise ForgeError(Codes.INVALID_ARGUMENT,
+                             f"{key} {value!r} differs from the {params.get(key)!r} job {job['id']} trained with",
+                             f"a checkpoint continues the {key} it was made with: leave {key} out to resume, or "
+                             "start a new run without resume_from_job")
+        changed.append(f"{key}: {_shown(params.get(key))} -> {_shown(value)}")
+        fields[key] = value
+    return {**fields, "output_dir": params["output_dir"], "resume": True}, changed
+
+
+def step_reached(job: dict) -> tuple[int, Path]:
+    """How far the job got: its last checkpoint's step (a succeeded job: at least its final step)."""
+    checkpoint = latest_checkpoint(Path(job["params"]["output_dir"]) / "checkpoints")
+    if checkpoint is None:
+        raise ForgeError(Codes.NO_CHECKPOINT, f"train job {job['id']} left no checkpoint to resume from",
+                         "start a new run without resume_from_job (save_steps sets how often a run checkpoints)")
+    final = ((job.get("result") or {}).get("metrics") or {}).get("global_step") or 0
+    return max(checkpoint_step(checkpoint), int(final)), checkpoint
+
+
+def check_schedule(job: dict, changed: list[str], planned: int) -> tuple[int, int, Path]:
+    """Refuse a resume with nothing left; return (step reached, steps planned, checkpoint). With no schedule
+    knob changed, the job's own total (the Trainer's count) stands for ``planned``, the estimate."""
+    reached, checkpoint = step_reached(job)
+    own_total = (job.get("progress") or {}).get("total_steps")
+    if own_total and not any(line.split(":")[0] in SCHEDULE_KNOBS for line in changed):
+        planned = int(own_total)
+    refuse_finished_schedule(reached, planned, f"train job {job['id']}")
+    return reached, planned, checkpoint
+
+
+def resume_note(job: dict, checkpoint: Path, planned: int, changed: list[str]) -> str:
+    note = f"continues {job['id']} from {checkpoint.name} (step {checkpoint_step(checkpoint)} of {planned})"
+    return note + ("; changed: " + "; ".join(changed) if changed else "; nothing changed")
