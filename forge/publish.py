@@ -60,6 +60,15 @@ def _files(config: PublishConfig) -> list[Path]:
     return sorted(p for p in source.rglob("*") if p.is_file() and p.name not in SKIP and not p.name.startswith("."))
 
 
+def planned_files(config: PublishConfig) -> list[dict]:
+    """What a publish uploads, each file's path in the repo and size, the model card (README.md) last: what a
+    person is shown to confirm before anything leaves the machine."""
+    source = Path(config.source)
+    root = source if source.is_dir() else source.parent
+    return [{"path_in_repo": f.relative_to(root).as_posix(), "bytes": f.stat().st_size} for f in _files(config)] \
+        + [{"path_in_repo": "README.md", "bytes": None}]
+
+
 def _seal_for(source: Path) -> dict | None:
     """The newest seal covering the run that source belongs to."""
     from forge.runs import find_run_dir

@@ -57,7 +57,7 @@ async def poll_status(client, job_id: str, deadline_s: float = 900) -> tuple[dic
     with anyio.fail_after(deadline_s):
         while True:
             status = await call_ok(client, "forge_job_status", {"job_id": job_id})
-            percents.append(status["progress"]["percent"] or 0)
+            percents.append(status["progress"].get("percent") or 0)
             if status["status"] in TERMINAL:
                 return status, percents
             await anyio.sleep(0.3)

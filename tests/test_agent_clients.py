@@ -18,10 +18,10 @@ from mcp_servers.forge.server import create_server
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
 TSCLIENT = ROOT / ".tsclient"
-# tools/list: 20,000 bytes until tool calling (issue 18) added the dataset formats one line each, the tools-capable
-# template families, forge_query_model's tools argument and its tool_calls reply (20,418 bytes after trimming);
-# then forge_quantize's max_kld and imatrix and the job status's quality field (issue 20). Issue 21 sets 18 KB.
-BUDGETS = {"tools/list": 20_800, "job_list_20": 8_000, "train_status": 3_000}
+# tools/list: 18 KB (issue 21), room kept for the coming tool-calling and view arguments: output shapes name their
+# fields (a nullable one untyped), the six tools that start a job share a handle described once, caps and
+# alphabets the server enforces and names in its errors are not spelled out in the schemas.
+BUDGETS = {"tools/list": 18_000, "job_list_20": 8_000, "train_status": 3_000}
 
 
 def node_chain(*args: str) -> dict:
@@ -80,6 +80,25 @@ async def test_both_protocol_versions_the_sdk_offers_list_call_and_fail_alike(ho
         stop_runner(server.runner)
     assert len(tools) == 18 and env["forge_home"] == str(home.resolve())
     assert set(missing["error"]) == {"code", "message", "hint", "retryable", "details"}
+
+
+@pytest.mark.parametrize("mode,code", [("legacy", -32002), ("2026-07-28", -32602)])
+async def test_a_job_or_seal_that_does_not_exist_answers_the_code_its_protocol_version_specifies(home, mode, code):
+    """-32002 "Resource not found" up to 2025-11-25; 2026-07-28 retired it for -32602 (invalid params)."""
+    from mcp.shared.exceptions import MCPError
+
+    server = create_server()
+    errors = {}
+    try:
+        async with Client(server, mode=mode) as client:
+            for uri in ("forge://jobs/train-20000101-000000-000000", "forge://seals/0123456789abcdef"):
+                with pytest.raises(MCPError) as info:
+                    await client.read_resource(uri)
+                errors[uri] = info.value
+    finally:
+        stop_runner(server.runner)
+    assert [e.code for e in errors.values()] == [code, code], errors
+    assert all(e.message.startswith("no ") and e.data == {"uri": uri} for uri, e in errors.items()), errors
 
 
 def wire_size(result) -> int:

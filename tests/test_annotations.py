@@ -86,7 +86,9 @@ async def test_every_tool_has_a_title_annotations_and_a_description_for_every_ar
     for tool in tools:
         assert tool.title and tool.annotations is not None, tool.name
         assert len(tool.description) > 60 and "\n    " not in tool.description, tool.name  # dedented docstrings
-        for name, schema in tool.input_schema.get("properties", {}).items():
+        nested = {f"{d}.{n}": p for d, sub in tool.input_schema.get("$defs", {}).items()
+                  for n, p in sub.get("properties", {}).items()}  # Message.role, Hyperparameters.lora_r, …
+        for name, schema in {**tool.input_schema.get("properties", {}), **nested}.items():
             assert schema.get("description"), f"{tool.name}.{name} has no description"
     hints = {t.name: t.annotations for t in tools}
     read_only = {name for name in hints if hint(hints[name], "read_only_hint")}

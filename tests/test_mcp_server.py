@@ -135,7 +135,10 @@ async def test_stage_tools_one_by_one_from_train_to_seal(connect):
         assert [a["path"].endswith(".imatrix.gguf") for a in quantized["artifacts"] if a["kind"] == "imatrix"] == [True]
         # what the Q4_K_M lost against the f16, in the status an agent reads: measured, and said on what
         quality = quantized["quality"]
-        rows = {r["model"]: r for r in quality["rows"]}
+        assert [r["model"] for r in quality["rows"]] == ["Q4_K_M GGUF"]  # the f16 is the reference
+        assert quality["rows"][0]["kld_mean"] > 0 and 4 < quality["rows"][0]["bpw"] < 6
+        detail = json.loads((await client.read_resource(f"forge://jobs/{quant['job_id']}")).contents[0].text)
+        rows = {r["model"]: r for r in detail["quality"]["rows"]}  # each row in full, in the job's resource
         assert rows["f16 GGUF"]["kld_mean"] < 1e-6 and rows["f16 GGUF"]["same_top_pct"] == 100.0
         assert rows["Q4_K_M GGUF"]["kld_mean"] > 0 and rows["Q4_K_M GGUF"]["imatrix"] is True
         assert quality["measured_on"].startswith("KLD and same top token over ")
@@ -246,7 +249,9 @@ async def test_pipeline_status_shows_each_child_stage_and_the_token_never_leaks(
                                                        "hyperparameters": {"max_steps": 3}})
         status, seen_percents = await poll_status(client, handle["job_id"])
         assert status["status"] == "succeeded", status
-        assert [(s["stage"], s["status"]) for s in status["stages"]] == [
+        assert status["stages"] == {}  # once a pipeline succeeded, every stage did: its resource lists them
+        detail = json.loads((await client.read_resource(f"forge://jobs/{handle['job_id']}")).contents[0].text)
+        assert list(detail["stages"].items()) == [
             (name, "succeeded") for name in ("train", "merge", "quantize", "evaluate", "modelfile", "seal")]
         assert status["progress"]["percent"] == 100.0 and seen_percents == sorted(seen_percents)
         texts = [json.dumps(status)]

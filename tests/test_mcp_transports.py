@@ -45,7 +45,9 @@ async def test_stdio_server_takes_the_demo_from_dataset_to_seal_with_forge_pipel
                                                        "hyperparameters": {"max_steps": 6}})
         status = await wait_job(client, handle["job_id"])
         assert status["status"] == "succeeded", status
-        kinds = {a["kind"] for a in status["artifacts"]}
+        assert [a["kind"] for a in status["artifacts"]] == ["gguf", "modelfile", "seal"]  # what the pipeline delivers
+        detail = json.loads((await client.read_resource(f"forge://jobs/{handle['job_id']}")).contents[0].text)
+        kinds = {a["kind"] for a in detail["artifacts"]}  # every file, in the job's resource
         assert {"adapter", "merged", "gguf", "modelfile", "seal"} <= kinds
         sealed = await call(client, "forge_seal_snapshot", {"note": "via stdio"})
         assert sealed["seal_id"].startswith("sha256:")

@@ -95,13 +95,21 @@ async def test_dpo_through_mcp_learns_the_preference_and_the_chain_follows(home)
                 seen.append(await call(client, "forge_job_status", {"job_id": handle["job_id"]}))
 
             status = await wait_job(client, handle["job_id"], on_progress=on_progress)
+            reply = await client.call_tool("forge_job_status", {"job_id": handle["job_id"]})
+            detail = json.loads((await client.read_resource(f"forge://jobs/{handle['job_id']}")).contents[0].text)
     finally:
         stop_runner(server.runner)
     assert refused["error"]["code"] == Codes.DATASET_INVALID
     assert status["status"] == "succeeded", status.get("error")
     accuracies = [s["progress"]["reward_accuracy"] for s in seen if s["progress"].get("reward_accuracy") is not None]
     assert accuracies, "progress never showed the reward accuracy"
-    preference = status["metrics"]["preference"]
+    # within 3 KB: the reward figures in a line, the full ones, the evaluation table and samples in the resource
+    size = len(json.dumps(reply.structured_content, separators=(",", ":"), ensure_ascii=False).encode())
+    assert size <= 3_000, size
+    assert "reward accuracy" in status["summary"] and "perplexity over" in status["summary"]
+    assert status["more"].startswith(f"forge://jobs/{handle['job_id']} has all")
+    assert detail["evaluation"]["table"] and detail["evaluation"]["samples"]
+    preference = detail["metrics"]["preference"]
     assert preference["first"]["reward_accuracy"] <= 0.5  # the adapter starts at zero: no preference yet
     assert preference["eval"]["reward_accuracy"] > 0.5 and preference["eval"]["reward_margin"] > 0  # held out
     run_dir = Path(status["run_dir"])

@@ -100,3 +100,50 @@ def test_publish_cli_dry_run_json(hub, quantized, capsys):
                  "--dry-run", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["dry_run"] and out["plan"]["repo_id"] == "someone/cli" and hub.requests == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_a_client_that_can_ask_the_person_publishes_after_accept_and_nothing_after_decline(
+        hub, quantized, mode, monkeypatch, home):
+    """Old connections ask with elicitation/create inside the call; 2026-07-28 with an InputRequiredResult the
+    client answers on its retry: the same question, the same outcome."""
+    from mcp import Client
+    from mcp_types import ElicitResult
+
+    from helpers import call, stop_runner, wait_job
+    from mcp_servers.forge.server import create_server
+
+    asked: list[str] = []
+    answers = iter([ElicitResult(action="decline"), ElicitResult(action="accept", content={"publish": False}),
+                    ElicitResult(action="accept", content={"publish": True})])
+
+    async def person(context, params):
+        asked.append(params.message)
+        return next(answers)
+
+    monkeypatch.setenv("FORGE_ALLOWED_ROOTS", str(Path(quantized["gguf_dir"]).parent.parent))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the publish job runs in a worker process: it reads the environment
+    args = {"source": quantized["gguf_dir"], "repo_id": "someone/asked", "kind": "gguf"}
+    server = create_server()
+    try:
+        async with Client(server, mode=mode, elicitation_callback=person) as client:
+            declined = await call(client, "forge_publish", args)
+            not_ticked = await call(client, "forge_publish", args)
+            listed = await call(client, "forge_job_list", {"kind": "publish"})
+            commits_before = len(hub.commits)
+            accepted = await call(client, "forge_publish", args)
+            done = await wait_job(client, accepted["job_id"])
+            planned = await call(client, "forge_publish", {**args, "dry_run": True})  # a dry run asks nothing
+    finally:
+        stop_runner(server.runner)
+    for refused in (declined, not_ticked):
+        error = refused["error"]
+        assert error["code"] == "publish_declined" and "nothing was uploaded" in error["message"]
+    assert listed["jobs"] == [] and commits_before == 0  # a refusal queued nothing and uploaded nothing
+    assert done["status"] == "succeeded", done
+    assert len(hub.commits) == 1 and "README.md" in hub.commits[0]["files"]
+    assert len(asked) == 3 and planned["job_id"]
+    question = asked[0]
+    assert "someone/asked (private)" in question and "Q4_K_M.gguf" in question and "README.md" in question
+    assert ".imatrix.gguf" not in question  # what is shown is what is uploaded

@@ -53,8 +53,8 @@ def template_arg(chat_template: str | None) -> str | None:
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_TEXT_CHARS)
+    role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
+    content: str = Field(max_length=MAX_TEXT_CHARS, description="What they say.")
 
 
 class Sampling(BaseModel):

@@ -30,8 +30,9 @@ def _hints(read_only: bool, destructive: bool, idempotent: bool, open_world: boo
     the default: not read-only, destructive, not idempotent, open world)."""
     hints = {"readOnlyHint": read_only, "destructiveHint": destructive, "idempotentHint": idempotent,
              "openWorldHint": open_world}
-    if read_only:
-        hints.pop("destructiveHint")  # meaningful only when the tool writes
+    if read_only:  # destructive and idempotent are meaningful only when the tool writes (read-only is both safe
+        hints.pop("destructiveHint")  # and repeatable by definition)
+        hints.pop("idempotentHint")
     return ToolAnnotations(**{k: v for k, v in hints.items() if v != SPEC_DEFAULTS.get(k)})
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from mcp_servers.forge.schemas import Artifact, ErrorInfo, JobHandle, JobStatus, JobSummary, Progress, StageState
-from mcp_servers.lib import results
+from mcp_servers.forge.schemas import Artifact, ErrorInfo, JobHandle, JobStatus, JobSummary, Progress
+from mcp_servers.lib import outcome, results
 from mcp_servers.lib.runner import Runner
-from mcp_servers.lib.store import Status
+from mcp_servers.lib.store import TERMINAL, Status
 
 # Jobs whose status an agent should poll less often: they run for minutes to hours.
 LONG_KINDS = ("train", "pipeline")
@@ -24,25 +24,65 @@ def _short(value):
 
 def _inputs(params: dict) -> dict:
     # notes for people and seals ("_…") and the run dir (its own field) are left out of the reply
-    return {k: v for k, v in params.items() if not k.startswith("_") and k != "output_dir"}
+    return {k: v for k, v in params.items() if not k.startswith("_") and k != "output_dir" and v is not None}
 
 
 def status_of(runner: Runner, job: dict) -> JobStatus:
+    """A job as an agent reads it, within 3 KB: the files it delivers, the metrics that decide, its quality and
+    outcome in a line; ``more`` names the resource with the rest (detail_of)."""
     err = job.get("error")
-    stages = results.pipeline_stages(job, finished_stages(runner, job)) if job["kind"] == "pipeline" else []
+    result = job.get("result")
+    # a pipeline's stages while it runs or when it stopped short; once it succeeded, every one did
+    piped = job["kind"] == "pipeline" and job["status"] != Status.SUCCEEDED.value
+    stages = results.pipeline_stages(job, finished_stages(runner, job)) if piped else []
+    done = Status(job["status"]) in TERMINAL
+    found = results.artifacts(result)
+    shown = outcome.delivered(job["kind"], found)
+    metrics = outcome.key_metrics(results.metrics(result))
+    full_metrics = results.metrics(result)
+    held_back = len(shown) < len(found) or len(metrics) < len(full_metrics) or outcome.evaluation_detail(result)
     return JobStatus(
         job_id=job["id"], kind=job["kind"], status=job["status"], stage=job.get("stage"),
         queue_position=runner.queue_position(job["id"]) if job["status"] == Status.QUEUED.value else None,
-        progress=Progress(**{k: _short(v) for k, v in (job.get("progress") or {}).items()}),
+        progress={k: _short(v) for k, v in (job.get("progress") or {}).items()
+                  if k in Progress.model_fields and v is not None and not (done and k == "eta_s")},
         created_at=job["created_at"], started_at=job.get("started_at"), finished_at=job.get("finished_at"),
         inputs=_inputs(job["params"]),
-        stages=[StageState(**s) for s in stages], run_dir=job.get("run_dir"),
-        artifacts=[Artifact(**a) for a in results.artifacts(job.get("result"))],
-        metrics={k: _short(v) for k, v in results.metrics(job.get("result")).items() if v is not None},
-        quality=results.quality(job.get("result")),
+        stages={s["stage"]: s["status"] for s in stages}, run_dir=job.get("run_dir"),
+        artifacts=[Artifact(**a) for a in shown],
+        metrics={k: _short(v) for k, v in metrics.items()},
+        quality=outcome.compact_quality(results.quality(result)),
+        summary=outcome.summary_line(result),
+        more=f"forge://jobs/{job['id']} has all {len(found)} files, every metric, the evaluation"
+        if held_back else None,
         error=ErrorInfo(**{k: err[k] for k in ErrorInfo.model_fields if k in err}) if err else None,
         next_actions=results.next_actions(job),
-        result=job.get("result") if job["kind"] == "publish" else None)
+        result=result if job["kind"] == "publish" else None)
+
+
+def detail_of(runner: Runner, job: dict) -> dict:
+    """The job's resource: its status with every artifact, every metric (the curves are in the run's
+    metrics.json), each quant's full measurements and the evaluation table with its sample answers."""
+    result = job.get("result")
+    detail = status_of(runner, job).model_dump(mode="json")
+    detail.update(artifacts=results.artifacts(result),
+                  metrics={k: v for k, v in results.metrics(result).items() if v is not None},
+                  quality=results.quality(result), evaluation=outcome.evaluation_detail(result),
+                  progress=job.get("progress") or {}, more=None,
+                  stages={s["stage"]: s["status"] for s in results.pipeline_stages(job, finished_stages(runner, job))})
+    return detail
+
+
+def progress_text(job: dict) -> str:
+    """Where a job is, in words: its status and stage, step/total and loss (a wait's progress notifications
+    and a task's statusMessage say the same)."""
+    progress = job.get("progress") or {}
+    message = " ".join(filter(None, [job["status"], job.get("stage")]))
+    if progress.get("total_steps"):
+        message += f" step {progress.get('step')}/{progress['total_steps']}"
+        if progress.get("loss") is not None:
+            message += f" loss {progress['loss']:.4f}"
+    return message
 
 
 def summary_of(job: dict) -> JobSummary:

@@ -10,7 +10,7 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from forge.errors import ForgeError
 from forge.paths import open_input, read_text
 from mcp_servers.forge.context import runner_of
-from mcp_servers.forge.replies import status_of
+from mcp_servers.forge.replies import detail_of
 
 LOG_TAIL_LINES = 200
 
@@ -23,8 +23,10 @@ def _job(ctx: Context, job_id: str) -> dict:
 
 
 def job_resource(job_id: str, ctx: Context) -> str:
-    """A job's status as JSON."""
-    return status_of(runner_of(ctx), _job(ctx, job_id)).model_dump_json()
+    """A job in full as JSON: its status with every artifact and metric, and the evaluation's table and samples."""
+    import json
+
+    return json.dumps(detail_of(runner_of(ctx), _job(ctx, job_id)), ensure_ascii=False)
 
 
 def job_log(job_id: str, ctx: Context) -> str:

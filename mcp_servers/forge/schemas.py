@@ -49,8 +49,6 @@ class Progress(BaseModel):
     loss: float | None = None
     reward_accuracy: float | None = Field(None, description="dpo/orpo: share of pairs the adapter ranks right.")
     reward_margin: float | None = Field(None, description="dpo/orpo: mean reward(chosen) - reward(rejected).")
-    reward_chosen: float | None = None
-    reward_rejected: float | None = None
 
 
 class JobHandle(BaseModel):
@@ -62,11 +60,6 @@ class JobHandle(BaseModel):
     note: str | None = Field(None, description="A resume: from which checkpoint, and what the call changed.")
 
 
-class StageState(BaseModel):
-    stage: str
-    status: str
-
-
 class JobStatus(BaseModel):
     """A job in full."""
 
@@ -75,16 +68,19 @@ class JobStatus(BaseModel):
     status: str = Field(description="queued, running, cancelling, succeeded, failed or cancelled.")
     stage: str | None = Field(None, description="What the job is doing, e.g. training or train:training.")
     queue_position: int | None = None
-    progress: Progress = Field(default_factory=Progress)
+    progress: dict[str, float | int] = Field(default_factory=dict, description=(
+        "Of the stage running, as Progress (fields not yet known are left out)."))
     created_at: float = Field(description=EPOCH_S)
     started_at: float | None = Field(None, description=EPOCH_S)
     finished_at: float | None = Field(None, description=EPOCH_S)
     inputs: dict[str, Any] = Field(default_factory=dict)
-    stages: list[StageState] = Field(default_factory=list, description="A pipeline's stages, in order.")
+    stages: dict[str, str] = Field(default_factory=dict, description="A pipeline's stages, in order, and their status.")
     run_dir: str | None = None
     artifacts: list[Artifact] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     quality: dict[str, Any] | None = Field(None, description="Each GGUF against the f16: KLD, same top %, bpw.")
+    summary: str | None = Field(None, description="What training and evaluation measured, in one line.")
+    more: str | None = Field(None, description="The resource with every artifact, metric and the evaluation.")
     error: ErrorInfo | None = None
     result: dict[str, Any] | None = Field(None, description="A publish job's result (its plan on a dry run).")
     next_actions: list[str] = Field(default_factory=list, description="Tool calls that usually come next.")

@@ -20,24 +20,36 @@ from typing import Any
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
-from mcp_types import CallToolResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams, TextContent
+from mcp.shared.exceptions import MCPError
+from mcp_types import (
+    INVALID_PARAMS,
+    CallToolResult,
+    ListResourcesResult,
+    ListToolsResult,
+    PaginatedRequestParams,
+    ReadResourceRequestParams,
+    TextContent,
+)
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
 import forge
 from forge.errors import Codes, ForgeError
 from forge.failures import error_from
-from forge.paths import MAX_PATH_CHARS, confinement
+from forge.paths import confinement
 from mcp_servers.forge import resources, tools_follow, tools_jobs, tools_stages, ui_app
 from mcp_servers.forge.context import ForgeState
+from mcp_servers.forge.tasks import ForgeTasks
 from mcp_servers.lib.runner import Runner
 
 log = logging.getLogger("forge.mcp")
 
 INSTRUCTIONS = """Forge fine-tunes open LLMs: validate a dataset, train a LoRA/QLoRA adapter, merge it,
 convert to GGUF and quantize, write an Ollama Modelfile, seal the run. Heavy tools (forge_train,
-forge_merge, forge_quantize, forge_pipeline) return a job handle at once: follow it with
-forge_job_wait (blocks up to timeout_s) or forge_job_status, then use next_actions. Ids of finished
-jobs can be passed where a path is expected. Try it offline with forge_demo_assets."""
+forge_merge, forge_quantize, forge_pipeline, forge_evaluate, forge_publish) return a job handle at once
+({job_id, kind, status, queue_position, poll_after_s, note}): follow it with forge_job_wait (blocks up
+to timeout_s) or forge_job_status, then use next_actions. Ids of finished jobs can be passed where a
+path is expected. Try it offline with forge_demo_assets."""
 
 
 def _error_result(error: ForgeError) -> CallToolResult:
@@ -57,6 +69,7 @@ def _validation_error(err: ValidationError) -> ForgeError:
 
 
 SAFETY_CAP = 1_000_000
+LEGACY_RESOURCE_NOT_FOUND = -32002  # "Resource not found" up to 2025-11-25; 2026-07-28 retired it for -32602
 
 
 def compact_schema(node: Any, output: bool = False, depth: int = 0) -> Any:
@@ -74,10 +87,10 @@ def compact_schema(node: Any, output: bool = False, depth: int = 0) -> Any:
     for key, value in node.items():
         if (key == "title" and isinstance(value, str)) or (key == "default" and value is None):
             continue
-        if (key == "additionalProperties" and value is True) or (key == "minLength" and value == 1):
-            continue
-        if key == "maxLength" and value >= MAX_PATH_CHARS:  # a safety cap the server enforces, not a rule to teach
-            continue
+        if key == "additionalProperties" or (key == "minLength" and value == 1):
+            continue  # unknown keys are refused by name either way
+        if key in ("maxLength", "maxItems", "pattern"):  # caps and alphabets the server enforces and names
+            continue  # in its error (ids, names, paths, texts, lists): the descriptions say what to send
         if key == "maximum" and value >= SAFETY_CAP:  # likewise: 10,000,000 steps, 2**32 - 1 for a seed
             continue
         if output and key in ("description", "default", "examples"):
@@ -111,9 +124,10 @@ def _types(node: dict) -> list[str]:
 
 
 def _shape(node: dict) -> dict:
-    """An output field's JSON type only: nested objects are described by the tool, not spelled out."""
+    """An output field's JSON type only: nested objects are described by the tool, not spelled out. A field
+    that may be null is left untyped ({}): the name is what a reader needs, and tools/list stays small."""
     types = _types(node)
-    shape: dict = {"type": types[0] if len(types) == 1 else types} if types else {}
+    shape: dict = {"type": types[0]} if len(types) == 1 else {}
     if "enum" in node:
         shape["enum"] = node["enum"]
     return shape
@@ -150,8 +164,13 @@ class ForgeServer(MCPServer[ForgeState]):
         tools = await super().list_tools()
         for tool in tools:
             tool.input_schema = compact_schema(tool.input_schema)
-            if tool.output_schema is not None:
-                tool.output_schema = output_shape(tool.output_schema)
+            if tool.name in tools_jobs.HANDLE_TOOLS:
+                # the six tools that start a job return the same small handle (job_id, kind, status,
+                # queue_position, poll_after_s, note): described in their descriptions, not six times over
+                tool.output_schema = None
+            elif tool.output_schema is not None:
+                shape = output_shape(tool.output_schema)  # a report whose fields vary has no fixed shape to give
+                tool.output_schema = shape if shape["properties"] else None
         return tools
 
     # What a client lists depends on whether it negotiated the MCP App (ui_app): these handlers get the request.
@@ -163,6 +182,16 @@ class ForgeServer(MCPServer[ForgeState]):
                                      ) -> ListResourcesResult:
         return ListResourcesResult(resources=ui_app.resources_for(await self.list_resources(),
                                                                   ui_app.negotiated(ctx)))
+
+    async def _handle_read_resource(self, ctx: ServerRequestContext, params: ReadResourceRequestParams) -> Any:
+        """A job or seal that does not exist: -32602 on a 2026-07-28 connection (SEP-2164), the -32002
+        "Resource not found" earlier versions specify on an older one."""
+        try:
+            return await super()._handle_read_resource(ctx, params)
+        except MCPError as err:
+            if err.code == INVALID_PARAMS and ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+                raise MCPError(LEGACY_RESOURCE_NOT_FOUND, err.message, err.data) from None
+            raise
 
     async def read_resource(self, uri: Any, context: Context | None = None) -> Any:
         if ui_app.is_view_uri(uri) and not ui_app.negotiated(context):
@@ -203,9 +232,11 @@ def create_server(home: Path | None = None, apps: bool = True) -> ForgeServer:
         runner.start()  # idempotent: each session enters the lifespan, the runner starts once
         yield ForgeState(runner=runner)
 
+    job_tasks = ForgeTasks(None, tools_jobs.HANDLE_TOOLS)  # MCP tasks for the tools that start a job
     server = ForgeServer(name="forge", title="Forge", version=forge.__version__, instructions=INSTRUCTIONS,
-                         lifespan=lifespan, extensions=[ui_app.build_apps()] if apps else None)
+                         lifespan=lifespan, extensions=[*([ui_app.build_apps()] if apps else []), job_tasks])
     server.runner = runner  # tests and the CLI reach the runner through the server
+    job_tasks.server = server
     for fn, title, hints in [*tools_stages.TOOLS, *tools_jobs.TOOLS, *tools_follow.TOOLS]:
         server.add_tool(fn, title=title, description=inspect.cleandoc(fn.__doc__ or ""), annotations=hints)
     for uri, fn, mime_type in resources.RESOURCES:

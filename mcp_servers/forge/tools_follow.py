@@ -12,7 +12,7 @@ from pydantic import Field
 
 from forge.errors import Codes, ForgeError
 from mcp_servers.forge.context import CANCELS, READ_ONLY, runner_of
-from mcp_servers.forge.replies import status_of, summary_of
+from mcp_servers.forge.replies import progress_text, status_of, summary_of
 from mcp_servers.forge.schemas import JobEvent, JobEvents, JobList, JobStatus, JobSummary
 from mcp_servers.lib.store import TERMINAL, Status
 
@@ -25,8 +25,8 @@ WAIT_POLL_S = 0.5
 
 
 async def forge_job_status(job_id: JobIdArg, ctx: Context) -> JobStatus:
-    """A job in full: status, stage, progress, artifacts with sha256, metrics, error with hint, next_actions.
-    Times are Unix seconds."""
+    """A job: status, stage, progress, the files it made (sha256), key metrics, quality, summary, error with
+    hint, next_actions; more: the resource with the rest. Times are Unix seconds."""
     runner = runner_of(ctx)
     return status_of(runner, runner.store.get(job_id))
 
@@ -84,16 +84,6 @@ async def forge_job_cancel(
     return summary_of(await anyio.to_thread.run_sync(lambda: runner.cancel(job_id, force)))
 
 
-def _progress_message(job: dict) -> str:
-    progress = job.get("progress") or {}
-    message = " ".join(filter(None, [job["status"], job.get("stage")]))
-    if progress.get("total_steps"):
-        message += f" step {progress.get('step')}/{progress['total_steps']}"
-        if progress.get("loss") is not None:
-            message += f" loss {progress['loss']:.4f}"
-    return message
-
-
 async def forge_job_wait(
     job_id: JobIdArg, ctx: Context,
     timeout_s: Annotated[float, Field(ge=0, le=WAIT_CAP_S, description=(
@@ -109,7 +99,7 @@ async def forge_job_wait(
         percent = float((job.get("progress") or {}).get("percent") or 0.0)
         if sent is None or percent > sent:
             sent = percent
-            await ctx.report_progress(percent, 100.0, _progress_message(job))
+            await ctx.report_progress(percent, 100.0, progress_text(job))
         if Status(job["status"]) in TERMINAL or time.monotonic() >= deadline:
             return status_of(runner, job)
         await anyio.sleep(WAIT_POLL_S)

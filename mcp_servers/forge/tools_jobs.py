@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import anyio
+from mcp.server.elicitation import ElicitationResult
 from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.resolve import Resolve
 from pydantic import Field, ValidationError
 
 from forge.errors import Codes, ForgeError
@@ -31,6 +33,7 @@ from mcp_servers.forge.args import (
     path_arg,
     template_arg,
 )
+from mcp_servers.forge.confirm import PublishConfirmation, ask_to_publish, confirmed
 from mcp_servers.forge.context import PUBLISHES, STARTS_JOB, STARTS_LOCAL_JOB, runner_of
 from mcp_servers.forge.replies import handle_of
 from mcp_servers.forge.schemas import Hyperparameters, JobHandle
@@ -99,7 +102,7 @@ async def forge_train(
     client_request_id: RequestId = None,
 ) -> JobHandle:
     """Start training a LoRA adapter (TRL + PEFT) on assistant turns or chosen/rejected pairs. Returns a job
-    handle; next: forge_merge."""
+    handle."""
     runner = runner_of(ctx)
     given = {"base_model": model_ref(base_model, "base_model") if base_model else None, "method": method,
              "chat_template": template_arg(chat_template), "dataset": dataset, **_train_fields(hyperparameters)}
@@ -131,8 +134,7 @@ async def forge_merge(
     merged_name: Annotated[str | None, name_arg("Dir name beside the adapter; default merged.")] = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start merging an adapter into its base (chat template kept, logits checked). Returns a job handle;
-    next: forge_quantize."""
+    """Start merging an adapter into its base (chat template kept, logits checked). Returns a job handle."""
     from forge.merge import MergeConfig
 
     runner = runner_of(ctx)
@@ -169,7 +171,7 @@ async def forge_quantize(
     client_request_id: RequestId = None,
 ) -> JobHandle:
     """Start GGUF conversion and quantization in llama.cpp, each file measured against the f16. Returns a
-    job handle; next: forge_modelfile."""
+    job handle."""
     from forge.quant_plan import imatrix_file
     from forge.quantize import QuantizeConfig
 
@@ -208,8 +210,7 @@ async def forge_pipeline(
     run_name: Annotated[str | None, name_arg(AS_TRAIN)] = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start train, merge, quantize, Modelfile and seal as one job. Returns a job handle; next:
-    forge_query_model."""
+    """Start train, merge, quantize, evaluate, Modelfile and seal as one job. Returns a job handle."""
     from forge.pipeline import PipelineConfig
 
     runner = runner_of(ctx)
@@ -263,11 +264,13 @@ async def forge_publish(
     dry_run: Annotated[bool, Field(description="Plan only; upload nothing.")]
     = False,
     client_request_id: RequestId = None,
+    confirmation: Annotated[ElicitationResult[PublishConfirmation], Resolve(ask_to_publish)] = None,
 ) -> JobHandle:
     """Start uploading to the Hugging Face Hub in one commit, with a card from the run's seal (needs
-    HF_TOKEN). Returns a job handle."""
+    HF_TOKEN); a client that can ask the person confirms first. Returns a job handle."""
     from forge.publish import PublishConfig
 
+    confirmed(confirmation, repo_id)
     runner = runner_of(ctx)
     path = results.resolve_input(runner.store, source, "gguf_dir" if kind == "gguf" else kind, "source")
     params = {"source": str(path), "repo_id": repo_id, "private": private, "kind": kind, "dry_run": dry_run}
@@ -284,3 +287,4 @@ TOOLS = [
     (forge_evaluate, "Evaluate a run", STARTS_LOCAL_JOB),
     (forge_publish, "Publish to the Hugging Face Hub", PUBLISHES),
 ]
+HANDLE_TOOLS = frozenset(fn.__name__ for fn, _, _ in TOOLS)

@@ -32,7 +32,7 @@ OLLAMA_ALPHABET = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"  # the schema's; ModelfileCo
 
 async def forge_environment(ctx: Context) -> Report:
     """This machine: Python, torch, GPUs, disk, FORGE_HOME, allowed roots (paths must lie under one),
-    versions, executor (local, or Ray: nodes, free resources). Call it first."""
+    versions, executor (local or Ray). Call it first."""
     from forge.env import environment
 
     report = await anyio.to_thread.run_sync(environment)
@@ -86,7 +86,7 @@ async def forge_modelfile(
         "For `ollama create`, e.g. me/bot:q4; default from the GGUF."))] = None,
 ) -> ModelfileResult:
     """Write an Ollama Modelfile beside a GGUF (TEMPLATE, SYSTEM, stops, sampling); an existing one is never
-    changed. Next: forge_query_model."""
+    changed."""
     from forge.modelfile import ModelfileConfig, write_modelfile
 
     path = results.resolve_input(runner_of(ctx).store, gguf, "gguf", "gguf")

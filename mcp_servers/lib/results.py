@@ -97,7 +97,7 @@ def last_gguf(result: dict) -> str:
 OUTPUTS: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "adapter": (("train",), lambda r: r["adapter_dir"]),
     "merged": (("merge",), lambda r: r["merged_dir"]),
-    "gguf_dir": (("quantize",), lambda r: r["gguf_dir"]),
+    "gguf_dir": (("quantize", "pipeline"), lambda r: r.get("gguf_dir") or r["stages"]["quantize"]["gguf_dir"]),
     "gguf": (("quantize", "lora_gguf", "pipeline"), last_gguf),
 }
 
@@ -183,8 +183,7 @@ def next_actions(job: dict) -> list[str]:
             "lora_gguf": ["forge_seal_snapshot()"],
             # a pipeline sealed its run already: what is left is trying the model and sharing it
             "pipeline": [f'forge_query_model(model="{jid}", prompt="Hello")',
-                         f'forge_publish(source="{(job.get("result") or {}).get("run_dir", "")}/gguf", '
-                         'repo_id="OWNER/NAME", kind="gguf", dry_run=true)'],
+                         f'forge_publish(source="{jid}", repo_id="OWNER/NAME", kind="gguf", dry_run=true)'],
         }.get(kind, [])
     if status in ACTIVE or status == Status.QUEUED:
         return [f'forge_job_wait(job_id="{jid}")']

@@ -4,6 +4,7 @@ named migrations recorded in a table (add a migration, never edit one)."""
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import time
 import uuid
@@ -100,6 +101,16 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE jobs ADD COLUMN placement TEXT;
         ALTER TABLE jobs ADD COLUMN channel_offset INTEGER NOT NULL DEFAULT 0
     """),
+    # MCP tasks (the io.modelcontextprotocol/tasks extension): an unguessable task id for a job, one per
+    # tools/call that asked for a task; the job is the task's state, so a task outlives the server too.
+    ("0006_tasks", """
+        CREATE TABLE tasks (
+            id TEXT PRIMARY KEY,
+            job_id TEXT NOT NULL REFERENCES jobs(id),
+            tool TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )
+    """),
 ]
 
 JSON_COLUMNS = ("params", "progress", "result", "error", "placement")
@@ -189,6 +200,21 @@ class JobStore:
                 conn.execute("ROLLBACK")
                 raise
         return self.get(job_id), True
+
+    # ---- tasks ----
+
+    def create_task(self, job_id: str, tool: str) -> dict:
+        """A new task id (128 random bits, so no one can guess another caller's) for ``job_id``."""
+        task = {"id": secrets.token_urlsafe(16), "job_id": job_id, "tool": tool, "created_at": time.time()}
+        with self._conn() as conn:
+            conn.execute("INSERT INTO tasks (id, job_id, tool, created_at) VALUES (?, ?, ?, ?)",
+                         (task["id"], job_id, tool, task["created_at"]))
+        return task
+
+    def task(self, task_id: str) -> dict | None:
+        with self._conn() as conn:
+            row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return dict(row) if row else None
 
     def get(self, job_id: str) -> dict:
         with self._conn() as conn:

@@ -1,0 +1,105 @@
+"""A finished job's outcome sized for a status reply: the files it delivers, the metrics an agent decides on,
+and one line in words for what training and evaluation measured. The job's resource (forge://jobs/{id})
+holds the rest: every file, every metric, the evaluation table and its sample answers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# Every run's files have sha256s in the resource and the seal; a status names what the job delivers.
+DELIVERED_KINDS = ("gguf", "imatrix", "modelfile", "seal")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+KEY_METRICS = ("global_step", "train_loss", "eval_loss", "tokens_per_s", "duration_s", "peak_memory_bytes",
+               "resumed_from")
+STATUS_QUALITY_KEYS = ("kld_mean", "kld_p99", "same_top_pct", "bpw")
+HEX_NAME = re.compile(r"\b([0-9a-f]{12})[0-9a-f]{52}\b")  # a dataset copy's sha256 file name
+
+
+def delivered(kind: str, items: list[dict]) -> list[dict]:
+    """The files a job delivers: its weights (adapter or merged), GGUFs, Modelfile and seal; for a pipeline,
+    the GGUF it made last, the Modelfile and the seal. Configs, tokenizer files, the f16 of a pipeline, the
+    importance matrix and the retrospective are in the resource."""
+    if kind == "pipeline":  # the model to run (the last GGUF: the most quantized, or auto's choice) and its record
+        ggufs = [a for a in items if a["kind"] == "gguf"]
+        return ggufs[-1:] + [a for a in items if a["kind"] in ("modelfile", "seal")]
+    return [a for a in items if a["kind"] in DELIVERED_KINDS
+            or (a["kind"] in ("adapter", "merged") and a["path"].endswith(WEIGHT_SUFFIXES))]
+
+
+def key_metrics(metrics: dict) -> dict:
+    return {k: metrics[k] for k in KEY_METRICS if metrics.get(k) is not None}
+
+
+def short_names(text: str | None) -> str | None:
+    """A dataset copy named by its 64-hex sha256, cut to 12 digits: the full name is in the resource."""
+    return HEX_NAME.sub(r"\1…", text) if text else text
+
+
+def compact_quality(quality: dict | None) -> dict | None:
+    """What each quant lost, for a status: KLD mean and p99, same top token, bits per weight per row."""
+    if not quality:
+        return None
+    # the f16 is the reference (KLD 0 against itself), a twin made with(out) the matrix is the imatrix line's
+    rows = [{"model": r["model"], **{k: r[k] for k in STATUS_QUALITY_KEYS if r.get(k) is not None}}
+            for r in quality["rows"] if r.get("kld_mean") and "(" not in r["model"]]
+    return {**{k: short_names(v) for k, v in quality.items() if k != "rows"}, "rows": rows}
+
+
+def _num(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def training_line(metrics: dict) -> str | None:
+    if not metrics.get("global_step"):
+        return None
+    line = f"trained {metrics['global_step']} steps"
+    if metrics.get("resumed_from"):
+        line += f" (resumed from {Path(metrics['resumed_from']).name})"
+    losses = [f"{name} {_num(metrics[key])}" for key, name in (("train_loss", "train loss"),
+                                                               ("eval_loss", "eval loss"))
+              if metrics.get(key) is not None]
+    line += (": " + ", ".join(losses)) if losses else ""
+    preference = metrics.get("preference") or {}
+    figures = preference.get("eval") or preference.get("last")
+    if figures:
+        where = "eval pairs" if preference.get("eval") else "last step"
+        line += (f"; reward accuracy {_num(figures['reward_accuracy'])} and margin {_num(figures['reward_margin'])} "
+                 f"on the {where} (first step: {_num(preference['first']['reward_accuracy'])})")
+    return line
+
+
+def evaluation_line(evaluated: dict | None) -> str | None:
+    """Perplexity of each model on the answer tokens, answers that stopped, tool calls right: one line."""
+    if not evaluated or not evaluated.get("table"):
+        return None
+    rows = [r for r in evaluated["table"] if "file" not in r]  # a removed twin is in the resource's table
+    ppl = ", ".join(f"{r['model']} {_num(r['perplexity'])}" for r in rows)
+    line = f"perplexity over {evaluated.get('tokens')} answer tokens: {ppl}"
+    stopped = evaluated.get("stopped_on_its_own") or {}
+    if stopped:
+        line += "; answers that stopped on their own: " + ", ".join(f"{who} {n}" for who, n in stopped.items())
+    calls = evaluated.get("tool_calls") or {}
+    if calls:
+        line += "; tool-call turns right: " + ", ".join(f"{who} {s['right']}/{s['turns']}" for who, s in calls.items())
+    return line
+
+
+def summary_line(result: dict | None) -> str | None:
+    """What the job measured, in one line (training, then evaluation)."""
+    if not result:
+        return None
+    stages = result.get("stages") or {}
+    metrics = result.get("metrics") or stages.get("train", {}).get("metrics") or {}
+    evaluated = result if "table" in result else stages.get("evaluate")
+    parts = [p for p in (training_line(metrics), evaluation_line(evaluated)) if p]
+    return "; ".join(parts) or None
+
+
+def evaluation_detail(result: dict | None) -> dict | None:
+    """The evaluation as the resource gives it: the table, sample answers, tool-call scores, warnings."""
+    evaluated = (result or {}) if "table" in (result or {}) else ((result or {}).get("stages") or {}).get("evaluate")
+    if not evaluated:
+        return None
+    return {k: evaluated[k] for k in ("measured_on", "reference", "table", "samples", "stopped_on_its_own",
+                                      "tool_calls", "warnings") if evaluated.get(k) is not None}
