@@ -42,6 +42,7 @@ class Codes:
     RUN_NOT_FOUND = "run_not_found"
     HUB_AUTH_MISSING = "hub_auth_missing"
     HUB_ERROR = "hub_error"
+    PUBLISH_DECLINED = "publish_declined"  # the person asked to confirm an upload did not
     INTERNAL = "internal_error"
     EXECUTOR_UNAVAILABLE = "executor_unavailable"  # FORGE_EXECUTOR=ray without Ray, or no cluster answers
 

@@ -127,9 +127,16 @@ async def test_replies_fit_a_context_window(home, assets, monkeypatch):
                 await call_ok(client, "forge_quantize", {"model": str(Path(assets["model_dir"])),
                                                          "client_request_id": f"q-{i}"})
             listed = await client.call_tool("forge_job_list", {"limit": 20})
+            # a 50,000-character system prompt is shown cut in the status (whole in the job's resource)
+            long = await call_ok(client, "forge_pipeline", {"base_model": assets["model_dir"],
+                                                            "dataset": assets["dataset"],
+                                                            "system_prompt": "x" * 50_000})
+            long_status = await client.call_tool("forge_job_status", {"job_id": long["job_id"]})
+            long_detail = json.loads((await client.read_resource(f"forge://jobs/{long['job_id']}")).contents[0].text)
     finally:
         stop_runner(server.runner)
     assert done["status"] == "succeeded"
+    assert reply_size(long_status) <= BUDGETS["train_status"] and len(long_detail["inputs"]["system_prompt"]) == 50_000
     sizes = {"tools/list": wire_size(tools_list), "job_list_20": reply_size(listed), "train_status": reply_size(status)}
     assert len(listed.structured_content["jobs"]) == 20
     assert all(sizes[k] <= BUDGETS[k] for k in BUDGETS), sizes

@@ -136,7 +136,6 @@ async def test_unknown_arguments_are_errors_that_name_them(paused_server, assets
     assert "hf_secret" not in json.dumps(publish) and listed["jobs"] == []
 
 
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("tool,extra,accepted", [
     ("forge_train", {"chat_template": "qwen3"}, ["chatml", "llama3", "qwen2.5", "mistral-tools"]),
@@ -157,6 +156,7 @@ async def test_an_unknown_name_in_a_closed_set_is_answered_with_the_accepted_one
     assert error["code"] == Codes.INVALID_ARGUMENT and "path" not in error["message"], error
     assert all(name in error["hint"] or name in error["message"] for name in accepted), error
     assert listed["jobs"] == []
+
 
 @pytest.mark.anyio
 async def test_an_absurd_plan_is_refused_before_it_takes_the_slot(paused_server, assets, monkeypatch):

@@ -169,7 +169,7 @@ async def test_cancel_mid_train_leaves_a_checkpoint_and_resume_from_job_alone_fi
     async with Client(server) as client:
         assets = await call(client, "forge_demo_assets")
         handle = await call(client, "forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
-                                                    "hyperparameters": {"max_steps": 150, "save_steps": 1000}})
+                                                    "hyperparameters": {"max_steps": 300, "save_steps": 1000}})
         with anyio.fail_after(600):
             while ((await call(client, "forge_job_status", {"job_id": handle["job_id"]}))["progress"].get("step")
                    or 0) < 3:
@@ -181,7 +181,7 @@ async def test_cancel_mid_train_leaves_a_checkpoint_and_resume_from_job_alone_fi
         checkpoints = sorted(Path(done["run_dir"]).glob("checkpoints/checkpoint-*"))
         assert checkpoints, "cancel did not leave a checkpoint"
         saved_step = int(checkpoints[-1].name.split("-")[1])
-        assert 3 <= saved_step < 150
+        assert 3 <= saved_step < 300
 
         # a schedule the checkpoint already reached is refused with the numbers, whether given or inherited
         too_short = await call(client, "forge_train", {"resume_from_job": handle["job_id"],
@@ -189,24 +189,35 @@ async def test_cancel_mid_train_leaves_a_checkpoint_and_resume_from_job_alone_fi
         # nothing but the job: its base model, dataset, run dir and schedule come from it
         resumed = await call(client, "forge_train", {"resume_from_job": handle["job_id"],
                                                      "hyperparameters": {"save_steps": 50}})
+        twice = await call(client, "forge_train", {"resume_from_job": handle["job_id"]})  # one run dir, one trainer
         final = await wait_job(client, resumed["job_id"])
         finished = await call(client, "forge_train", {"resume_from_job": resumed["job_id"]})
+        adapter = Path(final["artifacts"][0]["path"])  # a train job's status lists its adapter weights
+        before = adapter.read_bytes()
+        # a finished run extended: in a run dir of its own, from a copy of its last checkpoint
+        extended = await call(client, "forge_train", {"resume_from_job": resumed["job_id"],
+                                                      "hyperparameters": {"max_steps": 305}})
+        longer = await wait_job(client, extended["job_id"])
         other_model = await call(client, "forge_train", {"resume_from_job": handle["job_id"],
                                                          "base_model": assets["dataset"]})
         listed = await call(client, "forge_job_list", {"kind": "train"})
-    assert resumed["note"] == (f"continues {handle['job_id']} from checkpoint-{saved_step} (step {saved_step} of 150)"
+    assert resumed["note"] == (f"continues {handle['job_id']} from checkpoint-{saved_step} (step {saved_step} of 300)"
                                "; changed: save_steps: 1000 -> 50")
+    assert twice["error"]["code"] == "job_not_finished" and resumed["job_id"] in twice["error"]["message"]
     assert final["status"] == "succeeded", final
-    assert final["metrics"]["global_step"] == 150 and final["metrics"]["train_loss"] > 0
+    assert final["metrics"]["global_step"] == 300 and final["metrics"]["train_loss"] > 0
+    assert longer["status"] == "succeeded" and longer["metrics"]["global_step"] == 305, longer
+    assert extended["note"].startswith(f"extends {resumed['job_id']} from checkpoint-300 (step 300 of 305)")
+    assert longer["run_dir"] != final["run_dir"] and adapter.read_bytes() == before  # the finished run untouched
     assert final["metrics"]["resumed_from"].endswith(f"checkpoint-{saved_step}")
-    assert final["inputs"]["base_model"] == assets["model_dir"] and final["inputs"]["max_steps"] == 150
+    assert final["inputs"]["base_model"] == assets["model_dir"] and final["inputs"]["max_steps"] == 300
     assert final["run_dir"] is not None and Path(final["artifacts"][0]["path"]).is_relative_to(done["run_dir"])
-    for refused, reached in ((finished, 150), (too_short, saved_step)):
+    for refused, reached in ((finished, 300), (too_short, saved_step)):
         error = refused["error"]
         assert error["code"] == "schedule_complete" and "max_steps=" in error["hint"], error
         assert f"step_reached: {reached}" in error["details"] and f"steps_planned: {reached}" in error["details"]
     assert other_model["error"]["code"] == "invalid_argument" and "base_model" in other_model["error"]["message"]
-    assert len(listed["jobs"]) == 2  # the refusals queued nothing
+    assert len(listed["jobs"]) == 3  # the refusals queued nothing
 
 
 async def test_queued_jobs_wait_behind_the_concurrency_limit_and_cancel_cleanly(server):

@@ -80,6 +80,9 @@ class TrainConfig(StageConfig):
         None, description="liger-kernel fused CE/RMSNorm/RoPE/SwiGLU; default on when on CUDA and installed.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed.")
     resume: bool = Field(False, description="Continue from the highest-numbered checkpoint in the run dir.")
+    resume_from: Path | None = Field(None, description=(
+        "Another run's checkpoint dir to continue from in this (new) run dir; it is copied first, the run it "
+        "came from is left as it is."))
     memory_plan: bool = Field(True, description=(
         "On a GPU, choose micro-batch, accumulation (same effective batch) and checkpointing to fit free memory."))
     num_processes: int = Field(1, ge=1, le=64, description="One per GPU (torchrun).")

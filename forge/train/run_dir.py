@@ -40,6 +40,25 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def _copied_checkpoint(source: Path, checkpoints_dir: Path) -> Path:
+    """``source`` (another run's checkpoint) copied into this run's checkpoints, whole or not at all."""
+    import shutil
+
+    from forge.paths import check_input_dir
+    from forge.workspace import atomic_dir
+
+    source = check_input_dir(source, "checkpoint")
+    if not (source / "trainer_state.json").is_file():
+        raise ForgeError(Codes.NO_CHECKPOINT, f"{source} is not a checkpoint (no trainer_state.json)",
+                         "pass a checkpoint-N dir a run saved, or resume the run it belongs to")
+    target = checkpoints_dir / source.name
+    if not target.is_dir():
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(target) as tmp:
+            shutil.copytree(source, tmp, dirs_exist_ok=True, symlinks=False)
+    return target
+
+
 def checkpoint_step(checkpoint: Path) -> int:
     """The optimizer step a checkpoint was saved at (its trainer state's, else its name's)."""
     import json
@@ -77,7 +96,11 @@ def prepare_run(config: TrainConfig, on_progress: ProgressCallback | None) -> Tr
     run_dir = check_output(config.run_dir(), "run dir")
     checkpoints_dir, adapter_dir = run_dir / "checkpoints", run_dir / "adapter"
     resume_from = None
-    if config.resume:
+    if config.resume_from and not in_launched_rank():
+        resume_from = _copied_checkpoint(Path(config.resume_from), checkpoints_dir)
+    elif config.resume_from:
+        resume_from = checkpoints_dir / Path(config.resume_from).name  # rank 0's launcher copied it
+    elif config.resume:
         resume_from = latest_checkpoint(checkpoints_dir)
         if resume_from is None:
             raise ForgeError(Codes.NO_CHECKPOINT, f"no checkpoint to resume from in {checkpoints_dir}",

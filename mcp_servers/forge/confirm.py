@@ -15,7 +15,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import Elicit
 from pydantic import BaseModel, Field
 
-from forge.errors import ForgeError
+from forge.errors import Codes, ForgeError
 from mcp_servers.forge.context import runner_of
 from mcp_servers.lib import results
 
@@ -65,6 +65,6 @@ def confirmed(outcome: Any, repo_id: str) -> None:
     if isinstance(outcome, AcceptedElicitation) and (outcome.data == NOT_ASKED or outcome.data.publish):
         return
     answer = outcome.action if not isinstance(outcome, AcceptedElicitation) else "accept without publish"
-    raise ForgeError("publish_declined", f"the person did not confirm publishing to {repo_id} ({answer}): "
+    raise ForgeError(Codes.PUBLISH_DECLINED, f"the person did not confirm publishing to {repo_id} ({answer}): "
                      "nothing was uploaded",
                      "ask them what to change (repo, visibility, files); forge_publish(dry_run=true) shows the plan")

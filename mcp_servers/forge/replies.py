@@ -22,9 +22,37 @@ def _short(value):
     return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
+SHOWN_CHARS = 200  # of a long input (a system prompt): the whole of it is in the job's resource
+SHOWN_DETAILS = 5
+
+
+def _cut(value):
+    if isinstance(value, str) and len(value) > SHOWN_CHARS:
+        return value[:SHOWN_CHARS] + f"… ({len(value):,} chars)"
+    if isinstance(value, dict):
+        return {k: _cut(v) for k, v in value.items()}
+    return value
+
+
 def _inputs(params: dict) -> dict:
     # notes for people and seals ("_…") and the run dir (its own field) are left out of the reply
-    return {k: v for k, v in params.items() if not k.startswith("_") and k != "output_dir" and v is not None}
+    return {k: _cut(v) for k, v in params.items() if not k.startswith("_") and k != "output_dir" and v is not None}
+
+
+def _publish_result(result: dict | None) -> dict | None:
+    """A publish job's result without the model card's text and with a dozen files named (both in full in
+    the resource)."""
+    if not result:
+        return result
+    plan = result.get("plan")
+    if plan:
+        plan = {**{k: v for k, v in plan.items() if k != "model_card"}, "files": plan["files"][:12],
+                "file_count": len(plan["files"])}
+    return {**result, **({"plan": plan} if plan else {})}
+
+
+def _has_gguf(result: dict) -> bool:
+    return bool((result.get("stages") or {}).get("quantize", {}).get("outputs"))
 
 
 def status_of(runner: Runner, job: dict) -> JobStatus:
@@ -37,10 +65,12 @@ def status_of(runner: Runner, job: dict) -> JobStatus:
     stages = results.pipeline_stages(job, finished_stages(runner, job)) if piped else []
     done = Status(job["status"]) in TERMINAL
     found = results.artifacts(result)
-    shown = outcome.delivered(job["kind"], found)
-    metrics = outcome.key_metrics(results.metrics(result))
-    full_metrics = results.metrics(result)
-    held_back = len(shown) < len(found) or len(metrics) < len(full_metrics) or outcome.evaluation_detail(result)
+    model = results.last_gguf(result) if job["kind"] == "pipeline" and found and _has_gguf(result) else None
+    shown = outcome.delivered(job["kind"], found, model)
+    full_metrics = {k: v for k, v in results.metrics(result).items() if v is not None}
+    metrics = outcome.key_metrics(full_metrics)
+    evaluated = outcome.evaluation_detail(result)
+    held_back = len(shown) < len(found) or len(metrics) < len(full_metrics) or evaluated
     return JobStatus(
         job_id=job["id"], kind=job["kind"], status=job["status"], stage=job.get("stage"),
         queue_position=runner.queue_position(job["id"]) if job["status"] == Status.QUEUED.value else None,
@@ -53,11 +83,12 @@ def status_of(runner: Runner, job: dict) -> JobStatus:
         metrics={k: _short(v) for k, v in metrics.items()},
         quality=outcome.compact_quality(results.quality(result)),
         summary=outcome.summary_line(result),
-        more=f"forge://jobs/{job['id']} has all {len(found)} files, every metric, the evaluation"
-        if held_back else None,
-        error=ErrorInfo(**{k: err[k] for k in ErrorInfo.model_fields if k in err}) if err else None,
+        more=f"forge://jobs/{job['id']} has all {len(found)} files, every metric"
+        + (", the evaluation table and samples" if evaluated else "") if held_back else None,
+        error=ErrorInfo(**{k: _cut(err[k]) for k in ErrorInfo.model_fields if k in err and k != "details"},
+                        details=[_cut(d) for d in err.get("details") or []][:SHOWN_DETAILS]) if err else None,
         next_actions=results.next_actions(job),
-        result=result if job["kind"] == "publish" else None)
+        result=_publish_result(result) if job["kind"] == "publish" else None)
 
 
 def detail_of(runner: Runner, job: dict) -> dict:
@@ -65,7 +96,11 @@ def detail_of(runner: Runner, job: dict) -> dict:
     metrics.json), each quant's full measurements and the evaluation table with its sample answers."""
     result = job.get("result")
     detail = status_of(runner, job).model_dump(mode="json")
-    detail.update(artifacts=results.artifacts(result),
+    err = job.get("error")
+    detail.update(artifacts=results.artifacts(result), inputs={k: v for k, v in job["params"].items()
+                                                                if not k.startswith("_") and k != "output_dir"},
+                  error={k: err[k] for k in ErrorInfo.model_fields if k in err} if err else None,
+                  result=result if job["kind"] == "publish" else None,
                   metrics={k: v for k, v in results.metrics(result).items() if v is not None},
                   quality=results.quality(result), evaluation=outcome.evaluation_detail(result),
                   progress=job.get("progress") or {}, more=None,

@@ -20,8 +20,8 @@ INHERITED = ("base_model", "method", "chat_template", "dataset", *AGENT_TRAIN_FI
 # Knobs that change how many steps the schedule plans: with none of them changed, the job's own total stands.
 SCHEDULE_KNOBS = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
                   "eval_fraction", "seed", "num_processes", "dataset")
-# A checkpoint continues the weights of one base model, trained one way.
-FIXED = ("base_model", "method")
+# A checkpoint continues the weights of one base model, trained one way, with adapters of one shape.
+FIXED = ("base_model", "method", "lora_r", "load_in_4bit")
 
 
 def resumable(store: JobStore, job_id: str) -> dict:
@@ -30,6 +30,13 @@ def resumable(store: JobStore, job_id: str) -> dict:
     if Status(job["status"]) not in (Status.FAILED, Status.CANCELLED, Status.SUCCEEDED):
         raise ForgeError(JobCodes.JOB_NOT_FINISHED, f"train job {job_id} is {job['status']}: it has not stopped",
                          f"cancel it with forge_job_cancel(job_id=\"{job_id}\") (it checkpoints first), then resume")
+    run_dir = job["params"]["output_dir"]
+    busy = [j["id"] for j in store.unfinished()
+            if j["kind"] == "train" and j["params"].get("output_dir") == run_dir]
+    if busy:  # two jobs training into one run dir would interleave their checkpoints
+        raise ForgeError(JobCodes.JOB_NOT_FINISHED,
+                         f"train job {busy[0]} is already continuing {job_id} in its run dir",
+                         f"follow it with forge_job_wait(job_id=\"{busy[0]}\"), or cancel it first")
     return job
 
 
@@ -52,6 +59,10 @@ def resume_fields(job: dict, given: dict) -> tuple[dict, list[str]]:
                              "start a new run without resume_from_job")
         changed.append(f"{key}: {_shown(params.get(key))} -> {_shown(value)}")
         fields[key] = value
+    if job["status"] == Status.SUCCEEDED.value:
+        # a finished run is extended in a run dir of its own, from a copy of its last checkpoint: its adapter,
+        # and what was merged, quantized and sealed from it, stay as they were
+        return {**fields, "resume_from": str(step_reached(job)[1])}, changed
     return {**fields, "output_dir": params["output_dir"], "resume": True}, changed
 
 
@@ -77,5 +88,8 @@ def check_schedule(job: dict, changed: list[str], planned: int) -> tuple[int, in
 
 
 def resume_note(job: dict, checkpoint: Path, planned: int, changed: list[str]) -> str:
-    note = f"continues {job['id']} from {checkpoint.name} (step {checkpoint_step(checkpoint)} of {planned})"
+    how = "extends" if job["status"] == Status.SUCCEEDED.value else "continues"
+    note = f"{how} {job['id']} from {checkpoint.name} (step {checkpoint_step(checkpoint)} of {planned})"
+    if how == "extends":
+        note += f" in a new run dir; {job['id']}'s own files stay as they are"
     return note + ("; changed: " + "; ".join(changed) if changed else "; nothing changed")

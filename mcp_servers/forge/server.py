@@ -74,9 +74,10 @@ LEGACY_RESOURCE_NOT_FOUND = -32002  # "Resource not found" up to 2025-11-25; 202
 
 def compact_schema(node: Any, output: bool = False, depth: int = 0) -> Any:
     """A tool's JSON schema as small as it can be for what it is for (tools/list goes into every agent's
-    context): no generated titles, no null defaults, no ``additionalProperties: true``, no ``minLength: 1``.
-    An input schema keeps its descriptions and bounds; an optional argument is typed as what to send
-    (omit it for the default). An output schema keeps the shape of the reply: the type of each top-level
+    context): no generated titles, no null defaults, no ``additionalProperties``, no ``minLength: 1``, and no
+    ``maxLength``, ``maxItems`` or ``pattern`` (caps and alphabets the server enforces and names in its error).
+    An input schema keeps its descriptions, numeric bounds, enums and defaults; an optional argument is typed
+    as what to send (omit it for the default). An output schema keeps the shape of the reply: the type of each top-level
     field, whether it may be null, and the fields of the objects in it; the tool's description says what
     the fields mean."""
     if isinstance(node, list):
@@ -166,7 +167,7 @@ class ForgeServer(MCPServer[ForgeState]):
             tool.input_schema = compact_schema(tool.input_schema)
             if tool.name in tools_jobs.HANDLE_TOOLS:
                 # the six tools that start a job return the same small handle (job_id, kind, status,
-                # queue_position, poll_after_s, note): described in their descriptions, not six times over
+                # queue_position, poll_after_s, note): described once, in the server's instructions and README
                 tool.output_schema = None
             elif tool.output_schema is not None:
                 shape = output_shape(tool.output_schema)  # a report whose fields vary has no fixed shape to give

@@ -1,5 +1,5 @@
 """A finished job's outcome sized for a status reply: the files it delivers, the metrics an agent decides on,
-and one line in words for what training and evaluation measured. The job's resource (forge://jobs/{id})
+each quant's main figures and one line in words for what training and evaluation measured. The job's resource (forge://jobs/{id})
 holds the rest: every file, every metric, the evaluation table and its sample answers."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ STATUS_QUALITY_KEYS = ("kld_mean", "kld_p99", "same_top_pct", "bpw")
 HEX_NAME = re.compile(r"\b([0-9a-f]{12})[0-9a-f]{52}\b")  # a dataset copy's sha256 file name
 
 
-def delivered(kind: str, items: list[dict]) -> list[dict]:
-    """The files a job delivers: its weights (adapter or merged), GGUFs, Modelfile and seal; for a pipeline,
-    the GGUF it made last, the Modelfile and the seal. Configs, tokenizer files, the f16 of a pipeline, the
-    importance matrix and the retrospective are in the resource."""
-    if kind == "pipeline":  # the model to run (the last GGUF: the most quantized, or auto's choice) and its record
-        ggufs = [a for a in items if a["kind"] == "gguf"]
-        return ggufs[-1:] + [a for a in items if a["kind"] in ("modelfile", "seal")]
+def delivered(kind: str, items: list[dict], model: str | None = None) -> list[dict]:
+    """The files a job delivers: its weights (adapter or merged), GGUFs (and the importance matrix a quantize
+    job made), Modelfile and seal; for a pipeline, ``model`` (the GGUF it made last: the most quantized, or
+    auto's choice), the Modelfile and the seal. Configs, tokenizer files, a pipeline's f16 and matrix and the
+    retrospective are in the resource."""
+    if kind == "pipeline":
+        return [a for a in items if (a["kind"] == "gguf" and a["path"] == model) or a["kind"] in ("modelfile", "seal")]
     return [a for a in items if a["kind"] in DELIVERED_KINDS
             or (a["kind"] in ("adapter", "merged") and a["path"].endswith(WEIGHT_SUFFIXES))]
 
@@ -40,9 +40,10 @@ def compact_quality(quality: dict | None) -> dict | None:
     """What each quant lost, for a status: KLD mean and p99, same top token, bits per weight per row."""
     if not quality:
         return None
-    # the f16 is the reference (KLD 0 against itself), a twin made with(out) the matrix is the imatrix line's
+    # the first row is the reference (the f16: KLD 0 against itself), a twin made with(out) the matrix is the
+    # imatrix line's
     rows = [{"model": r["model"], **{k: r[k] for k in STATUS_QUALITY_KEYS if r.get(k) is not None}}
-            for r in quality["rows"] if r.get("kld_mean") and "(" not in r["model"]]
+            for r in quality["rows"][1:] if "(" not in r["model"]]
     return {**{k: short_names(v) for k, v in quality.items() if k != "rows"}, "rows": rows}
 
 
@@ -62,10 +63,14 @@ def training_line(metrics: dict) -> str | None:
     line += (": " + ", ".join(losses)) if losses else ""
     preference = metrics.get("preference") or {}
     figures = preference.get("eval") or preference.get("last")
-    if figures:
+    if figures and figures.get("reward_accuracy") is not None:
         where = "eval pairs" if preference.get("eval") else "last step"
-        line += (f"; reward accuracy {_num(figures['reward_accuracy'])} and margin {_num(figures['reward_margin'])} "
-                 f"on the {where} (first step: {_num(preference['first']['reward_accuracy'])})")
+        line += f"; reward accuracy {_num(figures['reward_accuracy'])}"
+        if figures.get("reward_margin") is not None:
+            line += f" and margin {_num(figures['reward_margin'])}"
+        line += f" on the {where}"
+        first = (preference.get("first") or {}).get("reward_accuracy")
+        line += f" (first step: {_num(first)})" if first is not None else ""
     return line
 
 

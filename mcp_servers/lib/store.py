@@ -255,6 +255,10 @@ class JobStore:
     def active(self) -> list[dict]:
         return self._in_status(ACTIVE)
 
+    def unfinished(self) -> list[dict]:
+        """Every job not yet ended: queued here or on a cluster, running, cancelling."""
+        return self._in_status({Status.QUEUED, *ACTIVE})
+
     def require(self, job_id: str, kind: str | tuple[str, ...], finished: bool = True) -> dict:
         """A job of one of ``kind``; by default one that succeeded (its outputs exist)."""
         job = self.get(job_id)
