@@ -83,12 +83,17 @@ browser:
 		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null || \
 		(sudo apt-get update -qq && sudo apt-get install -y -qq chromium) >/dev/null; }
 
-# The official MCP TypeScript SDK, for the test that drives Forge with its client (tests/ts/).
+# The official MCP TypeScript SDK, for the test that drives Forge with its client (tests/ts/): 1.32 speaks
+# protocol 2025-11-25; its successor, @modelcontextprotocol/client 2.4, is pinned to 2026-07-28.
 tsclient:
 	@test -f .tsclient/node_modules/@modelcontextprotocol/sdk/package.json || { \
 		echo "installing the MCP TypeScript SDK 1.32 (npm)"; \
 		mkdir -p .tsclient && cd .tsclient && \
 		npm install --silent --no-audit --no-fund @modelcontextprotocol/sdk@1.32.2; }
+	@test -f .tsclient2/node_modules/@modelcontextprotocol/client/package.json || { \
+		echo "installing the MCP TypeScript client 2.4 (npm)"; \
+		mkdir -p .tsclient2 && cd .tsclient2 && \
+		npm install --silent --no-audit --no-fund @modelcontextprotocol/client@2.4.0; }
 
 inspector:
 	@test -x .inspector/node_modules/.bin/mcp-inspector || { \
@@ -111,4 +116,4 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff check $(SOURCES)
 
 clean:
-	rm -rf .pytest_cache .inspector .tsclient
+	rm -rf .pytest_cache .inspector .tsclient .tsclient2

@@ -17,18 +17,23 @@ from mcp_servers.forge.server import create_server
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
-TSCLIENT = ROOT / ".tsclient"
 # tools/list: 18 KB (issue 21), room kept for the coming tool-calling and view arguments: output shapes name their
 # fields (a nullable one untyped), the six tools that start a job share a handle described once, caps and
 # alphabets the server enforces and names in its errors are not spelled out in the schemas.
 BUDGETS = {"tools/list": 18_000, "job_list_20": 8_000, "train_status": 3_000}
 
 
-def node_chain(*args: str) -> dict:
-    assert (TSCLIENT / "node_modules" / "@modelcontextprotocol" / "sdk").is_dir(), \
-        "the TypeScript SDK is not installed: run `make test`, which installs it into .tsclient/"
+# Each official TypeScript client with its default options: the 1.x SDK speaks 2025-11-25; its successor
+# @modelcontextprotocol/client 2.x, pinned to 2026-07-28, the new era (per-request capabilities, no handshake).
+SDKS = {"2025-11-25": (ROOT / ".tsclient", "sdk"), "2026-07-28": (ROOT / ".tsclient2", "client")}
+
+
+def node_chain(version: str, *args: str) -> dict:
+    root, package = SDKS[version]
+    assert (root / "node_modules" / "@modelcontextprotocol" / package).is_dir(), \
+        f"the TypeScript {package} package is not installed: run `make test`, which installs it into {root.name}/"
     proc = subprocess.run(["node", str(ROOT / "tests" / "ts" / "drive_chain.cjs"), *args], capture_output=True,
-                          text=True, timeout=1500, env={**os.environ, "TSCLIENT_DIR": str(TSCLIENT)})
+                          text=True, timeout=1500, env={**os.environ, "TSCLIENT_DIR": str(root)})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no summary (exit {proc.returncode}): {proc.stdout[-2000:]} {proc.stderr[-2000:]}"
     summary = json.loads(lines[-1])
@@ -36,18 +41,22 @@ def node_chain(*args: str) -> dict:
     return summary
 
 
-def check_chain(summary: dict) -> None:
+def check_chain(summary: dict, version: str) -> None:
     assert summary["tools"] == 18 and summary["errors_checked"] == 3
     # the quantize job's artifacts: the f16, the Q4_K_M and the importance matrix it was made with
     assert summary["train_steps"] == 40 and summary["artifacts"] == 3 and summary["template"] == "chatml"
     assert summary["notifications"] >= summary["waits"] and summary["seal"].startswith("sha256:")
+    if version == "2026-07-28" or summary["protocol"] is not None:  # 1.x over stdio does not say
+        assert summary["protocol"] == version, summary
 
 
-def test_the_typescript_sdk_client_drives_the_chain_over_stdio_with_default_options(home):
-    check_chain(node_chain("stdio", sys.executable, str(home)))
+@pytest.mark.parametrize("version", SDKS)
+def test_the_typescript_sdk_client_drives_the_chain_over_stdio_with_default_options(home, version):
+    check_chain(node_chain(version, "stdio", sys.executable, str(home)), version)
 
 
-async def test_the_typescript_sdk_client_drives_the_chain_over_http_with_default_options(home):
+@pytest.mark.parametrize("version", SDKS)
+async def test_the_typescript_sdk_client_drives_the_chain_over_http_with_default_options(home, version):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mcp_servers.forge.server", "--transport", "http", "--port",
                              str(port)], env={**os.environ, "FORGE_HOME": str(home)}, cwd=str(ROOT))
@@ -60,11 +69,11 @@ async def test_the_typescript_sdk_client_drives_the_chain_over_http_with_default
                         break
                 except OSError:
                     await anyio.sleep(0.3)
-        summary = await anyio.to_thread.run_sync(node_chain, "http", f"http://127.0.0.1:{port}/mcp")
+        summary = await anyio.to_thread.run_sync(node_chain, version, "http", f"http://127.0.0.1:{port}/mcp")
     finally:
         proc.terminate()
         proc.wait()
-    check_chain(summary)
+    check_chain(summary, version)
 
 
 @pytest.mark.parametrize("mode,version", [("legacy", "2025-11-25"), ("2026-07-28", "2026-07-28")])

@@ -11,11 +11,25 @@
 const { createRequire } = require("node:module");
 const path = require("node:path");
 
+// TSCLIENT_DIR holds either SDK: @modelcontextprotocol/sdk 1.x (protocol 2025-11-25) or its successor
+// @modelcontextprotocol/client 2.x, pinned here to protocol 2026-07-28.
 const sdkRoot = process.env.TSCLIENT_DIR;
 const sdk = createRequire(path.join(sdkRoot, "package.json"));
-const { Client } = sdk("@modelcontextprotocol/sdk/client/index.js");
-const { StdioClientTransport } = sdk("@modelcontextprotocol/sdk/client/stdio.js");
-const { StreamableHTTPClientTransport } = sdk("@modelcontextprotocol/sdk/client/streamableHttp.js");
+const modern = (() => { try { sdk.resolve("@modelcontextprotocol/client"); return true; } catch { return false; } })();
+const { Client, StreamableHTTPClientTransport } = modern
+  ? sdk("@modelcontextprotocol/client")
+  : { ...sdk("@modelcontextprotocol/sdk/client/index.js"), ...sdk("@modelcontextprotocol/sdk/client/streamableHttp.js") };
+const { StdioClientTransport } = modern
+  ? sdk("@modelcontextprotocol/client/stdio") : sdk("@modelcontextprotocol/sdk/client/stdio.js");
+
+function newClient() {
+  const info = { name: "forge-ts-check", version: "1.0.0" };
+  return modern ? new Client(info, { versionNegotiation: { mode: { pin: "2026-07-28" } } }) : new Client(info);
+}
+
+function callTool(client, params, options) { // 1.x takes a result schema second; 2.x the options
+  return modern ? client.callTool(params, options) : client.callTool(params, undefined, options);
+}
 
 const ERROR_KEYS = ["code", "details", "hint", "message", "retryable"];
 const summary = { calls: 0, waits: 0, notifications: 0, errors_checked: 0 };
@@ -27,7 +41,7 @@ function fail(message) {
 
 async function call(client, name, args) {
   summary.calls += 1;
-  const result = await client.callTool({ name, arguments: args }); // validates structuredContent itself
+  const result = await callTool(client, { name, arguments: args }); // validates structuredContent itself
   if (result.isError) fail(`${name} failed: ${result.content[0].text}`);
   if (!result.structuredContent) fail(`${name} returned no structured content`);
   return result.structuredContent;
@@ -37,9 +51,9 @@ async function follow(client, handle) {
   for (;;) {
     summary.waits += 1;
     const seen = [];
-    const status = await client.callTool(
+    const status = await callTool(
+      client,
       { name: "forge_job_wait", arguments: { job_id: handle.job_id } },
-      undefined,
       { onprogress: (p) => seen.push(p.progress) },
     );
     if (status.isError) fail(`forge_job_wait failed: ${status.content[0].text}`);
@@ -56,7 +70,7 @@ async function follow(client, handle) {
 }
 
 async function checkError(client, name, args, code) {
-  const result = await client.callTool({ name, arguments: args });
+  const result = await callTool(client, { name, arguments: args });
   if (!result.isError) fail(`${name} with bad arguments succeeded`);
   if (result.content.length !== 1) fail(`${name} error has ${result.content.length} content items`);
   let error;
@@ -78,11 +92,11 @@ async function main() {
       env: { ...process.env, FORGE_HOME: home }, stderr: "ignore",
     })
     : new StreamableHTTPClientTransport(new URL(target));
-  const client = new Client({ name: "forge-ts-check", version: "1.0.0" });
+  const client = newClient();
   await client.connect(transport);
   const tools = (await client.listTools()).tools; // caches each tool's output validator
   summary.tools = tools.length;
-  summary.protocol = client.transport?.protocolVersion ?? null;
+  summary.protocol = modern ? client.getNegotiatedProtocolVersion() : client.transport?.protocolVersion ?? null;
 
   await checkError(client, "forge_job_status", { job_id: "train-20000101-000000-000000" }, "job_not_found");
   await checkError(client, "forge_train", { base_model: "x", dataset: "y", epochs: 3 }, "invalid_argument");
