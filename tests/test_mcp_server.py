@@ -9,8 +9,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from helpers import call, poll_status, stop_runner, wait_job
-from mcp_servers.forge.server import create_server
+from helpers import call, poll_status, wait_job
 
 pytestmark = pytest.mark.anyio
 
@@ -21,13 +20,6 @@ TOOLS = {
     "forge_seal_verify", "forge_publish",
 }
 
-
-
-@pytest.fixture
-def server(home):
-    srv = create_server()
-    yield srv
-    stop_runner(srv.runner)
 
 
 async def test_tools_are_listed_with_descriptions_and_annotations(server):

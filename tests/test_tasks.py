@@ -17,8 +17,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, Request, RequestParams, Result
 from pydantic import ConfigDict
 
-from helpers import call, call_ok, stop_runner, wait_job
-from mcp_servers.forge.server import create_server
+from helpers import call, call_ok, wait_job
 
 pytestmark = pytest.mark.anyio
 TASKS = "io.modelcontextprotocol/tasks"
@@ -91,13 +90,6 @@ class Tasks(ClientExtension):
             return CallToolResult.model_validate(state.result)
 
         return [ResultClaim(result_type="task", model=CreateTaskResult, resolve=resolve)]
-
-
-@pytest.fixture
-def server(home):
-    server = create_server()
-    yield server
-    stop_runner(server.runner)
 
 
 async def test_a_client_that_declares_tasks_gets_a_task_and_follows_it_to_forge_job_waits_result(server):
