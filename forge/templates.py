@@ -266,7 +266,7 @@ def choose(chat_template: str) -> ChosenTemplate:
 
     path = Path(chat_template).expanduser()
     if not path.is_file():
-        raise ForgeError(Codes.FILE_NOT_FOUND, f"chat_template file {chat_template[:120]!r} does not exist",
+        raise ForgeError(Codes.INVALID_ARGUMENT, f"chat_template file {chat_template[:120]!r} does not exist",
                          f"pass an existing .jinja file, or one of the families: {', '.join(BY_NAME)}")
     jinja = read_text(path, "chat template")
     family = tool_family_of(jinja) or next((f for f in FAMILIES if all(m in jinja for m in f.markers)), None)

@@ -42,7 +42,9 @@ from mcp import Client
 from forge.data import BOM, MAX_DEPTH, MAX_LINE_BYTES, MAX_REPORTED, DataConfig, load_dataset, validate
 from forge.errors import ForgeError
 from helpers import stop_runner
+from mcp_servers.forge.schemas import JobHandle
 from mcp_servers.forge.server import create_server
+from mcp_servers.forge.tools_jobs import HANDLE_TOOLS
 
 SCALE = float(os.environ.get("FORGE_FUZZ_SCALE") or 1)
 assert SCALE > 0, "FORGE_FUZZ_SCALE must be a positive number"
@@ -944,7 +946,10 @@ def check_result(call: Call, result, fz: Fuzzed, internal: list) -> None:
         assert tool and not extras and not missing, f"accepted: {call}"
         content = result.structured_content
         assert isinstance(content, dict), f"no structured content: {texts[:1]}"
-        jsonschema.validate(content, tool.output_schema)
+        if tool.output_schema is not None:
+            jsonschema.validate(content, tool.output_schema)
+        elif call.tool in HANDLE_TOOLS:  # the shared job handle, described once rather than in six schemas
+            JobHandle.model_validate(content)
         if "job_id" in content and content["job_id"] not in fz.jobs:
             fz.jobs.append(content["job_id"])
         return
