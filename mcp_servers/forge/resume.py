@@ -44,11 +44,12 @@ def _shown(value) -> str:
     return "default" if value is None else repr(value)
 
 
-def resume_fields(job: dict, given: dict) -> tuple[dict, list[str]]:
-    """The train fields the new job runs with: the job's own, each given one over it; and what changed."""
+def resume_fields(job: dict, given: dict, checkpoint: Path) -> tuple[dict, dict[str, tuple]]:
+    """The train fields the new job runs with: the job's own, each given one over it; and what changed, as
+    {field: (was, now)}."""
     params = job["params"]
     fields = {k: params[k] for k in INHERITED if k in params}
-    changed = []
+    changed = {}
     for key, value in given.items():
         if value is None or value == params.get(key):
             continue
@@ -57,12 +58,12 @@ def resume_fields(job: dict, given: dict) -> tuple[dict, list[str]]:
                              f"{key} {value!r} differs from the {params.get(key)!r} job {job['id']} trained with",
                              f"a checkpoint continues the {key} it was made with: leave {key} out to resume, or "
                              "start a new run without resume_from_job")
-        changed.append(f"{key}: {_shown(params.get(key))} -> {_shown(value)}")
+        changed[key] = (params.get(key), value)
         fields[key] = value
     if job["status"] == Status.SUCCEEDED.value:
         # a finished run is extended in a run dir of its own, from a copy of its last checkpoint: its adapter,
         # and what was merged, quantized and sealed from it, stay as they were
-        return {**fields, "resume_from": str(step_reached(job)[1])}, changed
+        return {**fields, "resume_from": str(checkpoint)}, changed
     return {**fields, "output_dir": params["output_dir"], "resume": True}, changed
 
 
@@ -76,20 +77,20 @@ def step_reached(job: dict) -> tuple[int, Path]:
     return max(checkpoint_step(checkpoint), int(final)), checkpoint
 
 
-def check_schedule(job: dict, changed: list[str], planned: int) -> tuple[int, int, Path]:
-    """Refuse a resume with nothing left; return (step reached, steps planned, checkpoint). With no schedule
-    knob changed, the job's own total (the Trainer's count) stands for ``planned``, the estimate."""
-    reached, checkpoint = step_reached(job)
+def check_schedule(job: dict, changed: dict, planned: int, reached: int) -> int:
+    """Refuse a resume with nothing left; return the steps planned. With no schedule knob changed, the job's
+    own total (the Trainer's count) stands for ``planned``, the estimate."""
     own_total = (job.get("progress") or {}).get("total_steps")
-    if own_total and not any(line.split(":")[0] in SCHEDULE_KNOBS for line in changed):
+    if own_total and not set(changed) & set(SCHEDULE_KNOBS):
         planned = int(own_total)
     refuse_finished_schedule(reached, planned, f"train job {job['id']}")
-    return reached, planned, checkpoint
+    return planned
 
 
-def resume_note(job: dict, checkpoint: Path, planned: int, changed: list[str]) -> str:
+def resume_note(job: dict, checkpoint: Path, planned: int, changed: dict) -> str:
     how = "extends" if job["status"] == Status.SUCCEEDED.value else "continues"
     note = f"{how} {job['id']} from {checkpoint.name} (step {checkpoint_step(checkpoint)} of {planned})"
     if how == "extends":
         note += f" in a new run dir; {job['id']}'s own files stay as they are"
-    return note + ("; changed: " + "; ".join(changed) if changed else "; nothing changed")
+    said = "; ".join(f"{key}: {_shown(was)} -> {_shown(now)}" for key, (was, now) in changed.items())
+    return note + (f"; changed: {said}" if said else "; nothing changed")

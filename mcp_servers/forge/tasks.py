@@ -27,6 +27,7 @@ from pydantic import Field
 
 from forge.errors import ForgeError
 from mcp_servers.forge.replies import LONG_KINDS, progress_text
+from mcp_servers.lib.results import next_actions
 from mcp_servers.lib.store import TERMINAL, Status
 
 TASKS = "io.modelcontextprotocol/tasks"
@@ -116,16 +117,10 @@ class ForgeTasks(Extension):
         if initial or status not in TERMINAL:
             return {**out, "status": "working", "statusMessage": f"{job['id']}: {progress_text(job)}"}
         if status == Status.CANCELLED:
-            after = "; ".join(a for a in self._final(job) if "resume_from_job" in a)
+            after = "; ".join(a for a in next_actions(job) if "resume_from_job" in a)
             message = f"{job['id']}: {progress_text(job)}" + (f"; continue with {after}" if after else "")
             return {**out, "status": "cancelled", "statusMessage": message}
         final = await self.server.call_tool("forge_job_wait", {"job_id": job["id"], "timeout_s": 0},
                                             Context(request_context=ctx, mcp_server=self.server))
         return {**out, "status": "completed", "statusMessage": f"{job['id']}: {job['status']}",
                 "result": final.model_dump(by_alias=True, mode="json", exclude_none=True)}
-
-    @staticmethod
-    def _final(job: dict) -> list[str]:
-        from mcp_servers.lib.results import next_actions
-
-        return next_actions(job)

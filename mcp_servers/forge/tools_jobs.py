@@ -84,11 +84,12 @@ def _resumed(store, job_id: str, given: dict) -> tuple[dict, str]:
     from mcp_servers.forge import resume
 
     job = resume.resumable(store, job_id)
-    fields, changed = resume.resume_fields(job, given)
+    reached, checkpoint = resume.step_reached(job)
+    fields, changed = resume.resume_fields(job, given, checkpoint)
     params, planned = _checked_dataset(fields["dataset"], fields)
-    if "dataset" not in given or given["dataset"] is None:
+    if given.get("dataset") is None:
         params["_dataset"] = job["params"].get("_dataset", params["_dataset"])  # where the copy came from
-    _, planned, checkpoint = resume.check_schedule(job, changed, planned)
+    planned = resume.check_schedule(job, changed, planned, reached)
     return params, resume.resume_note(job, checkpoint, planned, changed)
 
 
