@@ -2,7 +2,8 @@
 call to the worker at work: ``forge_train`` → its first stage in the status), the whole short job (→ ``succeeded``)
 and status-poll latency (``forge_job_status`` while a job runs), through Forge's MCP tools.
 
-Starts its own one-node Ray cluster (head only); needs ``pip install 'forge-finetune[ray]'``.
+Starts its own Ray clusters: one node (head only), then two (a head and a worker node the jobs are
+placed on, through FORGE_RAY_RESOURCES); needs ``pip install 'forge-finetune[ray]'``.
 
     python bench/ray_overhead.py [--jobs 5] [--polls 100]
 """
@@ -79,16 +80,23 @@ def main() -> int:
 
     assets = write_demo_assets(DemoAssetsConfig(dir=assets_dir))
     local = anyio.run(measure, "local", args.jobs, args.polls, assets)
-    with local_cluster(num_cpus=2) as address:
-        os.environ["RAY_ADDRESS"] = address
+    with local_cluster(num_cpus=2) as cluster:
+        os.environ["RAY_ADDRESS"] = cluster.address
         ray = anyio.run(measure, "ray", args.jobs, args.polls, assets)
+    # two nodes: the head, and a worker node that alone has the resource every job asks for
+    with local_cluster(num_cpus=1, workers={"worker": {"num_cpus": 2, "resources": {"forge_node": 1}}}) as cluster:
+        os.environ.update(RAY_ADDRESS=cluster.address, FORGE_RAY_RESOURCES='{"forge_node": 1}')
+        two = anyio.run(measure, "ray", args.jobs, args.polls, assets)
+        del os.environ["FORGE_RAY_RESOURCES"]
     print(f"tiny-model train jobs (max_steps 2), medians of {args.jobs}; forge_job_status medians of {args.polls}")
     print("| executor | submit → first stage (s) | submit → succeeded (s) | forge_job_status (ms) |")
     print("|---|---|---|---|")
-    for name, row in (("local", local), ("ray", ray)):
+    rows = (("local", local), ("ray, one node", ray), ("ray, two nodes (job on the worker)", two))
+    for name, row in rows:
         print(f"| {name} | {row['start_s']:.2f} | {row['total_s']:.2f} | {row['poll_ms']:.2f} |")
-    print(f"ratios ray/local: start {ray['start_s'] / local['start_s']:.2f}x, whole job "
-          f"{ray['total_s'] / local['total_s']:.2f}x, status poll {ray['poll_ms'] / local['poll_ms']:.2f}x")
+    for name, row in rows[1:]:
+        print(f"ratios {name} / local: start {row['start_s'] / local['start_s']:.2f}x, whole job "
+              f"{row['total_s'] / local['total_s']:.2f}x, status poll {row['poll_ms'] / local['poll_ms']:.2f}x")
     return 0
 
 

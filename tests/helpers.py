@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import time
 
 
 def free_port() -> int:
@@ -32,6 +33,7 @@ async def call_ok(client, name: str, args: dict | None = None) -> dict:
 
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+DEADLINE_S = 900  # generous: another job may be using both cores
 
 
 async def wait_job(client, job_id: str, deadline_s: float = 900, on_progress=None) -> dict:
@@ -107,3 +109,34 @@ async def serving():
             yield client
     finally:
         stop_runner(server.runner)
+
+
+# ---- Ray ----
+
+def ray_status(address: str, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(address).get_job_status(job_id).value)
+
+
+def wait_job_row(runner, job_id: str, until, what: str) -> dict:
+    """The job's store row once ``until(row)`` holds; a job that ends before that fails the test at once."""
+
+    def check():
+        row = runner.store.get(job_id)
+        if until(row):
+            return row
+        assert row["status"] not in TERMINAL, (what, row["status"], row["error"])
+        return None
+
+    return wait_until(check, what)
+
+
+def wait_until(predicate, what: str, deadline_s: float = DEADLINE_S, every_s: float = 0.3):
+    end = time.time() + deadline_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.time() < end, f"gave up waiting for {what}"
+        time.sleep(every_s)

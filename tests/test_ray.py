@@ -4,25 +4,33 @@ these tests start and stop themselves; the same tools, statuses, events and seal
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import anyio
 import pytest
 
-from helpers import TERMINAL, call_ok, poll_status, serving, stop_runner, wait_job
+from helpers import (
+    DEADLINE_S,
+    call_ok,
+    poll_status,
+    ray_status,
+    serving,
+    stop_runner,
+    wait_job,
+    wait_job_row,
+    wait_until,
+)
 from mcp_servers.lib.runner import Runner
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-DEADLINE_S = 900  # generous: another job may be using both cores
 
 
 @pytest.fixture(scope="module")
 def ray_address():
     from mcp_servers.lib.ray_local import local_cluster
 
-    with local_cluster(num_cpus=2) as address:
-        yield address
+    with local_cluster(num_cpus=2) as cluster:
+        yield cluster.address
 
 
 @pytest.fixture
@@ -30,35 +38,6 @@ def on_ray(home, ray_address, monkeypatch) -> str:
     monkeypatch.setenv("FORGE_EXECUTOR", "ray")
     monkeypatch.setenv("RAY_ADDRESS", ray_address)
     return ray_address
-
-
-def ray_status(address: str, job_id: str) -> str:
-    from ray.job_submission import JobSubmissionClient
-
-    return str(JobSubmissionClient(address).get_job_status(job_id).value)
-
-
-def wait_job_row(runner: Runner, job_id: str, until, what: str) -> dict:
-    """The job's store row once ``until(row)`` holds; a job that ends before that fails the test at once."""
-
-    def check():
-        row = runner.store.get(job_id)
-        if until(row):
-            return row
-        assert row["status"] not in TERMINAL, (what, row["status"], row["error"])
-        return None
-
-    return wait_until(check, what)
-
-
-def wait_until(predicate, what: str, deadline_s: float = DEADLINE_S, every_s: float = 0.3):
-    end = time.time() + deadline_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.time() < end, f"gave up waiting for {what}"
-        time.sleep(every_s)
 
 
 async def test_the_pipeline_runs_on_ray_from_train_to_seal(on_ray, home):

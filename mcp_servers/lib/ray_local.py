@@ -1,11 +1,19 @@
-"""A one-node Ray cluster that its owner starts and stops (the tests and the Ray bench): ``ray start
---head --block`` in a process group of its own, on free ports, with a short temp dir (Ray's socket
-paths must stay under the OS limit), stopped by signalling that group — never ``ray stop``, which
-would stop every Ray cluster on the machine."""
+"""A Ray cluster on this machine that its owner starts and stops (the tests and the Ray bench): a head
+and any number of worker nodes, each ``ray start --block`` in a process group of its own, on free
+ports, with a short temp dir (Ray's socket paths must stay under the OS limit).
+
+Every process of a node, the Ray workers and job drivers it starts included (some in sessions of their
+own), carries the node's mark in its environment: removing a node (a node failure) or stopping the
+cluster signals every process with the mark, never ``ray stop``, which would stop every Ray cluster on
+the machine. A worker node can be started without the storage others see (``hide``): it runs in a
+mount namespace of its own with an empty tmpfs over that path, as a machine without the shared mount
+would.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -14,7 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
+
+MARK_ENV = "FORGE_RAY_LOCAL_NODE"
+OBJECT_STORE_BYTES = 200 * 1024**2  # small: several nodes share this machine's /dev/shm
 
 
 def _free_port() -> int:
@@ -23,49 +35,161 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextlib.contextmanager
-def local_cluster(num_cpus: int = 2, start_timeout_s: float = 300):
-    """Yield the dashboard address (RAY_ADDRESS) of a fresh head node; stop it on the way out."""
-    from ray.job_submission import JobSubmissionClient
+def _marked(mark: str) -> list[int]:
+    """The pids whose environment carries ``mark`` (exact), as a node's processes do."""
+    needle = f"{MARK_ENV}={mark}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:  # ended meanwhile, or not ours
+            continue
+    return pids
 
-    ray_bin = Path(sys.executable).parent / "ray"
-    temp = tempfile.mkdtemp(prefix="fray", dir="/tmp")
-    gcs_port, dashboard_port, *agent_ports = (_free_port() for _ in range(6))
-    address = f"http://127.0.0.1:{dashboard_port}"
-    log = open(Path(temp) / "ray-start.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--num-gpus", "0",
-         "--port", str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-         # the agents' fixed default ports would clash with another cluster on this machine
-         "--dashboard-agent-listen-port", str(agent_ports[0]), "--dashboard-agent-grpc-port", str(agent_ports[1]),
-         "--runtime-env-agent-port", str(agent_ports[2]), "--metrics-export-port", str(agent_ports[3]),
-         "--include-dashboard", "true", "--disable-usage-stats", "--temp-dir", temp],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+
+def _kill_marked(mark: str, deadline_s: float = 60) -> None:
+    """SIGKILL every process of a node, again until none is left (one may fork while the first go runs),
+    and wait until each has died (a zombie waits only for its parent to reap it)."""
+    end, killed = time.time() + deadline_s, set()
+    while pids := [p for p in _marked(mark) if p != os.getpid()]:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed.update(pids)
+        if time.time() > end:
+            raise TimeoutError(f"processes of Ray node {mark} survive SIGKILL: {pids}")
+        time.sleep(0.2)
+    while any(_state(pid) not in ("", "Z") for pid in killed) and time.time() < end:
+        time.sleep(0.2)
+
+
+def _state(pid: int) -> str:
     try:
-        deadline = time.time() + start_timeout_s
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            stat = fh.read()
+    except OSError:
+        return ""
+    return stat[stat.rfind(")") + 2:].split()[0]
+
+
+class LocalCluster:
+    """A head (``start``), worker nodes (``add_node``), a node failure (``kill_node``), ``stop``."""
+
+    def __init__(self, head_cpus: int = 2, start_timeout_s: float = 300):
+        self.head_cpus, self.timeout_s = head_cpus, start_timeout_s
+        self.temp = tempfile.mkdtemp(prefix="fray", dir="/tmp")
+        self.id = uuid.uuid4().hex[:12]
+        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.nodes: dict[str, subprocess.Popen] = {}  # node name → its `ray start` process
+        self._logs: list = []
+
+    # ---- nodes ----
+
+    def _ray_start(self, name: str, args: list[str], hide: Path | None) -> None:
+        agent_ports = [str(_free_port()) for _ in range(4)]
+        command = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--node-name", name,
+                   "--node-ip-address", "127.0.0.1", "--object-store-memory", str(OBJECT_STORE_BYTES),
+                   # the fixed default ports would clash with another node or cluster on this machine
+                   "--dashboard-agent-listen-port", agent_ports[0], "--dashboard-agent-grpc-port", agent_ports[1],
+                   "--runtime-env-agent-port", agent_ports[2], "--metrics-export-port", agent_ports[3],
+                   "--min-worker-port", "0", "--max-worker-port", "0", "--disable-usage-stats", *args]
+        if hide is not None:
+            command = _without_storage(Path(hide), command)
+        log = open(Path(self.temp) / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self._logs.append(log)
+        self.nodes[name] = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", MARK_ENV: f"{self.id}:{name}"})
+
+    def start(self) -> str:
+        """Start the head node (dashboard and job API included); return its address (RAY_ADDRESS)."""
+        self._ray_start("head", ["--head", "--num-cpus", str(self.head_cpus), "--num-gpus", "0",
+                                 "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
+                                 "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true",
+                                 "--temp-dir", self.temp], None)
+        self._wait_for("head", lambda: _cpus_reported(self.address) >= self.head_cpus and self._takes_jobs())
+        return self.address
+
+    def add_node(self, name: str, num_cpus: int = 1, resources: dict | None = None,
+                 hide: Path | None = None) -> None:
+        """Start a worker node joining the head, with its CPUs and custom resources; wait until it is alive."""
+        args = ["--address", f"127.0.0.1:{self.gcs_port}", "--num-cpus", str(num_cpus), "--num-gpus", "0"]
+        if resources:
+            args += ["--resources", json.dumps(resources)]
+        self._ray_start(name, args, hide)
+        self._wait_for(name, lambda: (self.node(name) or {}).get("state") == "ALIVE")
+
+    def node(self, name: str) -> dict | None:
+        """The node's row in Ray's state API (node_id, state, ...); the newest if the name was reused."""
+        rows = [n for n in _state_nodes(self.address) if n.get("node_name") == name]
+        return max(rows, key=lambda n: n.get("start_time_ms") or 0) if rows else None
+
+    def kill_node(self, name: str) -> None:
+        """A node failure: every process of the node killed at once; returns when the head sees it dead."""
+        _kill_marked(f"{self.id}:{name}")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.nodes.pop(name).wait(timeout=30)
+        self._wait_for(f"{name} to be seen dead", lambda: (self.node(name) or {}).get("state") == "DEAD")
+
+    def stop(self) -> None:
+        """Every process of every node killed (the cluster goes as a whole: nothing to hand over)."""
+        for name in sorted(self.nodes, key=lambda n: n == "head"):  # the workers first, then the head
+            _kill_marked(f"{self.id}:{name}")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.nodes.pop(name).wait(timeout=30)
+        for log in self._logs:
+            log.close()
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+    # ---- waiting ----
+
+    def _takes_jobs(self) -> bool:
+        from ray.job_submission import JobSubmissionClient
+
+        client = JobSubmissionClient(self.address)
+        probe = client.submit_job(entrypoint="true", entrypoint_num_cpus=0)
+        while str(client.get_job_status(probe).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            time.sleep(0.5)
+        return True
+
+    def _wait_for(self, what: str, ready) -> None:
+        deadline = time.time() + self.timeout_s
+        name = what.split()[0]
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited {proc.returncode}: "
-                                   f"{(Path(temp) / 'ray-start.log').read_text(errors='replace')[-2000:]}")
+            proc = self.nodes.get(name)
+            if proc is not None and proc.poll() is not None:
+                log = (Path(self.temp) / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"ray start ({name}) exited {proc.returncode}: {log}")
             try:
-                client = JobSubmissionClient(address)
-                if _cpus_reported(address) >= num_cpus:  # the head node registered its resources
-                    probe = client.submit_job(entrypoint="true")  # and its job agent takes jobs
-                    while str(client.get_job_status(probe).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-                        time.sleep(0.5)
-                    break
+                if ready():
+                    return
             except Exception:
                 if time.time() > deadline:
                     raise
             if time.time() > deadline:
-                raise TimeoutError(f"the Ray head at {address} did not report its CPUs in {start_timeout_s:g} s")
+                raise TimeoutError(f"gave up waiting for Ray node {what} after {self.timeout_s:g} s")
             time.sleep(1)
-        yield address
-    finally:
-        _stop(proc)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _without_storage(path: Path, command: list[str]) -> list[str]:
+    """``command`` in a mount namespace of its own where ``path`` is an empty tmpfs (root, or a user
+    namespace where unprivileged ones are allowed)."""
+    userns = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return ["unshare", *userns, "--mount", "--propagation", "private", "--", "sh", "-c",
+            'mount -t tmpfs forge-not-shared "$1" && shift && exec "$@"', "sh", str(path), *command]
+
+
+def _state_nodes(address: str) -> list[dict]:
+    import requests
+
+    reply = requests.get(f"{address}/api/v0/nodes?detail=1", timeout=10)
+    reply.raise_for_status()
+    return reply.json()["data"]["result"]["result"]
 
 
 def _cpus_reported(address: str) -> float:
@@ -75,12 +199,14 @@ def _cpus_reported(address: str) -> float:
     return ((status or {}).get("loadMetricsReport") or {}).get("usage", {}).get("CPU", [0, 0])[1]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait_s)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+@contextlib.contextmanager
+def local_cluster(num_cpus: int = 2, start_timeout_s: float = 300, workers: dict | None = None):
+    """A started cluster (``workers``: node name → add_node's keyword arguments), stopped on the way out."""
+    cluster = LocalCluster(num_cpus, start_timeout_s)
+    try:
+        cluster.start()
+        for name, spec in (workers or {}).items():
+            cluster.add_node(name, **spec)
+        yield cluster
+    finally:
+        cluster.stop()
