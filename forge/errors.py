@@ -45,6 +45,9 @@ class Codes:
     PUBLISH_DECLINED = "publish_declined"  # the person asked to confirm an upload did not
     INTERNAL = "internal_error"
     EXECUTOR_UNAVAILABLE = "executor_unavailable"  # FORGE_EXECUTOR=ray without Ray, or no cluster answers
+    WORKER_LOST = "worker_lost"  # a job's worker ended without a final state (on Ray: its node left the cluster)
+    NO_NODE_FITS = "no_node_fits"  # no node of the Ray cluster has what a job asks for: it would wait forever
+    STORAGE_NOT_SHARED = "storage_not_shared"  # a Ray node does not see the server's FORGE_HOME
 
 
 class ForgeError(Exception):

@@ -170,6 +170,24 @@ async def test_an_absurd_plan_is_refused_before_it_takes_the_slot(paused_server,
 
 
 @pytest.mark.anyio
+async def test_ray_restarts_are_refused_where_jobs_run_locally(paused_server, assets, tmp_path):
+    """max_failures means Ray Train restarts: accepted and ignored here, an agent would count on them."""
+    from forge.errors import ForgeError
+    from forge.train import TrainConfig, train
+
+    async with Client(paused_server) as client:
+        out = await call(client, "forge_train", train_args(assets, hyperparameters={"max_failures": 2}))
+        listed = await call(client, "forge_job_list", {})
+    assert out["error"]["code"] == Codes.INVALID_ARGUMENT and "Ray" in out["error"]["message"]
+    assert "resume_from_job" in out["error"]["hint"] and listed["jobs"] == []
+    with pytest.raises(ForgeError) as refused:  # the library and `forge train --max-failures` too
+        train(TrainConfig(base_model=assets["model_dir"], dataset=assets["dataset"], max_failures=1,
+                          output_dir=tmp_path / "run"))
+    assert refused.value.code == Codes.INVALID_ARGUMENT and "--resume" in refused.value.hint
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.anyio
 async def test_a_bad_dataset_is_refused_at_submit_with_every_line(paused_server, home):
     bad = home / "bad.jsonl"
     bad.write_bytes(b'{"instruction": "x"}\n\xff\xfe\n')

@@ -86,6 +86,8 @@ class TrainConfig(StageConfig):
     memory_plan: bool = Field(True, description=(
         "On a GPU, choose micro-batch, accumulation (same effective batch) and checkpointing to fit free memory."))
     num_processes: int = Field(1, ge=1, le=64, description="One per GPU (torchrun).")
+    max_failures: int | None = Field(None, ge=0, le=100, description=(
+        "On Ray: restarts from the last checkpoint after a lost node (default 0)."))
     report_to: list[Tracker] = Field(default_factory=list, description=(
         "Experiment trackers (transformers' report_to), writing inside RUN/trackers/, no network: tensorboard, "
         "mlflow (a file store), trackio (a local project)."))

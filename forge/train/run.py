@@ -19,7 +19,7 @@ from forge.train.memory import plan_memory
 from forge.train.methods import build_trainer, trainer_arguments
 from forge.train.metrics import final_evals, train_metrics
 from forge.train.model import grow_vocabulary, load_model, resolve_base_model, use_liger
-from forge.train.ray_train import launch_ray_train
+from forge.train.ray_train import in_ray_train_rank, launch_ray_train, rank_start, ray_train_workers
 from forge.train.run_dir import (
     TrainRun,
     checkpoint_step,
@@ -38,14 +38,21 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
 
     from forge.hardware import device_kind
 
+    on_ray = os.environ.get("FORGE_EXECUTOR") == "ray"
+    if config.max_failures and not on_ray:
+        raise ForgeError(Codes.INVALID_ARGUMENT, f"max_failures={config.max_failures} restarts training on a Ray "
+                         "cluster, and this run is not a Ray job (FORGE_EXECUTOR=ray)",
+                         "leave max_failures out: a stopped run continues from its last checkpoint with "
+                         "resume=true (forge train --resume)")
     # Run dir (and, for several processes, the launcher that runs this function once per rank)
     run = prepare_run(config, on_progress)
     if run.rank0:
         (run.dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
-    if config.num_processes > 1 and not in_launched_rank():
-        if os.environ.get("FORGE_EXECUTOR") == "ray":  # a Ray job: the ranks are Ray Train workers
-            return launch_ray_train(config, run.dir, run.writer, on_progress, _rank_main)
-        return launch_distributed(config, run.dir, run.writer, on_progress)
+    if not in_launched_rank() and not in_ray_train_rank():
+        if on_ray and ray_train_workers(config.num_processes, config.max_failures):
+            return launch_ray_train(config, run.dir, run.writer, on_progress, _rank_main)  # ranks: Ray Train workers
+        if config.num_processes > 1:
+            return launch_distributed(config, run.dir, run.writer, on_progress)
 
     # Data, model, memory plan, trainer
     model_ref, gguf = resolve_base_model(config, run.writer)
@@ -132,4 +139,4 @@ def _run_trainer(trainer, run: TrainRun, stop: StopFlag):
 def _rank_main(config: dict) -> None:
     """One Ray Train worker: the train stage, as a rank."""
     quiet_libraries()
-    train(TrainConfig.model_validate(config))
+    train(rank_start(TrainConfig.model_validate(config)))

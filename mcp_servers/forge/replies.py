@@ -103,7 +103,7 @@ def detail_of(runner: Runner, job: dict) -> dict:
                   result=result if job["kind"] == "publish" else None,
                   metrics={k: v for k, v in results.metrics(result).items() if v is not None},
                   quality=results.quality(result), evaluation=outcome.evaluation_detail(result),
-                  progress=job.get("progress") or {}, more=None,
+                  progress=job.get("progress") or {}, more=None, placement=job.get("placement"),
                   stages={s["stage"]: s["status"] for s in results.pipeline_stages(job, finished_stages(runner, job))})
     return detail
 

@@ -13,7 +13,7 @@ from forge.train import TrainConfig
 AGENT_TRAIN_FIELDS = (
     "num_train_epochs", "max_steps", "learning_rate", "lora_r", "lora_alpha", "lora_dropout", "max_length",
     "per_device_train_batch_size", "gradient_accumulation_steps", "eval_fraction", "save_steps", "seed",
-    "num_processes", "beta", "load_in_4bit",
+    "num_processes", "max_failures", "beta", "load_in_4bit",
 )
 Hyperparameters = TrainConfig.overrides_model("Hyperparameters", AGENT_TRAIN_FIELDS, None)
 

@@ -67,7 +67,7 @@ async def forge_validate_dataset(
     chat_template: Annotated[str | None, Field(max_length=4096, description="As forge_train's.")] = None,
 ) -> Report:
     """Check every line of a JSONL dataset (problems with line numbers and fixes); with base_model, token
-    stats. Next: forge_train."""
+    stats."""
     from forge.data import DataConfig, validate
 
     config = DataConfig(path=check_path(path, "dataset"), format=format, max_length=max_length,

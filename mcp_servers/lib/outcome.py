@@ -28,7 +28,11 @@ def delivered(kind: str, items: list[dict], model: str | None = None) -> list[di
 
 
 def key_metrics(metrics: dict) -> dict:
-    return {k: metrics[k] for k in KEY_METRICS if metrics.get(k) is not None}
+    """The metrics a status shows; a train Ray Train restarted shows how many times (the resource lists them)."""
+    shown = {k: metrics[k] for k in KEY_METRICS if metrics.get(k) is not None}
+    if metrics.get("restarts"):
+        shown["restarts"] = len(metrics["restarts"])
+    return shown
 
 
 def short_names(text: str | None) -> str | None:

@@ -9,7 +9,6 @@ and tails Ray's log. A restarted server finds its Ray jobs in the store and carr
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -19,8 +18,9 @@ from pathlib import Path
 
 from forge.errors import Codes, ForgeError
 from forge.paths import CONFINED_ENV
-from mcp_servers.lib import channel
+from mcp_servers.lib import channel, ray_placement
 from mcp_servers.lib.errors import JobCodes
+from mcp_servers.lib.ray_storage import StorageCheck
 from mcp_servers.lib.store import TERMINAL, JobStore, Status
 
 log = logging.getLogger("forge.ray")
@@ -28,17 +28,24 @@ RAY_PIN = "ray[default,train]==2.60.0"
 INSTALL_HINT = f"pip install 'forge-finetune[ray]' (pins {RAY_PIN}), or unset FORGE_EXECUTOR to run jobs here"
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 STATUS_EVERY_S = 2.0  # how often Ray is asked about each job (the channel is read on every pass)
-GPU_KINDS = ("train", "pipeline", "evaluate")  # kinds that run a model on a GPU when the cluster has one
+OWN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+OWN_PREFIXES = ("node:", "accelerator_type:")
 # What a Ray job's environment carries from the server's: Forge's own settings and the caches' places.
 # Secrets (HF_TOKEN, FORGE_MCP_TOKEN) never go: Ray shows a job's runtime_env to anyone who can see
 # the cluster. A publish job runs on the server's machine.
-PASSED_ENV = ("FORGE_ALLOWED_ROOTS", "LLAMA_CPP_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-              "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "FORGE_NO_LIGER", "FORGE_LLAMA_CPP_SDIST")
+PASSED_ENV = ("FORGE_ALLOWED_ROOTS", "FORGE_RAY_RESOURCES", "FORGE_RAY_MAX_FAILURES", "LLAMA_CPP_DIR", "HF_HOME",
+              "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS", "OMP_WAIT_POLICY",
+              "FORGE_NO_LIGER", "FORGE_LLAMA_CPP_SDIST")
 GIB = 1024**3
 
 
 def ray_address() -> str:
     return os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+
+
+def ray_python() -> str:
+    """The Python a Ray job runs Forge with on the nodes: FORGE_RAY_PYTHON, else this server's."""
+    return os.environ.get("FORGE_RAY_PYTHON") or sys.executable
 
 
 class RayExecutor:
@@ -49,6 +56,7 @@ class RayExecutor:
         self.address = address or ray_address()
         self._client = None
         self._asked: dict[str, float] = {}  # job id → when Ray was last asked about it
+        self._storage = StorageCheck(home, lambda: self.client, shlex.quote(ray_python()), ray_placement.HEAD_RESOURCE)
 
     # ---- the cluster ----
 
@@ -85,9 +93,12 @@ class RayExecutor:
             if node.get("state") != "ALIVE":
                 continue
             total = node.get("resources_total") or {}
-            nodes.append({"ip": node.get("node_ip"), "head": bool(node.get("is_head_node")),
+            custom = {k: v for k, v in total.items() if k not in OWN_RESOURCES and not k.startswith(OWN_PREFIXES)}
+            nodes.append({"name": node.get("node_name") or node.get("node_ip"), "ip": node.get("node_ip"),
+                          "id": node.get("node_id"), "head": bool(node.get("is_head_node")),
                           "cpus": total.get("CPU", 0), "gpus": total.get("GPU", 0),
-                          "memory_gib": round(total.get("memory", 0) / GIB, 1)})
+                          "memory_gib": round(total.get("memory", 0) / GIB, 1),
+                          **({"resources": custom} if custom else {})})
         usage = self._get("/api/cluster_status")["clusterStatus"]["loadMetricsReport"]["usage"]
         free = {name: round(total - used, 2) for name, (used, total) in usage.items()
                 if name in ("CPU", "GPU", "memory")}
@@ -95,25 +106,66 @@ class RayExecutor:
             free["memory_gib"] = round(free.pop("memory") / GIB, 1)
         return {"address": self.client.get_address(), "nodes": nodes, "free": free}
 
+    def node_states(self) -> dict[str, dict]:
+        """Every node Ray's state API knows, dead ones too, by id: name, ip, state and why it died."""
+        return {n.get("node_id"): {"name": n.get("node_name") or n.get("node_ip"), "ip": n.get("node_ip"),
+                                   "id": n.get("node_id"), "state": n.get("state"),
+                                   "why": n.get("state_message") or ""}
+                for n in self._get("/api/v0/nodes?detail=1")["result"]["result"]}
+
+    # ---- what every node sees, and what fits ----
+
+    def storage(self, nodes: list[dict]) -> dict | None:
+        """The shared-storage check's result for these nodes (None while it runs; it starts if needed)."""
+        return self._storage.state(n["id"] for n in nodes)
+
+    def placeable(self) -> dict | None:
+        """Before a job is handed to Ray: the shared-storage check of the nodes there now ({"ok": ...}), or
+        None while it runs (or the dashboard did not answer: asked again on the next pass)."""
+        client = self.client  # no cluster at the address: ForgeError executor_unavailable
+        try:
+            nodes = self.cluster()["nodes"]
+        except Exception as exc:
+            log.warning("the Ray dashboard at %s did not list the nodes: %s", client.get_address(), exc)
+            return None
+        return self.storage(nodes)
+
+    def report(self) -> dict:
+        """For forge_environment: the cluster's nodes and free resources, and the shared-storage check."""
+        report = self.cluster()
+        checked = self.storage(report["nodes"])
+        if checked is None:
+            report["shared_storage"] = {"checking": True, "home": str(self.home)}
+        else:
+            report["shared_storage"] = {k: checked[k] for k in ("ok", "home", "nodes") if k in checked}
+            if checked.get("error"):
+                report["shared_storage"]["error"] = checked["error"]
+        return report
+
+    def admit(self, kind: str, params: dict) -> None:
+        """Refuse, at submit, a job that could never run here: a cluster whose nodes do not all see
+        FORGE_HOME, or no node with what the job asks for. A cluster that does not answer is not refused
+        here: the job fails with executor_unavailable when it is placed."""
+        try:
+            nodes = self.cluster()["nodes"]
+        except Exception:
+            return
+        checked = self.storage(nodes)
+        if checked is not None and not checked["ok"] and not checked.get("incomplete"):
+            raise ForgeError(**_error_args(checked["error"]))
+        refused = ray_placement.refusal(kind, params, nodes)
+        if refused is not None:
+            raise refused
+
     # ---- submit ----
 
     def resources(self, kind: str, params: dict) -> dict:
-        """What a job asks Ray for: CPUs (FORGE_RAY_JOB_CPUS, default 1), a GPU for a model-running kind
-        when the cluster has GPUs (a multi-process train's Ray Train workers ask for their own), and
-        memory from the memory planner where the base model's shape is known."""
-        ranks = int(params.get("num_processes") or 1)
-        # a multi-process train's driver only follows its Ray Train workers, which ask for their own CPUs
-        cpus = 0 if ranks > 1 else float(os.environ.get("FORGE_RAY_JOB_CPUS") or 1)
+        """What a job asks Ray for (``ray_placement.asks``), from the cluster's GPUs."""
         try:
             cluster_gpus = sum(n["gpus"] for n in self.cluster()["nodes"])
         except Exception:  # a cluster that answers jobs but not the dashboard's routes: no GPU asked
             cluster_gpus = 0
-        gpus = 1 if cluster_gpus and kind in GPU_KINDS and ranks <= 1 else 0
-        out = {"num_cpus": cpus, "num_gpus": gpus}
-        memory = _planned_memory(kind, params, on_gpu=bool(gpus))
-        if memory:
-            out["memory"] = memory
-        return out
+        return ray_placement.asks(kind, params, cluster_gpus)
 
     def submit(self, job: dict) -> None:
         """Hand a queued job to Ray; it stays 'queued' in Forge until its worker starts on a node."""
@@ -124,12 +176,12 @@ class RayExecutor:
         env.update(FORGE_HOME=str(self.home), FORGE_EXECUTOR="ray", PYTHONUNBUFFERED="1", **{CONFINED_ENV: "1"},
                    # Ray's stop: SIGTERM (the trainer saves a checkpoint), SIGKILL after this many seconds
                    RAY_JOB_STOP_WAIT_TIME_S=os.environ.get("FORGE_RAY_CANCEL_GRACE_S", "60"))
-        python = os.environ.get("FORGE_RAY_PYTHON") or sys.executable
-        entrypoint = f"{shlex.quote(python)} -m mcp_servers.lib.worker --channel {shlex.quote(str(run_dir))}"
+        entrypoint = f"{shlex.quote(ray_python())} -m mcp_servers.lib.worker --channel {shlex.quote(str(run_dir))}"
         self.client.submit_job(
             entrypoint=entrypoint, submission_id=job["id"], runtime_env={"env_vars": env},
             metadata={"forge_kind": job["kind"]}, entrypoint_num_cpus=resources["num_cpus"],
-            entrypoint_num_gpus=resources["num_gpus"], entrypoint_memory=resources.get("memory"))
+            entrypoint_num_gpus=resources["num_gpus"], entrypoint_memory=resources.get("memory"),
+            entrypoint_resources=resources["resources"] or None)
         self.store.update(job["id"], stage=waiting_stage(resources),
                           placement={"executor": "ray", "address": self.address, "resources": resources})
         log.info("job %s submitted to Ray at %s with %s", job["id"], self.address, resources)
@@ -154,6 +206,8 @@ class RayExecutor:
                 return
             info = None  # the cluster lost the job (it was restarted)
         status = str(info.status.value if hasattr(info.status, "value") else info.status) if info else "LOST"
+        if status == "RUNNING" and not (job["placement"] or {}).get("node"):
+            self._note_node(job, getattr(info, "driver_node_id", None))
         if status in ("PENDING", "RUNNING"):
             return
         self._ingest(self.store.get(job["id"]))  # what the worker wrote just before it ended
@@ -165,11 +219,45 @@ class RayExecutor:
             self.store.transition(job["id"], Status.CANCELLED)
             return
         message = (info.message or "") if info else "the Ray cluster no longer knows this job"
-        self.store.transition(job["id"], Status.FAILED, error={
-            "code": JobCodes.WORKER_LOST, "retryable": True,
-            "message": f"the Ray job ended ({status}) without recording a final state: {message[:300]}",
-            "hint": "read the job's log (forge://jobs/{id}/log); start it again — a train job continues "
-                    "from its last checkpoint with resume_from_job", "details": [f"ray status: {status}"]})
+        self.store.transition(job["id"], Status.FAILED, error=self._lost(job, status, message))
+
+    def _note_node(self, job: dict, node_id: str | None) -> None:
+        """Record the node a job's worker runs on (the Ray job's driver node) in its placement."""
+        try:
+            node = self.node_states().get(node_id) if node_id else None
+        except Exception:
+            return  # asked again on the next pass
+        if node:
+            placement = {**(job["placement"] or {}), "node": {k: node[k] for k in ("name", "ip", "id")}}
+            self.store.update(job["id"], placement=placement)
+
+    def _lost(self, job: dict, status: str, message: str) -> dict:
+        """The error of a Ray job that ended without its worker saying how: the node it ran on when that
+        node left the cluster, and for a train the checkpoint a resume continues from."""
+        from forge.train.run_dir import checkpoint_step, latest_checkpoint
+
+        node = (self.store.get(job["id"])["placement"] or {}).get("node") or {}
+        try:
+            state = self.node_states().get(node.get("id")) or {}
+        except Exception:
+            state = {}
+        details = [f"ray status: {status}"]
+        if state.get("state") == "DEAD":
+            text = (f"node {node['name']} ({node['ip']}, id {node['id'][:12]}) running the job left the Ray "
+                    f"cluster{': ' + state['why'][:200] if state['why'] else ''}")
+            details.append(f"node: {node['name']} {node['ip']} {node['id']}")
+        else:
+            text = f"the Ray job ended ({status}) without recording a final state: {message[:300]}"
+        hint = "read the job's log (forge://jobs/{id}/log) and start the job again"
+        run_dir = Path((job["params"] or {}).get("output_dir") or job["run_dir"])
+        checkpoint = latest_checkpoint(run_dir / "checkpoints") if job["kind"] in ("train", "pipeline") else None
+        if checkpoint is not None:
+            hint = (f"forge_train(resume_from_job=\"{job['id']}\") continues from {checkpoint.name} (step "
+                    f"{checkpoint_step(checkpoint)}) on the nodes left")
+            details.append(f"checkpoint: {checkpoint}")
+        elif job["kind"] == "train":
+            hint += "; no checkpoint was saved yet, so a train starts from the beginning"
+        return {"code": JobCodes.WORKER_LOST, "retryable": True, "message": text, "hint": hint, "details": details}
 
     def _ingest(self, job: dict) -> None:
         ops, offset = channel.read(Path(job["run_dir"]), job["channel_offset"])
@@ -205,28 +293,16 @@ class RayExecutor:
 
 
 def waiting_stage(resources: dict) -> str:
+    if resources.get("workers"):
+        return (f"ray_queue: waiting in Ray's queue for {resources['workers']} Ray Train workers of "
+                f"{ray_placement._words(resources['per_worker'])}")
     asks = [f"{resources['num_cpus']:g} CPU", f"{resources['num_gpus']:g} GPU"]
     if resources.get("memory"):
         asks.append(f"{resources['memory'] / GIB:.1f} GiB memory")
+    asks += [f"{v:g} {k}" for k, v in resources["resources"].items()]
     return f"ray_queue: waiting in Ray's queue for {', '.join(asks)}"
 
 
-def _planned_memory(kind: str, params: dict, on_gpu: bool) -> int | None:
-    """Host memory a job needs, from the memory planner, when its base model is a local dir: on a GPU
-    node the weights pass through host memory while loading; on a CPU node the whole run lives there."""
-    if kind not in ("train", "pipeline", "merge"):
-        return None
-    from forge.planner import ModelShape, estimate
-
-    base = params.get("base_model")
-    if not base or not (Path(base) / "config.json").is_file():
-        return None
-    try:
-        shape = ModelShape.from_config(json.loads((Path(base) / "config.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
-        return None
-    weights = (shape.layer_params() + shape.embedding_params()) * 2
-    if kind == "merge" or on_gpu:
-        return int(weights * 1.2)
-    tokens = int(params.get("max_length") or 1024)
-    return estimate(shape, params.get("method") or "lora", tokens, True, False, int(params.get("lora_r") or 16))
+def _error_args(error: dict) -> dict:
+    return {"code": error["code"], "message": error["message"], "hint": error.get("hint", ""),
+            "retryable": error.get("retryable", False), "details": error.get("details") or []}

@@ -21,12 +21,14 @@ from forge.paths import CONFINED_ENV, forge_home, open_output
 from forge.runs import runs_dir
 from mcp_servers.lib.errors import ForgeError, JobCodes
 from mcp_servers.lib.jobs import HEAVY_KINDS
+from mcp_servers.lib.ray_placement import train_fields
 from mcp_servers.lib.store import TERMINAL, JobStore, Status
 
 log = logging.getLogger("forge.runner")
 HEARTBEAT_STALE_S = 30.0
 PUMP_INTERVAL_S = 0.5
 EXECUTORS = ("local", "ray")
+CHECKING_STORAGE = "ray_queue: checking that every node of the cluster sees FORGE_HOME"
 
 
 def executor_choice() -> str:
@@ -84,8 +86,16 @@ class Runner:
         if self._thread is None:
             disk.ensure_reserve(self.home)  # room for a job to record that the disk filled up
             self.reconcile()
+            if self.executor == "ray":  # every node must see FORGE_HOME: checked now, in the background
+                threading.Thread(target=self._check_ray_storage, name="forge-ray-storage", daemon=True).start()
             self._thread = threading.Thread(target=self._loop, name="forge-runner", daemon=True)
             self._thread.start()
+
+    def _check_ray_storage(self) -> None:
+        try:
+            self.ray().placeable()
+        except Exception as exc:  # no cluster yet: each job says so when it is placed
+            log.warning("the shared-storage check did not start: %s", str(exc).splitlines()[0] if str(exc) else exc)
 
     def stop(self) -> None:
         """Stop scheduling. Running workers carry on: they outlive the server by design."""
@@ -111,6 +121,13 @@ class Runner:
         return self.home / runs_dir().name / job_id
 
     def submit(self, kind: str, params: dict, client_request_id: str | None = None) -> tuple[dict, bool]:
+        if self.executor == "ray" and kind in HEAVY_KINDS:
+            self.ray().admit(kind, params)  # a job no node could ever take is refused now, not queued forever
+        elif train_fields(kind, params).get("max_failures"):
+            raise ForgeError(Codes.INVALID_ARGUMENT, "max_failures restarts training on a Ray cluster, and this "
+                             "server runs jobs here (FORGE_EXECUTOR=local)",
+                             "leave max_failures out: a stopped train continues from its last checkpoint with "
+                             "forge_train(resume_from_job=...)")
         job, created = self.store.create(kind, params, client_request_id)
         if created:
             run_dir = self.run_dir(job["id"])
@@ -140,7 +157,7 @@ class Runner:
         if self.executor == "local":
             return {"name": "local", "max_concurrent_jobs": self.max_concurrent}
         try:
-            return {"name": "ray", **self.ray().cluster()}
+            return {"name": "ray", **self.ray().report()}
         except ForgeError as err:
             return {"name": "ray", "address": self.ray().address, "error": err.to_dict()}
         except Exception as exc:  # the dashboard answered, but not as expected
@@ -168,6 +185,14 @@ class Runner:
 
     def _place_on_ray(self, job: dict) -> None:
         try:
+            checked = self.ray().placeable()
+            if checked is None:  # Ray gets the job once every node is known to see FORGE_HOME
+                if job["stage"] != CHECKING_STORAGE:
+                    self.store.update(job["id"], stage=CHECKING_STORAGE)
+                return
+            if not checked["ok"]:
+                self.store.transition(job["id"], Status.FAILED, error=checked["error"])
+                return
             self._prepare_run_dir(job["id"]).close()
             self.ray().submit(job)
         except ForgeError as err:
