@@ -9,6 +9,8 @@ import signal
 import socket
 import time
 
+import anyio
+
 
 def free_port() -> int:
     """A TCP port nothing listens on now, for a server a test starts."""
@@ -114,9 +116,9 @@ async def serving():
 # ---- Ray ----
 
 def ray_status(address: str, job_id: str) -> str:
-    from ray.job_submission import JobSubmissionClient
+    from mcp_servers.lib.ray_executor import submission_client
 
-    return str(JobSubmissionClient(address).get_job_status(job_id).value)
+    return str(submission_client(address).get_job_status(job_id).value)
 
 
 def wait_job_row(runner, job_id: str, until, what: str) -> dict:
@@ -140,3 +142,59 @@ def wait_until(predicate, what: str, deadline_s: float = DEADLINE_S, every_s: fl
             return value
         assert time.time() < end, f"gave up waiting for {what}"
         time.sleep(every_s)
+
+
+# a head and two worker nodes; FORGE_RAY_RESOURCES sends jobs to the nodes that have forge_node
+WORKERS = {"worker-a": {"num_cpus": 1, "resources": {"forge_node": 1}},
+           "worker-b": {"num_cpus": 1, "resources": {"forge_node": 1}}}
+ON_WORKERS = json.dumps({"forge_node": 1})  # FORGE_RAY_RESOURCES: jobs go to the nodes that have it
+
+
+def use(cluster, monkeypatch) -> None:
+    monkeypatch.setenv("FORGE_EXECUTOR", "ray")
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    monkeypatch.setenv("FORGE_RAY_RESOURCES", ON_WORKERS)
+
+
+async def checked_environment(client) -> dict:
+    """forge_environment once the shared-storage check of the cluster's nodes has ended."""
+    with anyio.fail_after(DEADLINE_S):
+        while True:
+            env = await call_ok(client, "forge_environment")
+            assert "error" not in env["executor"], env["executor"]  # the cluster answers
+            if not env["executor"]["shared_storage"].get("checking"):
+                return env
+            await anyio.sleep(0.5)
+
+
+async def detail(client, job_id: str) -> dict:
+    return json.loads((await client.read_resource(f"forge://jobs/{job_id}")).contents[0].text)
+
+
+async def node_of(client, job_id: str) -> dict:
+    """The node a job's worker runs on, from its resource, once the server has recorded it."""
+    with anyio.fail_after(DEADLINE_S):
+        while not ((await detail(client, job_id)).get("placement") or {}).get("node"):
+            await anyio.sleep(0.5)
+    return (await detail(client, job_id))["placement"]["node"]
+
+
+async def all_events(client, job_id: str) -> list[dict]:
+    """Every event of a job, page after page."""
+    events, after = [], 0
+    while True:
+        page = await call_ok(client, "forge_job_events", {"job_id": job_id, "after": after, "limit": 200})
+        events += page["events"]
+        if page["next_after"] is None:
+            return events
+        after = page["next_after"]
+
+
+async def reach_step(client, job_id: str, step: int) -> dict:
+    with anyio.fail_after(DEADLINE_S):
+        while True:
+            status = await call_ok(client, "forge_job_status", {"job_id": job_id})
+            assert status["status"] in ("queued", "running"), status
+            if (status["progress"].get("step") or 0) >= step:
+                return status
+            await anyio.sleep(0.3)

@@ -6,10 +6,10 @@ restarts allowed (``max_failures``, even for one worker). Ray Train sets each wo
 the process group; from there it is the same code as a torchrun rank: rank 0 alone writes progress,
 checkpoints' extras, the adapter and the metrics, into the run dir on storage every node sees.
 
-Each worker notes where it runs in the run dir (``ray_train_ranks.jsonl``). When Ray Train starts the
-ranks again after a worker or its node was lost, each rank finds its earlier start there and continues
-from the run's last checkpoint; rank 0 names the nodes that left, and the result lists every restart.
-Without restarts left, a lost node ends the job as ``worker_lost``, with the node and the checkpoint.
+Each worker notes where it runs (``ray_ranks``). When Ray Train starts the ranks again after a worker or
+its node was lost, every rank continues from the run's last checkpoint, and the result lists every
+restart with the nodes that left. Without restarts left, a lost node ends the job as ``worker_lost``,
+with the node and the checkpoint.
 
 The worker's function comes from the caller (``forge.train.run``), so this launcher never imports the
 train stage back.
@@ -21,23 +21,20 @@ import json
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from forge.errors import Codes, ForgeError
-from forge.paths import open_output
 from forge.progress import ProgressCallback, ProgressWriter
-from forge.runs import PROGRESS_FILE, STAGES_DIR, Outcome, record_stage
+from forge.runs import STAGES_DIR, Outcome, record_stage
 from forge.train.callbacks import STOP_FILE
 from forge.train.launch import relay_rank0
-from forge.train.run_dir import checkpoint_step, latest_checkpoint
+from forge.train.ray_ranks import clear_starts, failure, read_starts, restarts_of
+from forge.train.run_dir import latest_checkpoint
 
-RANKS_FILE = "ray_train_ranks.jsonl"
 MAX_FAILURES_ENV = "FORGE_RAY_MAX_FAILURES"
 RESOURCES_ENV = "FORGE_RAY_RESOURCES"  # JSON: custom resources each job (each Ray Train worker) asks for
-IN_RANK_ENV = "FORGE_IN_RAY_TRAIN"
-NODE_DEATH_WAIT_S = 120.0  # how long a failed run waits for Ray to declare a rank's node dead
+START_RETRIES = 3  # Ray Train's tries to place a restart's workers (a minute each) before the run fails
 
 
 def max_failures(value: int | None) -> int:
@@ -76,10 +73,6 @@ def custom_resources() -> dict[str, float]:
     return {str(k): float(v) for k, v in parsed.items()}
 
 
-def in_ray_train_rank() -> bool:
-    return os.environ.get(IN_RANK_ENV) == "1"
-
-
 def launch_ray_train(config, run_dir: Path, writer: ProgressWriter, on_progress: ProgressCallback | None,
                      rank_main: Callable[[dict], None]) -> dict:
     """Run the Ray Train workers, each calling ``rank_main`` with the config as a dict (the train stage, as a
@@ -100,13 +93,15 @@ def launch_ray_train(config, run_dir: Path, writer: ProgressWriter, on_progress:
                          "lower num_processes, or add nodes to the cluster (`ray start --address=<head>`)")
     writer.stage("launching", num_processes=workers, distributed=config.distributed, launcher="ray_train",
                  use_gpu=use_gpu, max_failures=restarts)
-    (run_dir / RANKS_FILE).unlink(missing_ok=True)  # the starts of this job's ranks only
+    clear_starts(run_dir)  # the starts of this job's ranks only
     per_worker = {"GPU" if use_gpu else "CPU": 1.0, **custom_resources()}
     trainer = TorchTrainer(
         rank_main, train_loop_config=config.model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(name="ray_train", storage_path=str(run_dir.resolve()),
-                             failure_config=FailureConfig(max_failures=restarts)))
+                             # a restart whose workers cannot be placed (too few nodes left) ends, not retried forever
+                             failure_config=FailureConfig(max_failures=restarts,
+                                                          controller_failure_limit=START_RETRIES)))
     outcome: dict = {}
 
     def fit() -> None:
@@ -125,109 +120,11 @@ def launch_ray_train(config, run_dir: Path, writer: ProgressWriter, on_progress:
         writer.stage("cancelled", checkpoint=str(checkpoint))
         return {"status": Outcome.CANCELLED, "run_dir": str(run_dir), "checkpoint": str(checkpoint)}
     if "error" in outcome:
-        raise _failure(run_dir, outcome["error"], restarts)
+        raise failure(run_dir, outcome["error"])
     result = json.loads((run_dir / STAGES_DIR / "train.json").read_text(encoding="utf-8"))
-    starts = _starts(run_dir)
+    starts = read_starts(run_dir)
     last = max((s["attempt"] for s in starts), default=1)
     result["metrics"]["nodes"] = [s["node"] for s in sorted(starts, key=lambda s: s["rank"]) if s["attempt"] == last]
-    result["metrics"]["restarts"] = _restarts(starts)
+    result["metrics"]["restarts"] = restarts_of(starts)
     record_stage(run_dir, "train", result)
     return result
-
-
-def rank_start(config):
-    """Each Ray Train worker, as it starts: note the node it runs on; when Ray Train has started the ranks
-    again (a worker or node was lost), continue from the run's last checkpoint, and rank 0 says so."""
-    import ray
-
-    os.environ[IN_RANK_ENV] = "1"
-    run_dir = Path(config.run_dir())
-    rank = ray.train.get_context().get_world_rank()
-    earlier = [s for s in _starts(run_dir) if s["rank"] == rank]
-    record = {"rank": rank, "attempt": len(earlier) + 1, "at": round(time.time(), 3),
-              "node": _node_name(_this_node())}
-    if earlier:
-        checkpoint = latest_checkpoint(run_dir / "checkpoints")
-        if checkpoint is not None:
-            config = config.model_copy(update={"resume": True, "resume_from": None})
-            record.update(resume_from=str(checkpoint), step=checkpoint_step(checkpoint))
-    with open_output(run_dir / RANKS_FILE, "Ray Train ranks file", append=True) as fh:  # never through a link
-        fh.write((json.dumps(record) + "\n").encode("utf-8"))
-    if earlier and rank == 0:
-        ProgressWriter(run_dir / PROGRESS_FILE).stage(
-            "restarted", attempt=record["attempt"], resume_from=record.get("resume_from"), step=record.get("step"))
-    return config
-
-
-def _restarts(starts: list[dict]) -> list[dict]:
-    """Each time Ray Train started the ranks again: from which checkpoint, and which nodes of the ranks before
-    had left the cluster (none when a worker process died on a node that is still there)."""
-    import ray
-
-    dead = {n["NodeID"]: n for n in ray.nodes() if not n.get("Alive")}
-    out = []
-    for start in starts:
-        if start["rank"] != 0 or start["attempt"] == 1:
-            continue
-        before = {s["node"]["id"] for s in starts if s["attempt"] == start["attempt"] - 1}
-        out.append({**{k: start.get(k) for k in ("attempt", "resume_from", "step")},
-                    "lost_nodes": [_node_name(dead[i]) for i in sorted(before) if i in dead]})
-    return out
-
-
-def _node_name(node: dict | None) -> dict:
-    node = node or {}
-    return {"name": node.get("NodeName") or node.get("NodeManagerAddress"), "ip": node.get("NodeManagerAddress"),
-            "id": node.get("NodeID")}
-
-
-def _this_node() -> dict | None:
-    import ray
-
-    here = ray.get_runtime_context().get_node_id()
-    return next((n for n in ray.nodes() if n["NodeID"] == here), None)
-
-
-def _starts(run_dir: Path) -> list[dict]:
-    path = run_dir / RANKS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _looks_lost(error: BaseException) -> bool:
-    """A Ray Train failure that a lost worker or node can cause (its actor died or cannot be reached)."""
-    text = f"{type(error).__name__} {error} {error.__cause__!r}".lower()
-    return any(word in text for word in ("died", "unavailable", "node", "worker group", "actor"))
-
-
-def _failure(run_dir: Path, error: BaseException, restarts: int) -> ForgeError:
-    """Why Ray Train failed, in Forge's words: a node of the ranks left the cluster (worker_lost, with
-    the node and the checkpoint to resume from), or anything else (internal_error)."""
-    import ray
-
-    starts = _starts(run_dir)
-    last = max((s["attempt"] for s in starts), default=1)
-    used = {s["node"]["id"]: s for s in starts if s["attempt"] == last}
-    # a rank's worker is seen gone at once; its node is declared dead after the missed health checks
-    deadline = time.time() + (NODE_DEATH_WAIT_S if _looks_lost(error) else 0)
-    while not (dead := [_node_name(n) for n in ray.nodes() if n["NodeID"] in used and not n.get("Alive")]):
-        if time.time() >= deadline:
-            break
-        time.sleep(1)
-    if not dead:
-        return ForgeError(Codes.INTERNAL, f"Ray Train failed: {str(error).splitlines()[0][:400]}",
-                          "read the job's log (forge://jobs/{id}/log); num_processes must not exceed the "
-                          "cluster's GPUs (or CPUs)")
-    checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    names = ", ".join(f"{n['name']} ({n['ip']}, id {n['id'][:12]})" for n in dead)
-    where = (f"from {checkpoint.name} (step {checkpoint_step(checkpoint)})" if checkpoint
-             else "from the start (no checkpoint was saved yet)")
-    tried = f" after {restarts} restart(s)" if restarts else ""
-    return ForgeError(
-        Codes.WORKER_LOST, f"node {names} left the Ray cluster while it trained rank(s) "
-        f"{', '.join(str(used[n['id']]['rank']) for n in dead)}{tried}",
-        f"resume with forge_train(resume_from_job=...): it continues {where} on the nodes left; "
-        "max_failures (or FORGE_RAY_MAX_FAILURES) lets Ray Train restart on its own", retryable=True,
-        details=[f"node: {n['name']} {n['ip']} {n['id']}" for n in dead]
-        + ([f"checkpoint: {checkpoint}"] if checkpoint else []))

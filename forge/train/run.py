@@ -19,7 +19,8 @@ from forge.train.memory import plan_memory
 from forge.train.methods import build_trainer, trainer_arguments
 from forge.train.metrics import final_evals, train_metrics
 from forge.train.model import grow_vocabulary, load_model, resolve_base_model, use_liger
-from forge.train.ray_train import in_ray_train_rank, launch_ray_train, rank_start, ray_train_workers
+from forge.train.ray_ranks import in_ray_train_rank, rank_start
+from forge.train.ray_train import launch_ray_train, ray_train_workers
 from forge.train.run_dir import (
     TrainRun,
     checkpoint_step,
@@ -46,7 +47,7 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
                          "resume=true (forge train --resume)")
     # Run dir (and, for several processes, the launcher that runs this function once per rank)
     run = prepare_run(config, on_progress)
-    if run.rank0:
+    if run.rank0 and not in_ray_train_rank():  # a Ray Train rank restarting must not drop a stop under way
         (run.dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
     if not in_launched_rank() and not in_ray_train_rank():
         if on_ray and ray_train_workers(config.num_processes, config.max_failures):

@@ -46,6 +46,11 @@ RunName = Annotated[str | None, name_arg(
     "Run dir name; default the job id.")]
 
 
+async def _submit(runner, kind: str, params: dict, client_request_id: str | None) -> tuple[dict, bool]:
+    """Queue the job off the event loop: on Ray, submitting asks the cluster (its nodes, the storage check)."""
+    return await anyio.to_thread.run_sync(lambda: runner.submit(kind, params, client_request_id))
+
+
 def _checked_dataset(dataset: str, train_fields: dict) -> tuple[dict, int]:
     """Copy the dataset into FORGE_HOME, validate every line, and size the plan; return the train
     fields the job runs with (the dataset now the copy) and the steps it plans."""
@@ -121,7 +126,7 @@ async def forge_train(
         if run_name:
             fields["run_name"] = run_name
         params, _ = await anyio.to_thread.run_sync(lambda: _checked_dataset(dataset, fields))
-    job, _ = runner.submit("train", params, client_request_id)
+    job, _ = await _submit(runner, "train", params, client_request_id)
     return handle_of(runner, job, note)
 
 
@@ -149,7 +154,7 @@ async def forge_merge(
     if merged_name:
         params["output_dir"] = str(check_output(adapter_dir.parent / merged_name, "merged model dir"))
     MergeConfig.build(**params)  # every field checked now, not when the job runs
-    job, _ = runner.submit("merge", params, client_request_id)
+    job, _ = await _submit(runner, "merge", params, client_request_id)
     return handle_of(runner, job)
 
 
@@ -182,7 +187,7 @@ async def forge_quantize(
 
         params = {"adapter_dir": str(results.resolve_input(runner.store, model, "adapter", "adapter"))}
         LoraGgufConfig.build(**params)
-        job, _ = runner.submit("lora_gguf", params, client_request_id)
+        job, _ = await _submit(runner, "lora_gguf", params, client_request_id)
         return handle_of(runner, job)
     model_dir = results.resolve_input(runner.store, model, "merged", "model")
     if not (model_dir / "config.json").is_file():
@@ -195,7 +200,7 @@ async def forge_quantize(
         imatrix = str(check_path(imatrix, "imatrix"))
     params.update({k: v for k, v in {"max_kld": max_kld, "imatrix": imatrix}.items() if v is not None})
     params["quantizations"] = QuantizeConfig.build(**params).quantizations  # known types, upper case
-    job, _ = runner.submit("quantize", params, client_request_id)
+    job, _ = await _submit(runner, "quantize", params, client_request_id)
     return handle_of(runner, job)
 
 
@@ -227,7 +232,7 @@ async def forge_pipeline(
     if run_name:
         params["run_name"] = run_name
     PipelineConfig.build(**{k: v for k, v in params.items() if not k.startswith("_")})
-    job, _ = runner.submit("pipeline", params, client_request_id)
+    job, _ = await _submit(runner, "pipeline", params, client_request_id)
     return handle_of(runner, job)
 
 
@@ -251,7 +256,7 @@ async def forge_evaluate(
     if dataset:
         params["dataset"] = str(check_path(dataset, "dataset"))
     EvaluateConfig.build(**params)
-    job, _ = runner.submit("evaluate", params, client_request_id)
+    job, _ = await _submit(runner, "evaluate", params, client_request_id)
     return handle_of(runner, job)
 
 
@@ -276,7 +281,7 @@ async def forge_publish(
     path = results.resolve_input(runner.store, source, "gguf_dir" if kind == "gguf" else kind, "source")
     params = {"source": str(path), "repo_id": repo_id, "private": private, "kind": kind, "dry_run": dry_run}
     PublishConfig.build(**params)
-    job, _ = runner.submit("publish", params, client_request_id)
+    job, _ = await _submit(runner, "publish", params, client_request_id)
     return handle_of(runner, job)
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,13 +21,14 @@ from forge.errors import Codes, ForgeError
 from forge.paths import CONFINED_ENV
 from mcp_servers.lib import channel, ray_placement
 from mcp_servers.lib.errors import JobCodes
-from mcp_servers.lib.ray_storage import StorageCheck
+from mcp_servers.lib.ray_storage import StorageCheck, incomplete
 from mcp_servers.lib.store import TERMINAL, JobStore, Status
 
 log = logging.getLogger("forge.ray")
 RAY_PIN = "ray[default,train]==2.60.0"
 INSTALL_HINT = f"pip install 'forge-finetune[ray]' (pins {RAY_PIN}), or unset FORGE_EXECUTOR to run jobs here"
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+CLUSTER_TTL_S = 2.0  # how long a listing of the cluster's nodes serves
 STATUS_EVERY_S = 2.0  # how often Ray is asked about each job (the channel is read on every pass)
 OWN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 OWN_PREFIXES = ("node:", "accelerator_type:")
@@ -37,10 +39,27 @@ PASSED_ENV = ("FORGE_ALLOWED_ROOTS", "FORGE_RAY_RESOURCES", "FORGE_RAY_MAX_FAILU
               "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS", "OMP_WAIT_POLICY",
               "FORGE_NO_LIGER", "FORGE_LLAMA_CPP_SDIST")
 GIB = 1024**3
+ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+_ENV_LOCK = threading.Lock()
 
 
 def ray_address() -> str:
-    return os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    with _ENV_LOCK:  # never read while submission_client has it out of the environment
+        return os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+
+
+def submission_client(address: str):
+    """Ray's JobSubmissionClient for ``address`` itself. Ray's constructor takes RAY_API_SERVER_ADDRESS or
+    RAY_ADDRESS from the environment over the address it is given, which would follow a job placed on one
+    cluster on another (the server's RAY_ADDRESS changed since, or a test's cluster after another's)."""
+    from ray.job_submission import JobSubmissionClient
+
+    with _ENV_LOCK:
+        saved = {k: os.environ.pop(k) for k in ADDRESS_ENV if k in os.environ}
+        try:
+            return JobSubmissionClient(address)
+        finally:
+            os.environ.update(saved)
 
 
 def ray_python() -> str:
@@ -56,6 +75,7 @@ class RayExecutor:
         self.address = address or ray_address()
         self._client = None
         self._asked: dict[str, float] = {}  # job id → when Ray was last asked about it
+        self._cluster: tuple[float, dict] | None = None
         self._storage = StorageCheck(home, lambda: self.client, shlex.quote(ray_python()), ray_placement.HEAD_RESOURCE)
 
     # ---- the cluster ----
@@ -64,12 +84,12 @@ class RayExecutor:
     def client(self):
         if self._client is None:
             try:
-                from ray.job_submission import JobSubmissionClient
+                import ray.job_submission  # noqa: F401
             except ImportError:
                 raise ForgeError(Codes.EXECUTOR_UNAVAILABLE, "FORGE_EXECUTOR=ray, but Ray is not installed",
                                  INSTALL_HINT) from None
             try:
-                self._client = JobSubmissionClient(self.address)
+                self._client = submission_client(self.address)
             except Exception as exc:  # Ray raises ConnectionError, RuntimeError or ValueError here
                 raise ForgeError(Codes.EXECUTOR_UNAVAILABLE, f"no Ray cluster answers at {self.address}: "
                                  f"{str(exc).splitlines()[0][:300]}",
@@ -87,13 +107,22 @@ class RayExecutor:
         return reply.json()["data"]
 
     def cluster(self) -> dict:
-        """The cluster's nodes with their CPUs, GPUs and memory, and what is free across it now."""
+        """The cluster's nodes with their CPUs, GPUs and memory, and what is free across it now (asked at
+        most every CLUSTER_TTL_S: a pass placing several jobs asks once)."""
+        cached = self._cluster
+        if cached is not None and time.monotonic() - cached[0] < CLUSTER_TTL_S:
+            return cached[1]
+        self._cluster = (time.monotonic(), self._ask_cluster())
+        return self._cluster[1]
+
+    def _ask_cluster(self) -> dict:
         nodes = []
         for node in self._get("/api/v0/nodes?detail=1")["result"]["result"]:  # Ray's state API, from the GCS
             if node.get("state") != "ALIVE":
                 continue
             total = node.get("resources_total") or {}
-            custom = {k: v for k, v in total.items() if k not in OWN_RESOURCES and not k.startswith(OWN_PREFIXES)}
+            custom = {k: v for k, v in total.items() if k not in OWN_RESOURCES and not k.startswith(OWN_PREFIXES)
+                      and "_group_" not in k}  # a placement group's bundles, while Ray Train holds them
             nodes.append({"name": node.get("node_name") or node.get("node_ip"), "ip": node.get("node_ip"),
                           "id": node.get("node_id"), "head": bool(node.get("is_head_node")),
                           "cpus": total.get("CPU", 0), "gpus": total.get("GPU", 0),
@@ -126,9 +155,13 @@ class RayExecutor:
         try:
             nodes = self.cluster()["nodes"]
         except Exception as exc:
-            log.warning("the Ray dashboard at %s did not list the nodes: %s", client.get_address(), exc)
-            return None
+            return incomplete(f"the Ray dashboard at {client.get_address()} did not list the cluster's nodes, so "
+                              f"Forge cannot check that they see FORGE_HOME: {str(exc).splitlines()[0][:200]}")
         return self.storage(nodes)
+
+    def close(self, timeout_s: float = 60) -> None:
+        """A server stopping: let a storage check under way end."""
+        self._storage.wait(timeout_s)
 
     def report(self) -> dict:
         """For forge_environment: the cluster's nodes and free resources, and the shared-storage check."""
@@ -151,7 +184,7 @@ class RayExecutor:
         except Exception:
             return
         checked = self.storage(nodes)
-        if checked is not None and not checked["ok"] and not checked.get("incomplete"):
+        if checked is not None and not checked["ok"]:
             raise ForgeError(**_error_args(checked["error"]))
         refused = ray_placement.refusal(kind, params, nodes)
         if refused is not None:
@@ -219,7 +252,8 @@ class RayExecutor:
             self.store.transition(job["id"], Status.CANCELLED)
             return
         message = (info.message or "") if info else "the Ray cluster no longer knows this job"
-        self.store.transition(job["id"], Status.FAILED, error=self._lost(job, status, message))
+        self.store.transition(job["id"], Status.FAILED,
+                              error=self._lost(job, status, message, getattr(info, "driver_node_id", None)))
 
     def _note_node(self, job: dict, node_id: str | None) -> None:
         """Record the node a job's worker runs on (the Ray job's driver node) in its placement."""
@@ -231,29 +265,30 @@ class RayExecutor:
             placement = {**(job["placement"] or {}), "node": {k: node[k] for k in ("name", "ip", "id")}}
             self.store.update(job["id"], placement=placement)
 
-    def _lost(self, job: dict, status: str, message: str) -> dict:
+    def _lost(self, job: dict, status: str, message: str, driver_node: str | None) -> dict:
         """The error of a Ray job that ended without its worker saying how: the node it ran on when that
         node left the cluster, and for a train the checkpoint a resume continues from."""
         from forge.train.run_dir import checkpoint_step, latest_checkpoint
 
-        node = (self.store.get(job["id"])["placement"] or {}).get("node") or {}
+        node_id = ((self.store.get(job["id"])["placement"] or {}).get("node") or {}).get("id") or driver_node
         try:
-            state = self.node_states().get(node.get("id")) or {}
+            node = self.node_states().get(node_id) or {}
         except Exception:
-            state = {}
+            node = {}
         details = [f"ray status: {status}"]
-        if state.get("state") == "DEAD":
+        gone = node.get("state") == "DEAD"
+        if gone:
             text = (f"node {node['name']} ({node['ip']}, id {node['id'][:12]}) running the job left the Ray "
-                    f"cluster{': ' + state['why'][:200] if state['why'] else ''}")
+                    f"cluster{': ' + node['why'][:200] if node['why'] else ''}")
             details.append(f"node: {node['name']} {node['ip']} {node['id']}")
         else:
             text = f"the Ray job ended ({status}) without recording a final state: {message[:300]}"
         hint = "read the job's log (forge://jobs/{id}/log) and start the job again"
         run_dir = Path((job["params"] or {}).get("output_dir") or job["run_dir"])
-        checkpoint = latest_checkpoint(run_dir / "checkpoints") if job["kind"] in ("train", "pipeline") else None
+        checkpoint = latest_checkpoint(run_dir / "checkpoints") if job["kind"] == "train" else None
         if checkpoint is not None:
             hint = (f"forge_train(resume_from_job=\"{job['id']}\") continues from {checkpoint.name} (step "
-                    f"{checkpoint_step(checkpoint)}) on the nodes left")
+                    f"{checkpoint_step(checkpoint)}){' on the nodes left' if gone else ''}")
             details.append(f"checkpoint: {checkpoint}")
         elif job["kind"] == "train":
             hint += "; no checkpoint was saved yet, so a train starts from the beginning"
@@ -293,9 +328,9 @@ class RayExecutor:
 
 
 def waiting_stage(resources: dict) -> str:
-    if resources.get("workers"):
+    if resources.get("workers") and not resources["num_cpus"]:  # a train that only follows its workers
         return (f"ray_queue: waiting in Ray's queue for {resources['workers']} Ray Train workers of "
-                f"{ray_placement._words(resources['per_worker'])}")
+                f"{ray_placement.amounts(resources['per_worker'])}")
     asks = [f"{resources['num_cpus']:g} CPU", f"{resources['num_gpus']:g} GPU"]
     if resources.get("memory"):
         asks.append(f"{resources['memory'] / GIB:.1f} GiB memory")

@@ -25,6 +25,8 @@ import time
 import uuid
 from pathlib import Path
 
+from mcp_servers.lib.ray_executor import ADDRESS_ENV, submission_client
+
 MARK_ENV = "FORGE_RAY_LOCAL_NODE"
 OBJECT_STORE_BYTES = 200 * 1024**2  # small: several nodes share this machine's /dev/shm
 
@@ -102,9 +104,10 @@ class LocalCluster:
             command = _without_storage(Path(hide), command)
         log = open(Path(self.temp) / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
+        env = {k: v for k, v in os.environ.items() if k not in ADDRESS_ENV}  # never another cluster's address
         self.nodes[name] = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", MARK_ENV: f"{self.id}:{name}"})
+            env={**env, "RAY_USAGE_STATS_ENABLED": "0", MARK_ENV: f"{self.id}:{name}"})
 
     def start(self) -> str:
         """Start the head node (dashboard and job API included); return its address (RAY_ADDRESS)."""
@@ -138,24 +141,30 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Every process of every node killed (the cluster goes as a whole: nothing to hand over)."""
-        for name in sorted(self.nodes, key=lambda n: n == "head"):  # the workers first, then the head
-            _kill_marked(f"{self.id}:{name}")
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.nodes.pop(name).wait(timeout=30)
-        for log in self._logs:
-            log.close()
-        shutil.rmtree(self.temp, ignore_errors=True)
+        try:
+            for name in sorted(self.nodes, key=lambda n: n == "head"):  # the workers first, then the head
+                try:
+                    _kill_marked(f"{self.id}:{name}")
+                finally:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.nodes[name].wait(timeout=30)
+        finally:
+            self.nodes.clear()
+            for log in self._logs:
+                log.close()
+            shutil.rmtree(self.temp, ignore_errors=True)
 
     # ---- waiting ----
 
     def _takes_jobs(self) -> bool:
-        from ray.job_submission import JobSubmissionClient
-
-        client = JobSubmissionClient(self.address)
+        client = submission_client(self.address)
         probe = client.submit_job(entrypoint="true", entrypoint_num_cpus=0)
-        while str(client.get_job_status(probe).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        deadline = time.time() + 120
+        while (status := str(client.get_job_status(probe).value)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            if time.time() > deadline:
+                raise TimeoutError(f"the probe job {probe} did not end in 120 s")
             time.sleep(0.5)
-        return True
+        return status == "SUCCEEDED"
 
     def _wait_for(self, what: str, ready) -> None:
         deadline = time.time() + self.timeout_s
@@ -174,6 +183,15 @@ class LocalCluster:
             if time.time() > deadline:
                 raise TimeoutError(f"gave up waiting for Ray node {what} after {self.timeout_s:g} s")
             time.sleep(1)
+
+
+def can_hide_storage() -> bool:
+    """Whether a node can be started without a path (``hide``): mount namespaces are allowed here."""
+    probe = _without_storage(Path(tempfile.gettempdir()), ["true"])
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def _without_storage(path: Path, command: list[str]) -> list[str]:

@@ -43,15 +43,18 @@ def asks(kind: str, params: dict, cluster_gpus: float) -> dict:
     of its ``workers`` asks for (``per_worker``)."""
     custom = custom_resources()
     workers = workers_of(kind, params)
-    if workers:
-        use_gpu = cluster_gpus >= workers
+    per_worker = {"GPU" if cluster_gpus >= workers else "CPU": 1.0, **custom}
+    if workers and kind == "train":  # the Ray job only follows its workers
         return {"num_cpus": 0, "num_gpus": 0, "resources": {HEAD_RESOURCE: 0.001}, "workers": workers,
-                "per_worker": {"GPU" if use_gpu else "CPU": 1.0, **custom}}
-    gpus = 1 if cluster_gpus and kind in GPU_KINDS else 0
+                "per_worker": per_worker}
+    # a pipeline's job merges, quantizes and evaluates after its Ray Train workers end: it asks as a job does
+    gpus = 1 if cluster_gpus and kind in GPU_KINDS and not workers else 0
     out = {"num_cpus": float(os.environ.get("FORGE_RAY_JOB_CPUS") or 1), "num_gpus": gpus, "resources": custom}
     memory = planned_memory(kind, params, on_gpu=bool(gpus))
     if memory:
         out["memory"] = memory
+    if workers:
+        out.update(workers=workers, per_worker=per_worker)
     return out
 
 
@@ -77,18 +80,16 @@ def refusal(kind: str, params: dict, nodes: list[dict]) -> ForgeError | None:
                           "add a GPU node to the cluster (`ray start --address=<head>` on it), or leave that "
                           "setting at its default", details=listing)
     wanted = asks(kind, params, sum(n["gpus"] for n in nodes))
-    if wanted.get("workers"):
-        room = sum(_fits(n, wanted["per_worker"]) for n in nodes)
-        if room >= wanted["workers"]:
-            return None
-        need = f"{wanted['workers']} Ray Train workers of {_words(wanted['per_worker'])} each (room for {room})"
+    single = {"CPU": wanted["num_cpus"], "GPU": wanted["num_gpus"], **wanted["resources"]}
+    if wanted.get("memory"):
+        single["memory"] = wanted["memory"]
+    room = sum(_fits(n, wanted["per_worker"]) for n in nodes) if wanted.get("workers") else 0
+    if wanted.get("workers") and room < wanted["workers"]:
+        need = f"{wanted['workers']} Ray Train workers of {amounts(wanted['per_worker'])} each (room for {room})"
+    elif not any(_fits(n, single) for n in nodes):
+        need = amounts(single)
     else:
-        single = {"CPU": wanted["num_cpus"], "GPU": wanted["num_gpus"], **wanted["resources"]}
-        if wanted.get("memory"):
-            single["memory"] = wanted["memory"]
-        if any(_fits(n, single) for n in nodes):
-            return None
-        need = _words(single)
+        return None
     return ForgeError(Codes.NO_NODE_FITS, f"no node of the Ray cluster can run this {kind} job, which needs {need}; "
                       f"the nodes: {'; '.join(listing)}",
                       "add a node that has it (`ray start --address=<head>` with --num-cpus, --memory or --resources), "
@@ -110,7 +111,7 @@ def _fits(node: dict, each: dict) -> int:
     return int(min(counts)) if counts else 1
 
 
-def _words(each: dict) -> str:
+def amounts(each: dict) -> str:
     parts = []
     for name, amount in each.items():
         if name == HEAD_RESOURCE or not amount:

@@ -77,8 +77,10 @@ class Runner:
         self.procs: dict[str, subprocess.Popen] = {}
         self._ray: dict[str, object] = {}  # Ray address → RayExecutor (jobs placed under another setting too)
         self._lock = threading.Lock()
+        self._ray_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._checking: threading.Thread | None = None  # starts the shared-storage check (Ray)
 
     # ---- lifecycle ----
 
@@ -87,7 +89,9 @@ class Runner:
             disk.ensure_reserve(self.home)  # room for a job to record that the disk filled up
             self.reconcile()
             if self.executor == "ray":  # every node must see FORGE_HOME: checked now, in the background
-                threading.Thread(target=self._check_ray_storage, name="forge-ray-storage", daemon=True).start()
+                self._checking = threading.Thread(target=self._check_ray_storage, name="forge-ray-storage",
+                                                  daemon=True)
+                self._checking.start()
             self._thread = threading.Thread(target=self._loop, name="forge-runner", daemon=True)
             self._thread.start()
 
@@ -102,6 +106,10 @@ class Runner:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._checking is not None:
+            self._checking.join(timeout=60)
+        for executor in list(self._ray.values()):
+            executor.close()
         active = {j["id"] for j in self.store.active()}
         for job_id, proc in list(self.procs.items()):
             if job_id not in active:  # its final state is written; the process is only exiting
@@ -147,9 +155,10 @@ class Runner:
         from mcp_servers.lib.ray_executor import RayExecutor, ray_address
 
         address = address or ray_address()
-        if address not in self._ray:
-            self._ray[address] = RayExecutor(self.home, self.store, address)
-        return self._ray[address]
+        with self._ray_lock:  # one executor (and one storage check) per address, whichever thread asks first
+            if address not in self._ray:
+                self._ray[address] = RayExecutor(self.home, self.store, address)
+            return self._ray[address]
 
     def executor_report(self) -> dict:
         """Where heavy jobs run: here (with the concurrency limit) or on a Ray cluster (its nodes, GPUs
