@@ -198,3 +198,22 @@ async def reach_step(client, job_id: str, step: int) -> dict:
             if (status["progress"].get("step") or 0) >= step:
                 return status
             await anyio.sleep(0.3)
+
+
+def ray_train_against_one_process(home, assets, tmp_path) -> tuple[dict, dict]:
+    """Two Ray Train workers of batch 2 (a Ray job of the current RAY_ADDRESS) and one process of batch 2 x 2
+    accumulated, 8 steps each: the same samples every optimizer step. The one process's result, and the Ray
+    job's store row once it succeeded."""
+    from forge.train import TrainConfig, train
+    from mcp_servers.lib.runner import Runner
+
+    common = {"base_model": assets["model_dir"], "dataset": assets["dataset"], "max_steps": 8,
+              "learning_rate": 1e-3, "per_device_train_batch_size": 2, "seed": 7}
+    one = train(TrainConfig(**common, gradient_accumulation_steps=2, output_dir=tmp_path / "one"))
+    runner = Runner(home)
+    runner.start()
+    try:
+        job, _ = runner.submit("train", {**common, "num_processes": 2})
+        return one, wait_job_row(runner, job["id"], lambda j: j["status"] == "succeeded", "the Ray Train run to end")
+    finally:
+        stop_runner(runner)

@@ -14,6 +14,7 @@ from helpers import (
     call_ok,
     poll_status,
     ray_status,
+    ray_train_against_one_process,
     serving,
     stop_runner,
     wait_job,
@@ -21,6 +22,7 @@ from helpers import (
     wait_until,
 )
 from mcp_servers.lib.runner import Runner
+from mcp_servers.lib.store import JobStore
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -132,25 +134,15 @@ def test_a_restarted_server_reattaches_to_its_ray_jobs(on_ray, home, assets, mon
 def test_two_ray_train_workers_match_one_process_within_two_percent(on_ray, home, assets, tmp_path, monkeypatch):
     """DDP over gloo with 2 Ray Train workers of batch 2 against one process of batch 2 x 2 accumulated:
     the same samples each optimizer step, so the same eval loss up to float reduction order (bound: 2%)."""
-    from forge.train import TrainConfig, train
-
     monkeypatch.setenv("FORGE_ALLOWED_ROOTS", str(Path(assets["dataset"]).parent))
-    common = {"base_model": assets["model_dir"], "dataset": assets["dataset"], "max_steps": 8,
-              "learning_rate": 1e-3, "per_device_train_batch_size": 2, "seed": 7}
-    one = train(TrainConfig(**common, gradient_accumulation_steps=2, output_dir=tmp_path / "one"))
-    runner = Runner(home)
-    runner.start()
-    try:
-        job, _ = runner.submit("train", {**common, "num_processes": 2})
-        done = wait_job_row(runner, job["id"], lambda j: j["status"] == "succeeded", "the Ray Train run to end")
-    finally:
-        stop_runner(runner)
+    one, done = ray_train_against_one_process(home, assets, tmp_path)
     two = done["result"]["metrics"]
     assert two["world_size"] == 2 and two["global_step"] == 8
     assert Path(done["result"]["adapter_dir"]).joinpath("adapter_model.safetensors").is_file()
     base = one["metrics"]["eval_loss"]
     assert abs(two["eval_loss"] - base) <= 0.02 * base, (two["eval_loss"], base)
-    assert "ray_train" in json.dumps(runner.store.events(job["id"], limit=200, type_="stage"))
+    stages = JobStore(home / "forge.db").events(done["id"], limit=200, type_="stage")
+    assert "ray_train" in json.dumps(stages)
 
 
 def test_an_unknown_executor_is_refused_before_the_server_starts(home, monkeypatch, capsys):

@@ -17,12 +17,12 @@ from helpers import (
     call_ok,
     checked_environment,
     node_of,
+    ray_train_against_one_process,
     reach_step,
     serving,
     stop_runner,
     use,
     wait_job,
-    wait_job_row,
 )
 from mcp_servers.lib.ray_local import can_hide_storage
 
@@ -71,21 +71,9 @@ def test_ray_train_puts_one_rank_on_each_worker_node_and_matches_one_process(clu
                                                                              monkeypatch):
     """DDP over gloo with a rank on worker-a and one on worker-b against one process of batch 2 x 2
     accumulated: the same samples each optimizer step, so the same eval loss within 2%."""
-    from forge.train import TrainConfig, train
-    from mcp_servers.lib.runner import Runner
-
     use(cluster, monkeypatch)
     monkeypatch.setenv("FORGE_ALLOWED_ROOTS", str(Path(assets["dataset"]).parent))
-    common = {"base_model": assets["model_dir"], "dataset": assets["dataset"], "max_steps": 8,
-              "learning_rate": 1e-3, "per_device_train_batch_size": 2, "seed": 7}
-    one = train(TrainConfig(**common, gradient_accumulation_steps=2, output_dir=tmp_path / "one"))
-    runner = Runner(home)
-    runner.start()
-    try:
-        job, _ = runner.submit("train", {**common, "num_processes": 2})
-        done = wait_job_row(runner, job["id"], lambda j: j["status"] == "succeeded", "the Ray Train run to end")
-    finally:
-        stop_runner(runner)
+    one, done = ray_train_against_one_process(home, assets, tmp_path)
     two = done["result"]["metrics"]
     assert two["world_size"] == 2 and two["global_step"] == 8 and two["restarts"] == []
     assert sorted(n["name"] for n in two["nodes"]) == ["worker-a", "worker-b"]

@@ -32,23 +32,28 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 @pytest.fixture
-def own_cluster():
-    """The same three nodes, for a test that kills one."""
+def own_cluster(home, assets, monkeypatch):
+    """A head and two worker nodes of the test's own (it kills one), the server's jobs going to the workers."""
     from mcp_servers.lib.ray_local import local_cluster
 
+    monkeypatch.setenv("FORGE_ALLOWED_ROOTS", str(Path(assets["dataset"]).parent))
     with local_cluster(num_cpus=1, workers=WORKERS) as started:
+        use(started, monkeypatch)
         yield started
 
 
-async def test_a_lost_node_fails_the_job_worker_lost_with_the_node_and_a_checkpoint_that_resumes(
-        own_cluster, home, assets, monkeypatch):
-    use(own_cluster, monkeypatch)
-    monkeypatch.setenv("FORGE_ALLOWED_ROOTS", str(Path(assets["dataset"]).parent))
+async def train_past_a_checkpoint(client, assets, **knobs) -> tuple[dict, dict]:
+    """A 300-step train (a checkpoint every 10) once the storage check passed, followed to step 15: its
+    handle and status."""
+    await checked_environment(client)
+    handle = await call_ok(client, "forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
+                                                   "hyperparameters": {"max_steps": 300, "save_steps": 10, **knobs}})
+    return handle, await reach_step(client, handle["job_id"], 15)
+
+
+async def test_a_lost_node_fails_the_job_worker_lost_with_the_node_and_a_checkpoint_that_resumes(own_cluster, assets):
     async with serving() as client:
-        await checked_environment(client)
-        handle = await call_ok(client, "forge_train", {"base_model": assets["model_dir"], "dataset": assets["dataset"],
-                                                       "hyperparameters": {"max_steps": 300, "save_steps": 10}})
-        await reach_step(client, handle["job_id"], 15)
+        handle, _ = await train_past_a_checkpoint(client, assets)
         node = await node_of(client, handle["job_id"])
         own_cluster.kill_node(node["name"])  # the machine goes: its worker, with the job, dies mid-step
         lost = await wait_job(client, handle["job_id"], DEADLINE_S)
@@ -75,16 +80,9 @@ async def test_a_lost_node_fails_the_job_worker_lost_with_the_node_and_a_checkpo
     assert record["metrics"]["resumed_from"] == checkpoint  # the seal records the restart
 
 
-async def test_with_max_failures_ray_train_restarts_on_the_remaining_node_and_finishes(own_cluster, home, assets,
-                                                                                       monkeypatch):
-    use(own_cluster, monkeypatch)
-    monkeypatch.setenv("FORGE_ALLOWED_ROOTS", str(Path(assets["dataset"]).parent))
+async def test_with_max_failures_ray_train_restarts_on_the_remaining_node_and_finishes(own_cluster, assets):
     async with serving() as client:
-        await checked_environment(client)
-        handle = await call_ok(client, "forge_train", {
-            "base_model": assets["model_dir"], "dataset": assets["dataset"],
-            "hyperparameters": {"max_steps": 300, "save_steps": 10, "max_failures": 1}})
-        running = await reach_step(client, handle["job_id"], 15)
+        handle, running = await train_past_a_checkpoint(client, assets, max_failures=1)
         (first,) = read_starts(Path(running["run_dir"]))  # where Ray Train placed the one rank
         assert first["rank"] == 0 and first["attempt"] == 1 and first["node"]["name"] in WORKERS
         own_cluster.kill_node(first["node"]["name"])
@@ -114,16 +112,9 @@ async def test_with_max_failures_ray_train_restarts_on_the_remaining_node_and_fi
     assert record["metrics"]["restarts"] == metrics["restarts"]  # the seal records the restart
 
 
-async def test_ray_train_without_restarts_ends_worker_lost_naming_the_node_that_left(own_cluster, home, assets,
-                                                                                     monkeypatch):
-    use(own_cluster, monkeypatch)
-    monkeypatch.setenv("FORGE_ALLOWED_ROOTS", str(Path(assets["dataset"]).parent))
+async def test_ray_train_without_restarts_ends_worker_lost_naming_the_node_that_left(own_cluster, assets):
     async with serving() as client:
-        await checked_environment(client)
-        handle = await call_ok(client, "forge_train", {
-            "base_model": assets["model_dir"], "dataset": assets["dataset"],
-            "hyperparameters": {"max_steps": 300, "save_steps": 10, "num_processes": 2}})
-        await reach_step(client, handle["job_id"], 15)
+        handle, _ = await train_past_a_checkpoint(client, assets, num_processes=2)
         own_cluster.kill_node("worker-b")  # rank 0 or 1 goes with it; the Ray job follows from the head
         lost = await wait_job(client, handle["job_id"], DEADLINE_S)
     assert lost["status"] == "failed" and lost["error"]["code"] == "worker_lost" and lost["error"]["retryable"]

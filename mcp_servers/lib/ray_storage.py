@@ -48,7 +48,8 @@ class StorageCheck:
 
     def state(self, node_ids) -> dict | None:
         """The result for these nodes ({"ok": ...}); starts a check (in the background) when none was made
-        for them, or the last one failed RECHECK_S ago; None while one runs."""
+        for them, or the last one failed RECHECK_S ago. None until the first check of these nodes ends; a
+        failed result stands while it is checked again."""
         nodes = frozenset(node_ids)
         with self._lock:
             if self._running():
@@ -57,11 +58,11 @@ class StorageCheck:
                 time.time() - self.result["checked_at"] > RECHECK_S
             if self._nodes == nodes and self.result is not None and not stale:
                 return self.result
-            previous = self.result if self._nodes == nodes else None
-            self._nodes, self.result = nodes, None
+            if self._nodes != nodes:  # other nodes: nothing is known of them yet
+                self._nodes, self.result = nodes, None
             self._thread = threading.Thread(target=self._check, args=(nodes,), name="forge-storage-check", daemon=True)
             self._thread.start()
-            return previous if previous is not None and not previous.get("incomplete") else None
+            return self.result  # a failed result stands until the new check says otherwise
 
     def wait(self, timeout_s: float) -> None:
         """Let a check under way end (a server stopping)."""
