@@ -68,6 +68,15 @@ def rank_start(config):
     return config
 
 
+def last_starts(starts: list[dict]) -> dict[int, dict]:
+    """Each rank's last start, by rank."""
+    latest: dict[int, dict] = {}
+    for start in starts:
+        if start["attempt"] >= latest.get(start["rank"], {}).get("attempt", 0):
+            latest[start["rank"]] = start
+    return latest
+
+
 def restarts_of(starts: list[dict]) -> list[dict]:
     """Each time Ray Train started the ranks again: from which checkpoint, and which nodes of the ranks before
     had left the cluster (none when a worker process died on a node that is still there)."""
@@ -109,10 +118,7 @@ def failure(run_dir: Path, error: BaseException) -> ForgeError:
         raised = cause if isinstance(cause, ForgeError) else getattr(cause, "cause", None)
         if isinstance(raised, ForgeError):
             return raised
-    latest: dict[int, dict] = {}  # each rank's last start: where the failed attempt ran
-    for start in read_starts(run_dir):
-        if start["attempt"] >= latest.get(start["rank"], {}).get("attempt", 0):
-            latest[start["rank"]] = start
+    latest = last_starts(read_starts(run_dir))  # where the failed attempt ran
     ranks_on: dict[str, list[int]] = {}
     for rank, start in latest.items():
         ranks_on.setdefault(start["node"]["id"], []).append(rank)

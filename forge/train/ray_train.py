@@ -29,7 +29,7 @@ from forge.progress import ProgressCallback, ProgressWriter
 from forge.runs import STAGES_DIR, Outcome, record_stage
 from forge.train.callbacks import STOP_FILE
 from forge.train.launch import relay_rank0
-from forge.train.ray_ranks import clear_starts, failure, read_starts, restarts_of
+from forge.train.ray_ranks import clear_starts, failure, last_starts, read_starts, restarts_of
 from forge.train.run_dir import latest_checkpoint
 
 MAX_FAILURES_ENV = "FORGE_RAY_MAX_FAILURES"
@@ -123,8 +123,8 @@ def launch_ray_train(config, run_dir: Path, writer: ProgressWriter, on_progress:
         raise failure(run_dir, outcome["error"])
     result = json.loads((run_dir / STAGES_DIR / "train.json").read_text(encoding="utf-8"))
     starts = read_starts(run_dir)
-    last = max((s["attempt"] for s in starts), default=1)
-    result["metrics"]["nodes"] = [s["node"] for s in sorted(starts, key=lambda s: s["rank"]) if s["attempt"] == last]
+    latest = last_starts(starts)
+    result["metrics"]["nodes"] = [latest[rank]["node"] for rank in sorted(latest)]  # where each rank finished
     result["metrics"]["restarts"] = restarts_of(starts)
     record_stage(run_dir, "train", result)
     return result
