@@ -117,7 +117,7 @@ class RayExecutor:
 
     def _ask_cluster(self) -> dict:
         nodes = []
-        for node in self._get("/api/v0/nodes?detail=1")["result"]["result"]:  # Ray's state API, from the GCS
+        for node in self._state_nodes():
             if node.get("state") != "ALIVE":
                 continue
             total = node.get("resources_total") or {}
@@ -140,7 +140,11 @@ class RayExecutor:
         return {n.get("node_id"): {"name": n.get("node_name") or n.get("node_ip"), "ip": n.get("node_ip"),
                                    "id": n.get("node_id"), "state": n.get("state"),
                                    "why": n.get("state_message") or ""}
-                for n in self._get("/api/v0/nodes?detail=1")["result"]["result"]}
+                for n in self._state_nodes()}
+
+    def _state_nodes(self) -> list[dict]:
+        """Every node Ray's state API (from the GCS) knows, alive or dead, as it lists them."""
+        return self._get("/api/v0/nodes?detail=1")["result"]["result"]
 
     # ---- what every node sees, and what fits ----
 
