@@ -31,7 +31,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], p
         if origin in (typing.Union, types.UnionType):
             ann = next(a for a in args if a is not type(None))
             origin, args = typing.get_origin(ann), typing.get_args(ann)
-        help_text = field.description or ""
+        help_text = (field.description or "").replace("%", "%%")  # argparse formats help with %
         if name == positional:
             parser.add_argument(name, nargs="?", default=None, help=help_text)
             continue
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     from forge.seal import SealConfig
     from forge.snapshot import SnapshotConfig
     from forge.store_file import StoreConfig
+    from forge.sweep import SweepConfig
     from forge.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="forge", description="Fine-tune an open model end to end.")
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage(data_sub, "stats", DataConfig, "Token statistics with the model's tokenizer and chat template.",
            positional="path")
     _stage(sub, "train", TrainConfig, "Train a LoRA/QLoRA adapter (TRL SFT, DPO or ORPO + PEFT).", yaml=True)
+    _stage(sub, "sweep", SweepConfig, "Try a few hyperparameter sets; keep the best within a forgetting budget.")
     _stage(sub, "merge", MergeConfig, "Merge an adapter into its base model, with a parity check.")
     _stage(sub, "quantize", QuantizeConfig, "Convert a merged model to GGUF and quantize it (llama.cpp).")
     _stage(sub, "lora-gguf", LoraGgufConfig, "A LoRA adapter alone as a GGUF, with a FROM base + ADAPTER Modelfile.")
@@ -189,13 +191,23 @@ def _run(args: argparse.Namespace) -> dict:
         "modelfile": modelfile.write_modelfile, "seal": seal.seal, "pipeline": pipeline.run_pipeline,
         "snapshot": snapshot.snapshot, "publish": publish.publish, "query": query.run_query,
         "demo-assets": demo.write_demo_assets, "eval": evaluate.evaluate,
-        "lora-gguf": lora_gguf.lora_gguf,
+        "lora-gguf": lora_gguf.lora_gguf, "sweep": _sweep,
     }
     if args.command in ("train", "merge", "quantize", "pipeline") and not args._json:
         with ProgressBar(sys.stdout, label=args.command) as bar:  # plain lines when piped
             hooks = [lambda stage, result: _stage_done(bar, result)] if args.command == "pipeline" else []
             return _stage_done(bar, runners[args.command](config, bar, *hooks))
     return runners[args.command](config)
+
+
+def _sweep(config) -> dict:
+    """forge sweep: each trial's start and end as a line, then the table (on stderr with --json)."""
+    from forge.sweep import PrintedHooks, run_sweep
+    from forge.sweep_table import table_text
+
+    result = run_sweep(config, PrintedHooks(lambda line: print(line, file=sys.stderr, flush=True)))
+    print(table_text(result["trials"], result["winner"]) + f"\n\nwinner: {result['why']}", file=sys.stderr)
+    return result
 
 
 def _stage_done(bar: ProgressBar, result: dict) -> dict:

@@ -255,7 +255,12 @@ def tool_summary(conversations: list[Conversation]) -> dict:
 
 
 def split(conversations: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic split: the same seed and records give the same eval set on every machine."""
+    """Deterministic split: the same seed and records give the same eval set on every machine. Records that
+    carry a ``group`` (one fact in several phrasings, one task) are split by whole groups, so the eval set
+    holds only groups training never saw."""
+    groups = [getattr(c, "group", None) for c in conversations]
+    if any(g is not None for g in groups):
+        return _split_groups(conversations, groups, eval_fraction, seed)
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
     n_eval = int(round(len(order) * eval_fraction))
@@ -266,6 +271,22 @@ def split(conversations: list, eval_fraction: float, seed: int) -> tuple[list, l
     evals = [c for i, c in enumerate(conversations) if i in eval_idx]
     return train, evals
 
+
+def _split_groups(conversations: list, groups: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Whole groups to the eval set (a record without a group is a group of its own) until it holds about
+    ``eval_fraction`` of the records; at least one group, never all."""
+    keys = [g if g is not None else f"\0{i}" for i, g in enumerate(groups)]
+    names = sorted(set(keys))
+    random.Random(seed).shuffle(names)
+    target, chosen, taken = round(len(keys) * eval_fraction), set(), 0
+    for name in names[:-1] if eval_fraction > 0 else []:
+        if chosen and taken >= target:
+            break
+        chosen.add(name)
+        taken += keys.count(name)
+    train = [c for c, k in zip(conversations, keys, strict=True) if k not in chosen]
+    evals = [c for c, k in zip(conversations, keys, strict=True) if k in chosen]
+    return train, evals
 
 
 def validate(config: DataConfig) -> dict:

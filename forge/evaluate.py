@@ -17,9 +17,10 @@ from pathlib import Path
 
 from pydantic import Field
 
-from forge import measure_set, quant_quality, tool_eval
+from forge import answer_score, forgetting, measure_set, quant_quality, tool_eval
 from forge.config import StageConfig
 from forge.errors import Codes, ForgeError
+from forge.forgetting import Budget
 from forge.paths import check_input_dir, checked
 from forge.progress import ProgressCallback, ProgressWriter
 from forge.runs import PROGRESS_FILE, Outcome, load_stages, record_stage
@@ -30,10 +31,21 @@ class EvaluateConfig(StageConfig):
     dataset: Path | None = Field(None, description=(
         "JSONL records to measure on; default the run's eval split (without one, its training records)."))
     max_records: int = Field(32, ge=1, le=1000, description="Records measured, at most.")
-    samples: int = Field(3, ge=0, le=20, description="Eval prompts answered by the base and the quantized model.")
+    samples: int = Field(8, ge=0, le=20, description=(
+        "Eval prompts answered by the base, the fine-tuned and the quantized model, each scored against the "
+        "record's answer."))
     max_new_tokens: int = Field(64, ge=1, le=1024, description="Tokens per sample answer, at most.")
     tool_turns: int = Field(16, ge=0, le=200, description=(
         "For records with tools: assistant turns asked of each model to measure tool-call accuracy, at most."))
+    forgetting: bool = Field(True, description="Measure every model on Forge's general set against the base.")
+    min_kept_pct: float = Field(Budget.min_kept_pct, ge=0, le=100, description=(
+        "Forgetting budget: share of the general questions the base answered still answered, in %."))
+    max_prose_ppl_pct: float = Field(Budget.max_prose_ppl_pct, ge=0, le=10_000, description=(
+        "Forgetting budget: most the general prose perplexity may rise above the base's, in %."))
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(min_kept_pct=self.min_kept_pct, max_prose_ppl_pct=self.max_prose_ppl_pct)
 
 
 def _nll(logits, ids: list[int], mask: list[int]) -> float:
@@ -57,9 +69,9 @@ def _prompt(conv: list[dict]) -> list[dict]:
 
 
 def _hf_part(base_ref: str, adapter_dir: Path, scored: measure_set.Scored, prompts: list, tokenizer, max_new: int,
-             tool_cases: list) -> dict:
-    """Base and fine-tuned (base + adapter, the adapter switched off for the base) scores, the base
-    model's greedy answers to the sample prompts, and both models' replies to the tool-call turns."""
+             tool_cases: list, general: bool) -> dict:
+    """Base and fine-tuned (base + adapter, the adapter switched off for the base) scores, both models' greedy
+    answers to the sample prompts and to the tool-call turns, and both measured on the general set."""
     import torch
     from peft import PeftModel
 
@@ -76,25 +88,19 @@ def _hf_part(base_ref: str, adapter_dir: Path, scored: measure_set.Scored, promp
             return sum(_nll(scoring(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy(), ids, mask)
                        for ids, mask in zip(scored.ids, scored.masks, strict=True))
 
-    tuned = nll_sum(model)
-    stops = {i for i in [tokenizer.eos_token_id, *_list(model.generation_config.eos_token_id)] if i is not None}
-    tools = {"fine-tuned": tool_eval.hf_answers(model, tokenizer, tool_cases, max_new, sorted(stops))}
+    stops = sorted({i for i in [tokenizer.eos_token_id, *_list(model.generation_config.eos_token_id)]
+                    if i is not None})
+
+    def measured(m) -> dict:
+        return {"nll": nll_sum(m), "tools": tool_eval.hf_answers(m, tokenizer, tool_cases, max_new, stops),
+                "answers": forgetting.hf_generate(m, tokenizer, prompts, stops, max_new) if prompts else [],
+                "general": forgetting.hf_measure(m, tokenizer, stops) if general else None}
+
+    tuned = measured(model)
     with model.disable_adapter():
-        base = nll_sum(model)
-        tools["base"] = tool_eval.hf_answers(model, tokenizer, tool_cases, max_new, sorted(stops))
-        answers = []
-        for prompt in prompts:
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True,
-                                                return_tensors="pt")["input_ids"].to(device)
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                     do_sample=False, eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_token_id)
-            new = out[0, ids.shape[1]:].tolist()
-            stopped = bool(new) and new[-1] in stops
-            answers.append({"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "stopped": stopped,
-                            "tokens": len(new)})
+        base = measured(model)
     del model
-    return {"base": base, "fine-tuned": tuned, "answers": answers, "tools": tools}
+    return {"base": base, "fine-tuned": tuned}
 
 
 def _list(value) -> list:
@@ -112,11 +118,11 @@ def _gguf_answers(path: Path, prompts: list, max_new: int) -> list[dict]:
     return out
 
 
-def _table(hf: dict, ggufs: list[tuple[str, str, dict]], tokens: int, removed: list[dict]) -> list[dict]:
+def _table(nll: dict, ggufs: list[tuple[str, str, dict]], tokens: int, removed: list[dict]) -> list[dict]:
     """One row per model; the fine-tuned row says what it gained over the base, each GGUF what it lost
     (perplexity against the fine-tuned model, KL divergence and same top token against the f16 GGUF)."""
-    base = _row("base", hf["base"], tokens)
-    tuned = _row("fine-tuned", hf["fine-tuned"], tokens)
+    base = _row("base", nll["base"], tokens)
+    tuned = _row("fine-tuned", nll["fine-tuned"], tokens)
     tuned["vs_base_pct"] = round(100 * (tuned["perplexity"] / base["perplexity"] - 1), 2)
     rows = [base, tuned]
     for quant, path, quality in ggufs:
@@ -208,13 +214,48 @@ def evaluate(config: EvaluateConfig, on_progress: ProgressCallback | None = None
     base_ref = trained.get("base_model_dir") or trained["base_model"]
     if Path(base_ref).exists():
         base_ref = str(check_input_dir(base_ref, "base model"))
-    hf = _hf_part(base_ref, adapter_dir, scored, prompts, tokenizer, config.max_new_tokens, tool_cases)
-    tool_scores = {who: tool_eval.score(tool_cases, answers) for who, answers in
-                   (("base", hf["tools"]["base"]), ("fine-tuned", hf["tools"]["fine-tuned"]))}
-    # every GGUF against the run's first (its f16), on the same tokens: llama.cpp's KLD, same top token, PPL
-    def measuring(i: int, _path: Path) -> None:
-        writer.stage("measuring_gguf", quant=ggufs[i][0], step=2 + i, total_steps=total)
+    hf = _hf_part(base_ref, adapter_dir, scored, prompts, tokenizer, config.max_new_tokens, tool_cases,
+                  config.forgetting)
+    tool_scores = {who: tool_eval.score(tool_cases, hf[who]["tools"]) for who in ("base", "fine-tuned")}
+    measured, same_basis = _gguf_quality(ggufs, outputs, quantized_stage, scored, warnings,
+                                         lambda i: writer.stage("measuring_gguf", quant=ggufs[i][0], step=2 + i,
+                                                                total_steps=total))
+    answers = {"base": hf["base"]["answers"], "fine-tuned": hf["fine-tuned"]["answers"]}
+    general = {"fine-tuned": hf["fine-tuned"]["general"]} if config.forgetting else {}
+    for i, (quant, path) in enumerate(ggufs, start=2 + len(ggufs)):
+        if not tool_cases and not config.forgetting and quant != ggufs[-1][0]:
+            continue
+        writer.stage("asking_gguf", quant=quant, step=min(i, total - 1), total_steps=total)
+        if tool_cases:
+            tool_scores[f"{quant} GGUF"] = tool_eval.score(tool_cases, tool_eval.gguf_answers(
+                Path(path), tool_cases, config.max_new_tokens))
+        if config.forgetting:
+            general[f"{quant} GGUF"] = forgetting.gguf_measure(Path(path), tokenizer)
+        if quant == ggufs[-1][0] and prompts:
+            answers[f"{quant} GGUF"] = _gguf_answers(Path(path), prompts, config.max_new_tokens)
+    if not ggufs:
+        warnings.append("the run is not quantized yet: no GGUF rows; run forge quantize, then evaluate again")
+    samples, learned = _scored_samples(prompts, sampled, answers)
+    forgot = {who: forgetting.compare(hf["base"]["general"], m, config.budget) for who, m in general.items()}
+    warnings.extend(filter(None, (forgetting.verdict(c, f"the {who} model") for who, c in forgot.items())))
+    table = _table({k: hf[k]["nll"] for k in ("base", "fine-tuned")}, measured, scored.tokens,
+                   _removed_rows(quantized_stage, same_basis))
+    result = {"status": Outcome.SUCCEEDED, "run_dir": str(run_dir), "source": source, "tokens": scored.tokens,
+              "measured_on": scored.basis, "reference": Path(ggufs[0][1]).name if ggufs else None,
+              "quantization": _quantization(quantized_stage),
+              "table": table, "samples": samples, "learned": learned, "warnings": warnings,
+              "stopped_on_its_own": _stop_counts(samples), "config": config.model_dump(mode="json"),
+              **({"forgetting": forgot, "budget": vars(config.budget)} if forgot else {}),
+              **({"tool_calls": tool_scores} if tool_cases else {})}
+    writer({"event": "done", "step": total, "total_steps": total, "percent": 100.0})
+    record_stage(run_dir, "evaluate", result)
+    return result
 
+
+def _gguf_quality(ggufs: list, outputs: list, quantized_stage: dict, scored, warnings: list,
+                  on_file) -> tuple[list, bool]:
+    """Every GGUF against the run's first (its f16), on the same tokens: llama.cpp's KLD, same top token, PPL
+    (taken from the quantize stage where it measured exactly these tokens)."""
     paths = [Path(path) for _, path in ggufs]
     recorded = quantized_stage.get("outputs") or []
     if ggufs and recorded and ggufs[0][1] != str(checked(recorded[0]["path"], "GGUF")):
@@ -224,34 +265,30 @@ def evaluate(config: EvaluateConfig, on_progress: ProgressCallback | None = None
     qualities = _measured_by_quantize(quantized_stage, outputs, same_basis)
     todo = [i for i, quality in enumerate(qualities) if quality is None]
     if todo:
-        found = quant_quality.measure(paths[0], [paths[i] for i in todo], scored,
-                                      lambda n, path: measuring(todo[n], path))
+        found = quant_quality.measure(paths[0], [paths[i] for i in todo], scored, lambda n, _: on_file(todo[n]))
         for i, quality in zip(todo, found, strict=True):
             qualities[i] = quality
-    measured = [(quant, path, {**quality, "imatrix": out.get("imatrix", False),
-                               "measured_by": "evaluate" if i in todo else "quantize stage"})
-                for i, ((quant, path), quality, out) in enumerate(zip(ggufs, qualities, outputs, strict=True))]
-    for i, (quant, path) in enumerate(ggufs if tool_cases else [], start=2 + len(ggufs)):
-        writer.stage("asking_gguf", quant=quant, step=i, total_steps=total)
-        answers = tool_eval.gguf_answers(Path(path), tool_cases, config.max_new_tokens)
-        tool_scores[f"{quant} GGUF"] = tool_eval.score(tool_cases, answers)
-    quantized = _gguf_answers(Path(ggufs[-1][1]), prompts, config.max_new_tokens) if ggufs and prompts else []
-    if not ggufs:
-        warnings.append("the run is not quantized yet: no GGUF rows; run forge quantize, then evaluate again")
-    samples = [{"prompt": p[-1]["content"], "expected": c[len(p)]["content"], "base": b,
-                **({"quantized": q, "quantized_model": ggufs[-1][0]} if q else {})}
-               for p, c, b, q in zip(prompts, sampled, hf["answers"],
-                                      quantized or [None] * len(prompts), strict=True)]
-    table = _table(hf, measured, scored.tokens, _removed_rows(quantized_stage, same_basis))
-    result = {"status": Outcome.SUCCEEDED, "run_dir": str(run_dir), "source": source, "tokens": scored.tokens,
-              "measured_on": scored.basis, "reference": Path(ggufs[0][1]).name if ggufs else None,
-              "quantization": _quantization(quantized_stage),
-              "table": table, "samples": samples, "warnings": warnings,
-              "stopped_on_its_own": _stop_counts(samples), "config": config.model_dump(mode="json"),
-              **({"tool_calls": tool_scores} if tool_cases else {})}
-    writer({"event": "done", "step": total, "total_steps": total, "percent": 100.0})
-    record_stage(run_dir, "evaluate", result)
-    return result
+    return [(quant, path, {**quality, "imatrix": out.get("imatrix", False),
+                           "measured_by": "evaluate" if i in todo else "quantize stage"})
+            for i, ((quant, path), quality, out) in enumerate(zip(ggufs, qualities, outputs, strict=True))], same_basis
+
+
+def _scored_samples(prompts: list, sampled: list, answers: dict[str, list]) -> tuple[list[dict], dict]:
+    """Each eval prompt with the record's answer and every model's answer, scored against it (exact /
+    normalised / contains), and how many each model matched."""
+    samples = []
+    for n, (prompt, conv) in enumerate(zip(prompts, sampled, strict=True)):
+        expected = conv[len(prompt)]["content"]
+        sample = {"prompt": prompt[-1]["content"], "expected": expected}
+        for who, given in answers.items():
+            key = "quantized" if who.endswith("GGUF") else who
+            sample[key] = {**given[n], "match": answer_score.match(given[n]["text"], expected)}
+            if key == "quantized":
+                sample["quantized_model"] = who.removesuffix(" GGUF")
+        samples.append(sample)
+    learned = {who: answer_score.tally([s["quantized" if who.endswith("GGUF") else who]["match"] for s in samples])
+               for who in answers} if samples else {}
+    return samples, learned
 
 
 def _quantization(quantized: dict) -> dict | None:
@@ -270,7 +307,7 @@ def _quantization(quantized: dict) -> dict | None:
 def _stop_counts(samples: list[dict]) -> dict:
     """How many sample answers ended by the model's own end-of-turn, per model."""
     counts = {}
-    for who in ("base", "quantized"):
+    for who in ("base", "fine-tuned", "quantized"):
         answered = [s[who] for s in samples if who in s]
         if answered:
             counts[who] = f"{sum(a['stopped'] for a in answered)}/{len(answered)}"

@@ -53,16 +53,20 @@ def _run_dataset(train_cfg: dict):
 
 def conversations(train_cfg: dict, dataset: Path | None = None, max_records: int = DEFAULT_RECORDS,
                   trained_sha256: str | None = None) -> tuple[list, dict, list[str]]:
-    """The records to measure on, where they came from, and warnings."""
+    """The records to measure on, where they came from (and how they relate to the training records), and
+    warnings."""
     from forge import data
 
     warnings = []
-    if dataset is not None:
-        ds = data.load_dataset(dataset, system_prompt=train_cfg.get("system_prompt"))
-        convs, source = ds.conversations, {"kind": "file", "path": str(ds.path), "sha256": ds.sha256}
+    held_out = dataset if dataset is not None else train_cfg.get("eval_dataset")
+    ds = _run_dataset(train_cfg)
+    train, evals = data.split(ds.conversations, train_cfg.get("eval_fraction", 0.1), train_cfg.get("seed", 42))
+    if held_out is not None:
+        given = data.load_dataset(held_out, system_prompt=train_cfg.get("system_prompt"))
+        kind = "file" if dataset is not None else "eval dataset"
+        convs, source = given.conversations, {"kind": kind, "path": str(given.path), "sha256": given.sha256}
+        train = ds.conversations if dataset is None else train
     else:
-        ds = _run_dataset(train_cfg)
-        train, evals = data.split(ds.conversations, train_cfg.get("eval_fraction", 0.1), train_cfg.get("seed", 42))
         convs = evals or train
         source = {"kind": "eval split" if evals else "training records", "path": str(ds.path), "sha256": ds.sha256}
         if not evals:
@@ -72,7 +76,33 @@ def conversations(train_cfg: dict, dataset: Path | None = None, max_records: int
             warnings.append(f"{ds.path} changed since training (sha256 {trained_sha256[:12]}… then, "
                             f"{ds.sha256[:12]}… now): the split is not the one held out")
     source["records"] = min(len(convs), max_records)
+    if source["kind"] != "training records":
+        source["held_out"] = held_out_kind(convs[:max_records], train)
     return convs[:max_records], source, warnings
+
+
+def held_out_kind(evals: list, train: list) -> dict:
+    """What the eval records test, said plainly: whole groups training never saw, or paraphrases (an eval
+    answer that a training answer contains or equals), or new records unlike any trained answer."""
+    from forge.answer_score import match
+
+    def answer(conv) -> str:
+        return next((m.get("content") or "" for m in reversed(conv) if m["role"] == "assistant"), "")
+
+    answers = [answer(c) for c in train]
+    shared = sum(1 for c in evals if answer(c) and any(match(a, answer(c)) for a in answers))
+    groups = {getattr(c, "group", None) for c in train} - {None}
+    if any(getattr(c, "group", None) for c in evals):
+        unseen = sum(1 for c in evals if getattr(c, "group", None) not in groups)
+        text = (f"{unseen} of {len(evals)} eval records belong to groups training never saw "
+                "(the split kept whole groups out)")
+    elif shared:
+        text = (f"{shared} of {len(evals)} eval records are paraphrases of training records (a training answer "
+                "holds theirs): they test recall in new words, not what was never taught; mark groups "
+                "(\"group\" in each record) to hold whole facts out")
+    else:
+        text = f"none of the {len(evals)} eval records shares its answer with a training record"
+    return {"paraphrases": shared, "of": len(evals), "text": text}
 
 
 def training_split(train_cfg: dict) -> list:

@@ -55,45 +55,73 @@ StageHook = Callable[[str, dict], None]
 
 def run_pipeline(config: PipelineConfig, on_progress: ProgressCallback | None = None,
                  on_stage_done: StageHook | None = None) -> dict:
-    from forge.evaluate import EvaluateConfig, evaluate
-    from forge.merge import MergeConfig, merge
-    from forge.modelfile import ModelfileConfig, write_modelfile
-    from forge.quantize import QuantizeConfig, quantize
-    from forge.seal import SealConfig, seal
     from forge.train import TrainConfig, train
 
-    results: dict[str, dict] = {}
-
-    def done(stage: str, result: dict) -> dict:
-        results[stage] = result
-        if on_stage_done:
-            on_stage_done(stage, result)
-        return result
-
-    def progress(stage: str):
-        if on_progress is None:
-            return None
-        on_progress({"event": "stage", "stage": "starting", "pipeline_stage": stage})
-        return lambda event: on_progress({"pipeline_stage": stage, **event})
-
+    done = _Recorder(on_stage_done)
     train_cfg = TrainConfig.build(
         **{**config.train, "base_model": config.base_model, "dataset": config.dataset, "method": config.method,
            "output_dir": config.output_dir, "run_name": config.run_name,
            "system_prompt": config.system_prompt})
-    trained = done("train", train(train_cfg, progress("train")))
+    trained = done("train", train(train_cfg, _staged(on_progress, "train")))
     if trained["status"] != Outcome.SUCCEEDED:
-        return {"status": trained["status"], "stages": results, "run_dir": trained["run_dir"]}
+        return {"status": trained["status"], "stages": done.results, "run_dir": trained["run_dir"]}
     run_dir = Path(trained["run_dir"])
-    merged = done("merge", merge(MergeConfig(adapter_dir=Path(trained["adapter_dir"]),
-                                             base_model=config.base_model), progress("merge")))
-    quantized = done("quantize", quantize(QuantizeConfig.build(
-        **{**config.quantize, "model_dir": Path(merged["merged_dir"]), "quantizations": config.quantizations,
-           "pre_tokenizer": config.pre_tokenizer}), progress("quantize")))
-    if config.evaluate:
+    after_training(run_dir, config.base_model, config.quantizations, on_progress, config.note, done,
+                   quantize=config.quantize, pre_tokenizer=config.pre_tokenizer, evaluate_run=config.evaluate,
+                   system_prompt=config.system_prompt)
+    return {"status": Outcome.SUCCEEDED, "run_dir": str(run_dir), "stages": done.results}
+
+
+class _Recorder:
+    """Each stage's result, kept, and handed to the caller's hook as the stage ends."""
+
+    def __init__(self, hook: StageHook | None):
+        self.results: dict[str, dict] = {}
+        self.hook = hook
+
+    def __call__(self, stage: str, result: dict) -> dict:
+        self.results[stage] = result
+        if self.hook:
+            self.hook(stage, result)
+        return result
+
+
+def _staged(on_progress: ProgressCallback | None, stage: str) -> ProgressCallback | None:
+    """A stage's progress callback inside a pipeline: the stage's events, named with the stage."""
+    if on_progress is None:
+        return None
+    on_progress({"event": "stage", "stage": "starting", "pipeline_stage": stage})
+    return lambda event: on_progress({"pipeline_stage": stage, **event})
+
+
+def after_training(run_dir: Path, base_model: str, quantizations: list[str], on_progress: ProgressCallback | None,
+                   note: str | None = None, on_stage_done: StageHook | None = None, *, quantize: dict | None = None,
+                   pre_tokenizer: str | None = None, evaluate_run: bool = True,
+                   system_prompt: str | None = None) -> dict[str, dict]:
+    """A trained run carried through merge → quantize → evaluate → modelfile → seal; each stage's result."""
+    from forge.evaluate import EvaluateConfig, evaluate
+    from forge.merge import MergeConfig, merge
+    from forge.modelfile import ModelfileConfig, write_modelfile
+    from forge.quantize import QuantizeConfig
+    from forge.quantize import quantize as run_quantize
+    from forge.runs import load_stages
+    from forge.seal import SealConfig, seal
+
+    done = _Recorder(on_stage_done)
+
+    def progress(stage: str) -> ProgressCallback | None:
+        return _staged(on_progress, stage)
+
+    adapter_dir = Path(load_stages(run_dir)["train"]["adapter_dir"])
+    merged = done("merge", merge(MergeConfig(adapter_dir=adapter_dir, base_model=base_model), progress("merge")))
+    quantized = done("quantize", run_quantize(QuantizeConfig.build(
+        **{**(quantize or {}), "model_dir": Path(merged["merged_dir"]), "quantizations": quantizations,
+           "pre_tokenizer": pre_tokenizer}), progress("quantize")))
+    if evaluate_run:
         done("evaluate", evaluate(EvaluateConfig(run_dir=run_dir), progress("evaluate")))
     progress("modelfile")
     done("modelfile", write_modelfile(ModelfileConfig(gguf=Path(quantized["outputs"][-1]["path"]),
-                                                      system_prompt=config.system_prompt)))
+                                                      system_prompt=system_prompt)))
     progress("seal")
-    done("seal", seal(SealConfig(run_dirs=[run_dir], note=config.note)))
-    return {"status": Outcome.SUCCEEDED, "run_dir": str(run_dir), "stages": results}
+    done("seal", seal(SealConfig(run_dirs=[run_dir], note=note)))
+    return done.results

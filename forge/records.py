@@ -21,10 +21,12 @@ class Conversation(list):
     """A record as chat messages in canonical form, with the tools it declares (canonical; None: none)."""
 
     tools: list[dict] | None = None
+    group: str | None = None  # records sharing a group (one fact, one task) go to the same side of the split
 
-    def __init__(self, messages=(), tools: list[dict] | None = None):
+    def __init__(self, messages=(), tools: list[dict] | None = None, group: str | None = None):
         super().__init__(messages)
         self.tools = tools
+        self.group = group
 
 
 class Formats:
@@ -230,4 +232,6 @@ def to_messages(record: dict, fmt: str, system_prompt: str | None) -> Conversati
         messages, tools = canonical_turns(record["messages"]), _declared_tools(record)
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
-    return Conversation(messages, canonical_tools(tools) if tools else None)
+    group = record.get("group")
+    return Conversation(messages, canonical_tools(tools) if tools else None,
+                        str(group) if isinstance(group, str | int) and not isinstance(group, bool) else None)

@@ -148,14 +148,15 @@ def evaluation_section(ev: dict) -> list[str]:
                  f"{' (deleted)' if row.get('file') else ''} |" if "bytes" in row else " | | | |")
         out.append(f"| {row['model']} | {row['loss']:.4f} | {row['perplexity']:.4g} | {change} |{quant}")
     out += _quantization_lines(ev.get("quantization") or {})
+    out += _learned_lines(ev)
     samples = ev.get("samples") or []
     if samples:
         quant = samples[0].get("quantized_model", "quantized")
-        out += ["", f"Sample answers (greedy), base model vs {quant} GGUF; stopped on its own: "
+        out += ["", f"Sample answers (greedy), base, fine-tuned and {quant} GGUF; stopped on its own: "
                 + ", ".join(f"{k} {v}" for k, v in (ev.get("stopped_on_its_own") or {}).items()) + ".", "",
-                f"| Prompt | Expected | Base | {quant} |", "|---|---|---|---|"]
+                f"| Prompt | Expected | Base | Fine-tuned | {quant} |", "|---|---|---|---|---|"]
         out += [f"| {_cell(s['prompt'], 80)} | {_cell(s['expected'], 80)} | {_answer(s.get('base'))} | "
-                f"{_answer(s.get('quantized'))} |" for s in samples]
+                f"{_answer(s.get('fine-tuned'))} | {_answer(s.get('quantized'))} |" for s in samples]
     tools = ev.get("tool_calls") or {}
     if tools:
         out += ["", "Tool calls (greedy, parsed with the template's call syntax): right = the data's tool names and "
@@ -166,6 +167,35 @@ def evaluation_section(ev: dict) -> list[str]:
             out.append(f"| {_cell(who, 40)} | {row['right']}/{row['turns']} | {row['calls_right']} | "
                        f"{row['no_call_right']} | {parsed} |")
     return out + [""]
+
+
+def _learned_lines(ev: dict) -> list[str]:
+    """Held-out answers matched, and what each model kept of the base's general ability (the budget)."""
+    out = []
+    learned, held = ev.get("learned") or {}, (ev.get("source") or {}).get("held_out") or {}
+    if learned:
+        out += ["", "Eval answers matching the record's answer (exact / normalised / contains): "
+                + ", ".join(f"{_cell(who, 40)} {t['matched']}/{t['of']}" for who, t in learned.items()) + "."
+                + (f" {_cell(held['text'], 300)}." if held.get("text") else "")]
+    forgetting, budget = ev.get("forgetting") or {}, ev.get("budget") or {}
+    if forgetting:
+        out += ["", f"Forgetting, on Forge's general set against the base (budget: at least "
+                f"{budget.get('min_kept_pct')}% of the questions the base answered, prose perplexity at most "
+                f"+{budget.get('max_prose_ppl_pct')}%):", "",
+                "| Model | General answered | Kept | Stopped | Prose perplexity | Change | Within budget |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {_cell(who, 40)} | {c['general_answered']}/{c['of']} (base {c['base_answered']}) | "
+                f"{c['kept_pct']:g}% | {c['stopped']} (base {c['base_stopped']}) | {c['prose_ppl']:.4g} | "
+                f"{c['prose_ppl_change_pct']:+g}% | {'yes' if c['within_budget'] else '**no**'} |"
+                for who, c in forgetting.items()]
+    return out
+
+
+def sweep_section(sweep: dict) -> list[str]:
+    from forge.sweep_table import table_text
+
+    return ["### Sweep", "", f"This run won the sweep `{sweep.get('run_dir')}`: {_cell(sweep.get('why'), 400)}", "",
+            table_text(sweep.get("trials") or [], sweep.get("winner")), ""]
 
 
 def render_retrospective(record: dict, sid: str, plot: str | None = None) -> str:
@@ -193,6 +223,8 @@ def render_retrospective(record: dict, sid: str, plot: str | None = None) -> str
                     f"{parity['dtype']}).", ""]
         if run.get("evaluation"):
             out += evaluation_section(run["evaluation"])
+        if run.get("sweep"):
+            out += sweep_section(run["sweep"])
         out += ["### Artifacts", "", "| Kind | File | Bytes | sha256 |", "|---|---|---|---|"]
         for a in run.get("artifacts", []):
             rel = os.path.relpath(a["path"], run["run_dir"])

@@ -25,7 +25,8 @@ from forge.workspace import atomic_write_text
 # The one list of Forge's stages, in the order a pipeline runs them.
 STAGES = ("train", "merge", "quantize", "evaluate", "modelfile", "seal")
 # Stages that leave a record in the run dir (the seal records itself elsewhere).
-RECORDED_STAGES = (*STAGES[:-1], "lora_gguf")  # lora_gguf: a LoRA alone as a GGUF (forge lora-gguf)
+# lora_gguf: a LoRA alone as a GGUF (forge lora-gguf); sweep: the sweep this run won (forge sweep)
+RECORDED_STAGES = (*STAGES[:-1], "lora_gguf", "sweep")
 # Files a seal hashes, by artifact kind, relative to the run dir.
 ARTIFACT_GLOBS = {"adapter": "adapter/*", "merged": "merged/*", "gguf": "gguf/*.gguf", "imatrix": "gguf/*.imatrix.gguf",
                   "modelfile": "gguf/Modelfile*"}

@@ -110,10 +110,14 @@ def run_record(run_dir: Path) -> dict:
         "loss_curve": metrics.get("loss_curve", []),
         "eval_curve": metrics.get("eval_curve", []),
         "merge_parity": stages.get("merge", {}).get("parity"),
+        # the sweep this run won: every trial, the budget, why this one
+        "sweep": {k: stages["sweep"].get(k) for k in ("run_dir", "trials", "winner", "why", "budget")}
+        if "sweep" in stages else None,
         "evaluation": {k: stages["evaluate"].get(k) for k in ("source", "tokens", "measured_on", "reference",
                                                                "quantization", "table", "samples",
-                                                               "stopped_on_its_own", "warnings", "tool_calls")
-                       if k != "tool_calls" or "tool_calls" in stages["evaluate"]}
+                                                               "stopped_on_its_own", "warnings", "tool_calls",
+                                                               "learned", "forgetting", "budget")
+                       if k not in ("tool_calls", "learned", "forgetting", "budget") or k in stages["evaluate"]}
         if "evaluate" in stages else None,
         "gguf": [{"quant": o["quant"], "path": o["path"], "generated": o.get("verification", {}).get("generated"),
                   "imatrix": o.get("imatrix"), "quality": compact(o.get("quality"))}

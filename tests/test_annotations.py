@@ -82,7 +82,7 @@ def read_only_calls(w: dict) -> dict:
 
 async def test_every_tool_has_a_title_annotations_and_a_description_for_every_argument(world):
     tools = (await world["client"].list_tools()).tools
-    assert len(tools) == 18
+    assert len(tools) == 19
     for tool in tools:
         assert tool.title and tool.annotations is not None, tool.name
         assert len(tool.description) > 60 and "\n    " not in tool.description, tool.name  # dedented docstrings

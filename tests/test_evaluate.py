@@ -52,19 +52,34 @@ def test_the_pipeline_measures_base_fine_tuned_and_each_gguf_on_the_same_tokens(
     assert ev["quantization"]["imatrix"]["used_for"] == ["Q4_K_M"]
     # the quantize stage measured these very files on these very tokens: its numbers are taken, not redone
     assert {r["measured_by"] for r in ev["table"][2:]} == {"quantize stage"}
-    assert len(ev["samples"]) == 3
+    assert len(ev["samples"]) == ev["source"]["records"] == 6  # every eval prompt, up to samples (8)
     for sample in ev["samples"]:
         assert sample["prompt"] and sample["expected"] and sample["quantized_model"] == "Q4_K_M"
-        assert {"text", "stopped", "tokens"} <= set(sample["base"]) and isinstance(sample["quantized"]["stopped"], bool)
-    assert set(ev["stopped_on_its_own"]) == {"base", "quantized"}
+        for who in ("base", "fine-tuned", "quantized"):  # each answer scored against the record's
+            assert {"text", "stopped", "tokens"} <= set(sample[who]) and isinstance(sample[who]["stopped"], bool)
+            assert sample[who]["match"] in ("exact", "normalised", "contains", None)
+    assert set(ev["stopped_on_its_own"]) == {"base", "fine-tuned", "quantized"}
+    assert set(ev["learned"]) == {"base", "fine-tuned", "Q4_K_M GGUF"}
+    assert all(t["of"] == 6 and t["exact"] <= t["normalised"] <= t["contains"] == t["matched"]
+               for t in ev["learned"].values())
+    # the eval split is a share of the same kind of records, said plainly
+    assert ev["source"]["held_out"]["of"] == 6 and "eval records" in ev["source"]["held_out"]["text"]
+    # what the fine-tune and each GGUF kept of the base's general ability, on the general set
+    assert set(ev["forgetting"]) == {"fine-tuned", "f16 GGUF", "Q4_K_M GGUF"}
+    tuned = ev["forgetting"]["fine-tuned"]
+    assert tuned["of"] == 24 and tuned["prose_ppl"] > 1 and tuned["base_prose_ppl"] > 1
+    # the f16 GGUF scores the very prose ids the fine-tuned model scored: the same perplexity, give or take f16
+    assert math.isclose(ev["forgetting"]["f16 GGUF"]["prose_ppl"], tuned["prose_ppl"], rel_tol=0.02)
 
 
 def test_the_seal_and_retrospective_carry_the_eval_table_and_the_answers_side_by_side(run):
     record = json.loads(Path(run["stages"]["seal"]["seal_path"]).read_text(encoding="utf-8"))
     evaluation = record["runs"][0]["evaluation"]
-    assert [r["model"] for r in evaluation["table"]] == TABLE_MODELS and len(evaluation["samples"]) == 3
+    assert [r["model"] for r in evaluation["table"]] == TABLE_MODELS and len(evaluation["samples"]) == 6
+    assert set(evaluation["forgetting"]) == {"fine-tuned", "f16 GGUF", "Q4_K_M GGUF"}
     text = Path(run["stages"]["seal"]["retrospective_path"]).read_text(encoding="utf-8")
-    assert "### Evaluation" in text and "| Prompt | Expected | Base | Q4_K_M |" in text
+    assert "### Evaluation" in text and "| Prompt | Expected | Base | Fine-tuned | Q4_K_M |" in text
+    assert "Forgetting, on Forge's general set against the base" in text and "| Q4_K_M GGUF |" in text
     for row in evaluation["table"]:
         assert f"| {row['model']} | {row['loss']:.4f} |" in text
     assert evaluation["samples"][0]["expected"][:40] in text

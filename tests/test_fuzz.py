@@ -627,7 +627,7 @@ def test_a_tie_between_formats_is_decided_the_same_whatever_the_hash_seed_or_ord
 # Tool calls
 # ---------------------------------------------------------------------------------------------------
 
-PATH_ARGS = {"path", "dataset", "dir", "gguf", "model", "adapter", "source", "base_model", "run"}
+PATH_ARGS = {"path", "dataset", "eval_dataset", "dir", "gguf", "model", "adapter", "source", "base_model", "run"}
 JOB_ARGS = {"job_id", "resume_from_job"}
 SNAKE = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
 ERROR_KEYS = {"code", "message", "hint", "retryable", "details"}
@@ -887,7 +887,8 @@ def _setup_calls(fz: Fuzzed) -> None:
     ggufs = [str(home / f"{n}.gguf") for n in ("junk", "hdr", "counts", "text", "empty")]
     datasets = [dataset, str(home / "bad.jsonl"), str(home / "dir.jsonl")]
     fz.anchors += [model, dataset, *datasets[1:], *ggufs]
-    fz.roles = {"base_model": [model, "owner/name"], "dataset": datasets, "path": datasets, "gguf": ggufs,
+    fz.roles = {"base_model": [model, "owner/name"], "dataset": datasets, "eval_dataset": datasets, "path": datasets,
+                "gguf": ggufs,
                 "model": [*ggufs, model], "adapter": [str(adapter), model], "source": [model],
                 "dir": [str(home / "demo")], "run": [str(home / "demo"), "train-20260101-000000-abcdef"]}
     for name, args in [("forge_train", {"base_model": model, "dataset": dataset}),

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.anyio
 MODES = ["legacy", "2026-07-28"]
 # The tools whose reply names a job: status, wait, and every tool that starts one.
 JOB_TOOLS = {"forge_job_status", "forge_job_wait", "forge_train", "forge_merge", "forge_quantize", "forge_pipeline",
-             "forge_evaluate", "forge_publish"}
+             "forge_evaluate", "forge_publish", "forge_sweep"}
 UNKNOWN_JOB = "train-20000101-000000-000000"
 # What a dataset may hold: the view must show it as text, never run it.
 HOSTILE = """<img src=x onerror="parent.postMessage('pwned','*')"><script>parent.postMessage('pwned','*')</script>"""

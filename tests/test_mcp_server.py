@@ -17,7 +17,7 @@ TOOLS = {
     "forge_environment", "forge_demo_assets", "forge_validate_dataset", "forge_train", "forge_merge",
     "forge_quantize", "forge_evaluate", "forge_modelfile", "forge_query_model", "forge_seal_snapshot", "forge_pipeline",
     "forge_job_status", "forge_job_list", "forge_job_events", "forge_job_cancel", "forge_job_wait",
-    "forge_seal_verify", "forge_publish",
+    "forge_seal_verify", "forge_publish", "forge_sweep",
 }
 
 

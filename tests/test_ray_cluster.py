@@ -6,6 +6,7 @@ and jobs no node can take. Nodes that die mid-train: test_ray_node_loss.py."""
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from helpers import (
     call,
     call_ok,
     checked_environment,
+    detail,
     node_of,
     ray_train_against_one_process,
     reach_step,
@@ -145,3 +147,33 @@ async def test_a_job_no_node_can_take_is_refused_at_submit_with_the_clusters_nod
     assert ranks["error"]["code"] == "no_node_fits" and "3 Ray Train workers" in ranks["error"]["message"] \
         and "room for 2" in ranks["error"]["message"]
     assert listed["jobs"] == []  # nothing waits in Ray's queue for what no node has
+
+
+async def test_a_sweep_runs_its_trials_through_ray_tune_side_by_side_and_keeps_a_winner(cluster, home,
+                                                                                        tmp_path_factory, monkeypatch):
+    """Four SmolLM2 trials through Ray Tune, one on each worker node at a time (a CPU and a forge_node each),
+    the sweep's Ray job following them from the head: each trial a job with its own steps, the table in the
+    sweep's status, and a winner that learned the held-out facts within the forgetting budget."""
+    from fixtures.facts import write_facts
+
+    facts = write_facts(tmp_path_factory.mktemp("facts"))
+    use(cluster, monkeypatch)
+    monkeypatch.setenv("FORGE_ALLOWED_ROOTS", str(facts["root"]))
+    args = {"base_model": facts["base_model"], "dataset": facts["dataset"], "eval_dataset": facts["eval_dataset"],
+            "trials": 4}
+    async with serving() as client:
+        await checked_environment(client)
+        sweep_id = (await call_ok(client, "forge_sweep", args))["job_id"]
+        done = await wait_job(client, sweep_id, 3 * DEADLINE_S)
+        trials = [await detail(client, f"{sweep_id}-t{n}") for n in range(1, 5)]
+        placed = await detail(client, sweep_id)
+    assert done["status"] == "succeeded", done["error"]
+    assert placed["placement"]["executor"] == "ray" and placed["placement"]["node"]["name"] == "head"
+    assert Path(done["run_dir"], "tune").is_dir()  # Ray Tune's own record of the trials
+    for trial in trials:  # each trial a job of its own, followed to its last step
+        assert trial["status"] == "succeeded" and trial["progress"]["step"] == trial["progress"]["total_steps"] > 0
+    spans = sorted((t["started_at"], t["finished_at"]) for t in trials)
+    assert any(later[0] < earlier[1] for earlier, later in pairwise(spans))  # side by side, on two nodes
+    rows = {r["trial"]: r for r in done["result"]["trials"]}
+    winner = rows[done["result"]["winner"]]
+    assert len(rows) == 4 and winner["within_budget"] and winner["learned"] >= 5, done["result"]

@@ -10,8 +10,9 @@ several processes. Run dir layout: see ``forge.runs``.
 
 from __future__ import annotations
 
-from forge.train.config import METHOD_HELP, Method, TrainConfig, check_plan
+from forge.train.config import METHOD_HELP, Method, TrainConfig, check_plan, training_records, with_defaults
 from forge.train.run import train
 from forge.train.run_dir import latest_checkpoint
 
-__all__ = ["METHOD_HELP", "Method", "TrainConfig", "check_plan", "latest_checkpoint", "train"]
+__all__ = ["METHOD_HELP", "Method", "TrainConfig", "check_plan", "latest_checkpoint", "train", "training_records",
+           "with_defaults"]

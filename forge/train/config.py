@@ -42,10 +42,11 @@ class TrainConfig(StageConfig):
         "dpo: TRL's beta (lower = drift further); orpo: odds-ratio weight."))
     dataset_format: FormatName = Field("auto", description="Dataset record format.")
     system_prompt: str | None = Field(None, description="System message added to records without one.")
-    num_train_epochs: float = Field(1.0, gt=0, le=1000, description=(
-        "Passes over the data."))
+    eval_dataset: Path | None = Field(None, description=(
+        "JSONL records held out for eval (loss, scored answers); default an eval_fraction share of dataset."))
+    num_train_epochs: float | None = Field(None, gt=0, le=1000, description="Passes over the data; default by size.")
     max_steps: int = Field(-1, ge=-1, le=10_000_000, description="Steps to stop at; -1 = use epochs.")
-    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak rate, e.g. 2e-4.")
+    learning_rate: float | None = Field(None, gt=0, le=1, description="Peak rate; default by model size.")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
     warmup_steps: float = Field(0.03, ge=0, le=10_000_000,
                                 description="Warm-up: steps, or a fraction of all steps if < 1.")
@@ -54,8 +55,8 @@ class TrainConfig(StageConfig):
     gradient_accumulation_steps: int = Field(1, gt=0, le=4096, description="Micro-batches per optimizer step.")
     max_length: int = Field(1024, gt=0, le=1_048_576, description=(
         "Tokens per record; longer are cut."))
-    lora_r: int = Field(16, gt=0, le=1024, description="LoRA rank, e.g. 16.")
-    lora_alpha: int = Field(32, gt=0, le=65536, description="Updates scale by alpha / r.")
+    lora_r: int | None = Field(None, gt=0, le=1024, description="LoRA rank; default 16 (32 past 10k records).")
+    lora_alpha: int | None = Field(None, gt=0, le=65536, description="Updates scale by alpha / r; default 2r.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on LoRA inputs.")
     lora_target_modules: list[str] | str = Field(
         "all-linear", description="Modules to adapt; all-linear = every linear layer but the head.")
@@ -111,15 +112,35 @@ MAX_STEPS_ENV = "FORGE_MAX_TRAIN_STEPS"
 DEFAULT_MAX_STEPS = 1_000_000
 
 
+def training_records(config: TrainConfig, records: int | None = None) -> int:
+    """Records the run trains on: the dataset's, less the eval split (none is split off with an eval_dataset)."""
+    from forge.data import load_dataset, split
+
+    if records is None:
+        records = len(load_dataset(config.dataset, config.dataset_format).conversations)
+    if config.eval_dataset is not None:
+        return records
+    return len(split(list(range(records)), config.eval_fraction, config.seed)[0])
+
+
+def with_defaults(config: TrainConfig, records: int | None = None) -> tuple[TrainConfig, dict]:
+    """The config with the hyperparameters left unset chosen from the data's and the model's size, and what
+    was chosen and why (``forge.train.defaults``)."""
+    from forge.train import defaults
+
+    if all(getattr(config, k) is not None for k in (*defaults.CHOSEN, "lora_alpha")):
+        return config, {}
+    return defaults.apply(config, training_records(config, records))
+
+
 def planned_steps(config: TrainConfig, records: int) -> int:
     """Optimizer steps a config asks for on ``records`` records (before a memory plan reshapes batches)."""
     import math
 
-    from forge.data import split
-
     if config.max_steps > 0:
         return config.max_steps
-    train_records = len(split(list(range(records)), config.eval_fraction, config.seed)[0])
+    config, _ = with_defaults(config, records)
+    train_records = training_records(config, records)
     per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.num_processes
     return math.ceil(math.ceil(train_records / per_step) * config.num_train_epochs)
 
@@ -127,6 +148,7 @@ def planned_steps(config: TrainConfig, records: int) -> int:
 def check_plan(config: TrainConfig, records: int) -> int:
     """Refuse a plan of more optimizer steps than FORGE_MAX_TRAIN_STEPS (default 1,000,000) before it
     takes a slot in the queue; return the planned steps."""
+    config, _ = with_defaults(config, records)
     steps = planned_steps(config, records)
     limit = int(os.environ.get(MAX_STEPS_ENV) or DEFAULT_MAX_STEPS)
     if steps > limit:

@@ -45,8 +45,14 @@ def prepare_data(config: TrainConfig, model_ref: str, writer: ProgressWriter) ->
         writer({"event": "warning", "message": template["warning"]})
     ds = data.load_dataset(config.dataset, config.dataset_format, config.system_prompt)
     if config.preference:
+        if config.eval_dataset is not None:
+            raise ForgeError(Codes.INVALID_ARGUMENT, f"eval_dataset is for lora and qlora, not {config.method}",
+                             "leave eval_dataset out: preference pairs are held out by eval_fraction")
         return _preference_data(config, tokenizer, template, ds)
     train_convs, eval_convs = data.split(ds.conversations, config.eval_fraction, config.seed)
+    if config.eval_dataset is not None:  # held out by the user: every record of dataset trains
+        train_convs = ds.conversations
+        eval_convs = data.load_dataset(config.eval_dataset, config.dataset_format, config.system_prompt).conversations
     tool_tokens = tokens.tool_list_tokens(tokenizer, ds.conversations)
     train_tokens = tokens.tokenize_all(tokenizer, train_convs)
     stats = tokens.token_stats(train_tokens, config.max_length)

@@ -12,7 +12,7 @@ from forge.errors import Codes, ForgeError
 from forge.progress import ProgressCallback, quiet_libraries
 from forge.runs import Outcome, record_stage
 from forge.train.callbacks import STOP_FILE, StopFlag
-from forge.train.config import TrainConfig
+from forge.train.config import TrainConfig, with_defaults
 from forge.train.inputs import prepare_data
 from forge.train.launch import in_launched_rank, launch_distributed, rank_index
 from forge.train.memory import plan_memory
@@ -39,14 +39,12 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
 
     from forge.hardware import device_kind
 
-    on_ray = os.environ.get("FORGE_EXECUTOR") == "ray"
-    if config.max_failures and not on_ray:
-        raise ForgeError(Codes.INVALID_ARGUMENT, f"max_failures={config.max_failures} restarts training on a Ray "
-                         "cluster, and this run is not a Ray job (FORGE_EXECUTOR=ray)",
-                         "leave max_failures out: a stopped run continues from its last checkpoint with "
-                         "resume=true (forge train --resume)")
+    on_ray = _refuse_local_restarts(config)
+    config, chosen = with_defaults(config)  # hyperparameters left unset: from the data's and the model's size
     # Run dir (and, for several processes, the launcher that runs this function once per rank)
     run = prepare_run(config, on_progress)
+    if chosen and run.rank0:
+        run.writer({"event": "defaults", "chosen": chosen})
     if run.rank0 and not in_ray_train_rank():  # a Ray Train rank restarting must not drop a stop under way
         (run.dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
     if not in_launched_rank() and not in_ray_train_rank():
@@ -102,7 +100,7 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     out = {
         "status": Outcome.SUCCEEDED, "run_dir": str(run.dir), "adapter_dir": str(run.adapter),
         "base_model": config.base_model, "base_model_dir": model_ref, "base_gguf": gguf,
-        "method": config.method, "metrics": metrics,
+        "method": config.method, "metrics": metrics, **({"defaults": chosen} if chosen else {}),
         "dataset": {"path": str(ds.path), "sha256": ds.sha256, "format": ds.format,
                     "train_records": data.train_records, "eval_records": data.eval_records, "tokens": data.stats},
         "chat_template": data.template,
@@ -111,6 +109,17 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     }
     record_stage(run.dir, "train", out)
     return out
+
+
+def _refuse_local_restarts(config: TrainConfig) -> bool:
+    """Whether this is a Ray job; max_failures outside one is refused, not ignored."""
+    on_ray = os.environ.get("FORGE_EXECUTOR") == "ray"
+    if config.max_failures and not on_ray:
+        raise ForgeError(Codes.INVALID_ARGUMENT, f"max_failures={config.max_failures} restarts training on a Ray "
+                         "cluster, and this run is not a Ray job (FORGE_EXECUTOR=ray)",
+                         "leave max_failures out: a stopped run continues from its last checkpoint with "
+                         "resume=true (forge train --resume)")
+    return on_ray
 
 
 def _run_trainer(trainer, run: TrainRun, stop: StopFlag):

@@ -65,7 +65,8 @@ def status_of(runner: Runner, job: dict) -> JobStatus:
     stages = results.pipeline_stages(job, finished_stages(runner, job)) if piped else []
     done = Status(job["status"]) in TERMINAL
     found = results.artifacts(result)
-    model = results.last_gguf(result) if job["kind"] == "pipeline" and found and _has_gguf(result) else None
+    carried = job["kind"] in ("pipeline", "sweep")  # a sweep carries its winner through like a pipeline
+    model = results.last_gguf(result) if carried and found and _has_gguf(result) else None
     shown = outcome.delivered(job["kind"], found, model)
     full_metrics = {k: v for k, v in results.metrics(result).items() if v is not None}
     metrics = outcome.key_metrics(full_metrics)
@@ -88,7 +89,8 @@ def status_of(runner: Runner, job: dict) -> JobStatus:
         error=ErrorInfo(**{k: _cut(err[k]) for k in ErrorInfo.model_fields if k in err and k != "details"},
                         details=[_cut(d) for d in err.get("details") or []][:SHOWN_DETAILS]) if err else None,
         next_actions=results.next_actions(job),
-        result=_publish_result(result) if job["kind"] == "publish" else None)
+        result=_publish_result(result) if job["kind"] == "publish" else (
+            outcome.sweep_table(result) if job["kind"] == "sweep" else None))
 
 
 def detail_of(runner: Runner, job: dict) -> dict:
@@ -100,7 +102,7 @@ def detail_of(runner: Runner, job: dict) -> dict:
     detail.update(artifacts=results.artifacts(result), inputs={k: v for k, v in job["params"].items()
                                                                 if not k.startswith("_") and k != "output_dir"},
                   error={k: err[k] for k in ErrorInfo.model_fields if k in err} if err else None,
-                  result=result if job["kind"] == "publish" else None,
+                  result=result if job["kind"] in ("publish", "sweep") else None,
                   metrics={k: v for k, v in results.metrics(result).items() if v is not None},
                   quality=results.quality(result), evaluation=outcome.evaluation_detail(result),
                   progress=job.get("progress") or {}, more=None, placement=job.get("placement"),

@@ -82,7 +82,8 @@ class JobStatus(BaseModel):
     summary: str | None = Field(None, description="What training and evaluation measured, in one line.")
     more: str | None = Field(None, description="The resource with every artifact, metric and the evaluation.")
     error: ErrorInfo | None = None
-    result: dict[str, Any] | None = Field(None, description="A publish job's result (its plan on a dry run).")
+    result: dict[str, Any] | None = Field(None, description=(
+        "A publish job's result (its plan on a dry run); a sweep's table so far, winner and why."))
     next_actions: list[str] = Field(default_factory=list, description="Tool calls that usually come next.")
 
 

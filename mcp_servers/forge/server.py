@@ -37,7 +37,7 @@ import forge
 from forge.errors import Codes, ForgeError
 from forge.failures import error_from
 from forge.paths import confinement
-from mcp_servers.forge import resources, tools_follow, tools_jobs, tools_stages, ui_app
+from mcp_servers.forge import resources, tools_follow, tools_jobs, tools_stages, tools_sweep, ui_app
 from mcp_servers.forge.context import ForgeState
 from mcp_servers.forge.tasks import ForgeTasks
 from mcp_servers.lib.runner import Runner
@@ -46,7 +46,7 @@ log = logging.getLogger("forge.mcp")
 
 INSTRUCTIONS = """Forge fine-tunes open LLMs: validate a dataset, train a LoRA/QLoRA adapter, merge it,
 convert to GGUF and quantize, write an Ollama Modelfile, seal the run. Heavy tools (forge_train,
-forge_merge, forge_quantize, forge_pipeline, forge_evaluate, forge_publish) return a job handle at once
+forge_merge, forge_quantize, forge_pipeline, forge_sweep, forge_evaluate, forge_publish) return a job handle
 ({job_id, kind, status, queue_position, poll_after_s, note}): follow it with forge_job_wait (blocks up
 to timeout_s) or forge_job_status, then use next_actions. Ids of finished jobs can be passed where a
 path is expected. Try it offline with forge_demo_assets."""
@@ -68,6 +68,7 @@ def _validation_error(err: ValidationError) -> ForgeError:
                       details=problems)
 
 
+HANDLE_TOOLS = tools_jobs.HANDLE_TOOLS | tools_sweep.HANDLE_TOOLS  # the tools that start a job
 SAFETY_CAP = 1_000_000
 LEGACY_RESOURCE_NOT_FOUND = -32002  # "Resource not found" up to 2025-11-25; 2026-07-28 retired it for -32602
 
@@ -165,7 +166,7 @@ class ForgeServer(MCPServer[ForgeState]):
         tools = await super().list_tools()
         for tool in tools:
             tool.input_schema = compact_schema(tool.input_schema)
-            if tool.name in tools_jobs.HANDLE_TOOLS:
+            if tool.name in HANDLE_TOOLS:
                 # the six tools that start a job return the same small handle (job_id, kind, status,
                 # queue_position, poll_after_s, note): described once, in the server's instructions and README
                 tool.output_schema = None
@@ -233,12 +234,12 @@ def create_server(home: Path | None = None, apps: bool = True) -> ForgeServer:
         runner.start()  # idempotent: each session enters the lifespan, the runner starts once
         yield ForgeState(runner=runner)
 
-    job_tasks = ForgeTasks(None, tools_jobs.HANDLE_TOOLS)  # MCP tasks for the tools that start a job
+    job_tasks = ForgeTasks(None, HANDLE_TOOLS)  # MCP tasks for the tools that start a job
     server = ForgeServer(name="forge", title="Forge", version=forge.__version__, instructions=INSTRUCTIONS,
                          lifespan=lifespan, extensions=[*([ui_app.build_apps()] if apps else []), job_tasks])
     server.runner = runner  # tests and the CLI reach the runner through the server
     job_tasks.server = server
-    for fn, title, hints in [*tools_stages.TOOLS, *tools_jobs.TOOLS, *tools_follow.TOOLS]:
+    for fn, title, hints in [*tools_stages.TOOLS, *tools_jobs.TOOLS, *tools_sweep.TOOLS, *tools_follow.TOOLS]:
         server.add_tool(fn, title=title, description=inspect.cleandoc(fn.__doc__ or ""), annotations=hints)
     for uri, fn, mime_type in resources.RESOURCES:
         server.resource(uri, mime_type=mime_type)(fn)

@@ -32,7 +32,7 @@ VIEW_TOOL = "forge_job_view"
 VIEW_HTML = Path(__file__).parent / "ui_static" / "app_view.html"
 # Tools whose reply names a job: a host that renders Apps shows the view under them.
 SHOWN_ON = ("forge_job_status", "forge_job_wait", "forge_train", "forge_merge", "forge_quantize",
-            "forge_pipeline", "forge_evaluate", "forge_publish")
+            "forge_pipeline", "forge_evaluate", "forge_publish", "forge_sweep")
 
 # The view is polled every 2 s for as long as a job runs: its reply stays small.
 CURVE_POINTS = 300

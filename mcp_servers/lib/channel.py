@@ -66,6 +66,7 @@ class ChannelStore:
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
         self._lock = threading.Lock()  # the heartbeat thread writes too
+        self._own: str | None = None
 
     def get(self, job_id: str | None = None) -> dict:
         return json.loads((self.dir / JOB_FILE).read_text(encoding="utf-8"))
@@ -77,11 +78,18 @@ class ChannelStore:
             fh.flush()
             os.fsync(fh.fileno())  # on a network filesystem the server reads what is on disk
 
+    def _target(self, job_id: str) -> dict:
+        """Another job than the channel's own (a sweep's trial) is named in the line."""
+        if self._own is None:
+            self._own = self.get()["id"]
+        own = self._own
+        return {} if job_id in (None, own) else {"job": job_id}
+
     def update(self, job_id: str, **fields) -> None:
-        self._append({"op": "update", "fields": fields})
+        self._append({"op": "update", "fields": fields, **self._target(job_id)})
 
     def add_event(self, job_id: str, type_: str, data: dict) -> None:
-        self._append({"op": "event", "type": type_, "data": data})
+        self._append({"op": "event", "type": type_, "data": data, **self._target(job_id)})
 
     def transition(self, job_id: str, status, **fields) -> None:
-        self._append({"op": "transition", "status": str(status), "fields": fields})
+        self._append({"op": "transition", "status": str(status), "fields": fields, **self._target(job_id)})

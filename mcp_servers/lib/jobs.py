@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-HEAVY_KINDS = ("train", "merge", "quantize", "lora_gguf", "evaluate", "pipeline")
+HEAVY_KINDS = ("train", "merge", "quantize", "lora_gguf", "evaluate", "pipeline", "sweep")
 
 
-def run_job(kind: str, params: dict, on_progress) -> dict:
+def run_job(kind: str, params: dict, on_progress, hooks=None) -> dict:
+    """Run one job's stage; ``hooks`` take a sweep's trials (forge.sweep.TrialHooks)."""
     # Keys starting with "_" are notes for people and seals (e.g. where a dataset was copied from).
     params = {k: v for k, v in params.items() if not k.startswith("_")}
     if kind == "train":
@@ -35,6 +36,10 @@ def run_job(kind: str, params: dict, on_progress) -> dict:
             on_progress({"event": "stage_done", "pipeline_stage": stage, "status": result.get("status")})
 
         return run_pipeline(PipelineConfig.build(**params), on_progress, stage_done)
+    if kind == "sweep":
+        from forge.sweep import SweepConfig, run_sweep
+
+        return run_sweep(SweepConfig.build(**params), hooks, on_progress)
     if kind == "publish":
         from forge.publish import PublishConfig, publish
 

@@ -21,7 +21,7 @@ def delivered(kind: str, items: list[dict], model: str | None = None) -> list[di
     job made), Modelfile and seal; for a pipeline, ``model`` (the GGUF it made last: the most quantized, or
     auto's choice), the Modelfile and the seal. Configs, tokenizer files, a pipeline's f16 and matrix and the
     retrospective are in the resource."""
-    if kind == "pipeline":
+    if kind in ("pipeline", "sweep"):
         return [a for a in items if (a["kind"] == "gguf" and a["path"] == model) or a["kind"] in ("modelfile", "seal")]
     return [a for a in items if a["kind"] in DELIVERED_KINDS
             or (a["kind"] in ("adapter", "merged") and a["path"].endswith(WEIGHT_SUFFIXES))]
@@ -78,6 +78,13 @@ def training_line(metrics: dict) -> str | None:
     return line
 
 
+def defaults_line(chosen: dict | None) -> str | None:
+    """The hyperparameters Forge chose because none were given, each with why."""
+    if not chosen:
+        return None
+    return "chosen for you: " + ", ".join(f"{k}={v['value']:g} ({v['why'].split(':')[0]})" for k, v in chosen.items())
+
+
 def evaluation_line(evaluated: dict | None) -> str | None:
     """Perplexity of each model on the answer tokens, answers that stopped, tool calls right: one line."""
     if not evaluated or not evaluated.get("table"):
@@ -91,7 +98,23 @@ def evaluation_line(evaluated: dict | None) -> str | None:
     calls = evaluated.get("tool_calls") or {}
     if calls:
         line += "; tool-call turns right: " + ", ".join(f"{who} {s['right']}/{s['turns']}" for who, s in calls.items())
-    return line
+    learned = evaluated.get("learned") or {}
+    if learned:
+        line += "; answers right: " + ", ".join(f"{who.removesuffix(' GGUF')} {t['matched']}/{t['of']}"
+                                                for who, t in learned.items())
+    return line + forgetting_line(evaluated)
+
+
+def forgetting_line(evaluated: dict) -> str:
+    """What the fine-tune kept on Forge's general set, or the flag when it lost ground beyond the budget."""
+    forgot = evaluated.get("forgetting") or {}
+    flagged = [w for w in evaluated.get("warnings") or [] if w.startswith("forgetting:")]
+    if flagged:
+        return "; " + flagged[0]
+    tuned = forgot.get("fine-tuned")
+    if not tuned:
+        return ""
+    return f"; general set kept {tuned['kept_pct']:g}%, prose ppl {tuned['prose_ppl_change_pct']:+g}% (within budget)"
 
 
 def summary_line(result: dict | None) -> str | None:
@@ -101,7 +124,8 @@ def summary_line(result: dict | None) -> str | None:
     stages = result.get("stages") or {}
     metrics = result.get("metrics") or stages.get("train", {}).get("metrics") or {}
     evaluated = result if "table" in result else stages.get("evaluate")
-    parts = [p for p in (training_line(metrics), evaluation_line(evaluated)) if p]
+    chosen = result.get("defaults") or stages.get("train", {}).get("defaults")
+    parts = [p for p in (training_line(metrics), defaults_line(chosen), evaluation_line(evaluated)) if p]
     return "; ".join(parts) or None
 
 
@@ -110,5 +134,18 @@ def evaluation_detail(result: dict | None) -> dict | None:
     evaluated = (result or {}) if "table" in (result or {}) else ((result or {}).get("stages") or {}).get("evaluate")
     if not evaluated:
         return None
-    return {k: evaluated[k] for k in ("measured_on", "reference", "table", "samples", "stopped_on_its_own",
-                                      "tool_calls", "warnings") if evaluated.get(k) is not None}
+    keys = ("measured_on", "reference", "table", "samples", "stopped_on_its_own", "tool_calls", "learned",
+            "forgetting", "warnings")
+    return {k: evaluated[k] for k in keys if evaluated.get(k) is not None}
+
+
+SWEEP_ROW_KEYS = ("trial", "learning_rate", "num_train_epochs", "lora_r", "status", "learned", "of", "kept_pct",
+                  "prose_ppl_change_pct", "within_budget")
+
+
+def sweep_table(result: dict | None) -> dict | None:
+    """A sweep's table for its status, while it runs and when it ended: each trial's row, the winner and why."""
+    if not result or "trials" not in result:
+        return None
+    rows = [{k: r[k] for k in SWEEP_ROW_KEYS if r.get(k) is not None} for r in result["trials"]]
+    return {"trials": rows, **{k: result[k] for k in ("winner", "why", "winner_run_dir") if result.get(k)}}

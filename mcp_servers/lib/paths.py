@@ -8,7 +8,7 @@ from forge.paths import check_output, check_path, check_tree, model_ref
 
 # Which params of a job name what: files read, directories read (every entry checked), models
 # (a path or a hub id), and outputs written.
-FILES = ("dataset",)
+FILES = ("dataset", "eval_dataset")
 DIRS = ("adapter_dir", "model_dir")
 MODELS = ("base_model",)
 OUTPUTS = ("output_dir",)

@@ -8,6 +8,9 @@ rather than left in Ray's queue forever.
 - A train through Ray Train (``num_processes > 1``, or restarts allowed with ``max_failures``): the Ray
   job only follows, on the head node, which lives as long as the cluster; each worker asks for a CPU (or
   a GPU) and the custom resources, and the workers together must fit the nodes.
+- A sweep follows its Ray Tune trials from the head node in the same way (each trial asks for what a
+  job in one process asks: forge.sweep_tune); with carry_through it merges and quantizes the winner
+  itself, so it asks as a job does.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ def asks(kind: str, params: dict, cluster_gpus: float) -> dict:
     if workers and kind == "train":  # the Ray job only follows its workers
         return {"num_cpus": 0, "num_gpus": 0, "resources": {HEAD_RESOURCE: 0.001}, "workers": workers,
                 "per_worker": per_worker}
+    if kind == "sweep" and not params.get("carry_through"):  # the Ray job only follows its Ray Tune trials
+        return {"num_cpus": 0, "num_gpus": 0, "resources": {HEAD_RESOURCE: 0.001}}
     # a pipeline's job merges, quantizes and evaluates after its Ray Train workers end: it asks as a job does
     gpus = 1 if cluster_gpus and kind in GPU_KINDS and not workers else 0
     out = {"num_cpus": float(os.environ.get("FORGE_RAY_JOB_CPUS") or 1), "num_gpus": gpus, "resources": custom}

@@ -16,8 +16,10 @@ from forge.runs import STAGES, STAGES_DIR, find_run_dir
 from mcp_servers.lib.errors import JobCodes
 from mcp_servers.lib.store import ACTIVE, JobStore, Status
 
-JOB_KINDS = ("train", "merge", "quantize", "lora_gguf", "evaluate", "pipeline", "publish")
-JOB_ID = re.compile(rf"(?:{'|'.join(JOB_KINDS)})-\d{{8}}-\d{{6}}-[0-9a-f]{{6}}")
+JOB_KINDS = ("train", "merge", "quantize", "lora_gguf", "evaluate", "pipeline", "publish", "sweep")
+# a sweep's trials: the sweep's id and the trial's name, e.g. sweep-20261206-101500-3f9a1c-t2
+JOB_ID = re.compile(rf"(?:{'|'.join(JOB_KINDS)})-\d{{8}}-\d{{6}}-[0-9a-f]{{6}}"
+                    rf"|sweep-\d{{8}}-\d{{6}}-[0-9a-f]{{6}}-t\d{{1,2}}")
 ARTIFACT_KEYS = ("kind", "path", "bytes", "sha256")
 CURVES = ("loss_curve", "eval_curve")
 
@@ -95,10 +97,13 @@ def last_gguf(result: dict) -> str:
 
 # What each job kind's result holds, by the thing a later tool asks for.
 OUTPUTS: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
-    "adapter": (("train",), lambda r: r["adapter_dir"]),
+    # a sweep gives its winner's adapter, a trial its own
+    "adapter": (("train", "trial", "sweep"),
+                lambda r: r.get("adapter_dir") or str(Path(r["winner_run_dir"]) / "adapter")),
     "merged": (("merge",), lambda r: r["merged_dir"]),
-    "gguf_dir": (("quantize", "pipeline"), lambda r: r.get("gguf_dir") or r["stages"]["quantize"]["gguf_dir"]),
-    "gguf": (("quantize", "lora_gguf", "pipeline"), last_gguf),
+    "gguf_dir": (("quantize", "pipeline", "sweep"),
+                 lambda r: r.get("gguf_dir") or r["stages"]["quantize"]["gguf_dir"]),
+    "gguf": (("quantize", "lora_gguf", "pipeline", "sweep"), last_gguf),  # a sweep's: its carried winner's
 }
 
 
@@ -173,8 +178,14 @@ def seal_record(job: dict, warnings: list[str]) -> dict:
 def next_actions(job: dict) -> list[str]:
     """The tool calls an agent usually makes next, ready to send."""
     jid, kind, status = job["id"], job["kind"], Status(job["status"])
+    if status == Status.SUCCEEDED and kind == "sweep":
+        result = job.get("result") or {}
+        if ((result.get("stages") or {}).get("quantize") or {}).get("outputs"):  # carried through to a GGUF
+            return [f'forge_query_model(model="{jid}", prompt="Hello")']
+        return [f'forge_merge(adapter="{jid}")'] if result.get("winner") else [f'forge_job_events(job_id="{jid}")']
     if status == Status.SUCCEEDED:
         return {
+            "trial": [f'forge_merge(adapter="{jid}")'],
             "train": [f'forge_merge(adapter="{jid}")'],
             "merge": [f'forge_quantize(model="{jid}")'],
             "quantize": [f'forge_evaluate(run="{jid}")', f'forge_modelfile(gguf="{jid}")',

@@ -19,6 +19,7 @@ from forge import disk
 from forge.errors import Codes
 from forge.paths import CONFINED_ENV, forge_home, open_output
 from forge.runs import runs_dir
+from mcp_servers.lib import sweep_jobs
 from mcp_servers.lib.errors import ForgeError, JobCodes
 from mcp_servers.lib.jobs import HEAVY_KINDS
 from mcp_servers.lib.ray_placement import train_fields
@@ -139,11 +140,13 @@ class Runner:
         job, created = self.store.create(kind, params, client_request_id)
         if created:
             run_dir = self.run_dir(job["id"])
-            if kind in ("train", "pipeline") and not params.get("output_dir"):
+            if kind in ("train", "pipeline", "sweep") and not params.get("output_dir"):
                 # runs/<job_id>/ is the run dir, or runs/<run_name>/ when the caller named it
                 name = params.pop("run_name", None)
                 params = {**params, "output_dir": str(run_dir.parent / name if name else run_dir)}
             self.store.update(job["id"], run_dir=str(run_dir), params=params)
+            if kind == "sweep":
+                sweep_jobs.create_trials(self.store, job, params)
         self.pump()
         return self.store.get(job["id"]), created
 
@@ -271,7 +274,7 @@ class Runner:
         for job in self.store.placed("ray"):
             self._ray_of(job).sync(job)
         for job in self.store.active():
-            if self._ray_of(job):
+            if self._ray_of(job) or job["kind"] == sweep_jobs.TRIAL_KIND:  # a trial lives as long as its sweep
                 continue
             proc = self.procs.get(job["id"])
             if proc is not None:
@@ -287,6 +290,7 @@ class Runner:
                 continue  # claimed by another server a moment ago; its worker is starting
             elif not _alive(job["pid"]) or time.time() - (job["heartbeat_at"] or 0) > HEARTBEAT_STALE_S:
                 self._worker_gone(job, None)
+        sweep_jobs.settle(self.store)
 
     def _worker_gone(self, job: dict, rc: int | None) -> None:
         if job["status"] == Status.CANCELLING.value:
@@ -319,6 +323,10 @@ class Runner:
     def cancel(self, job_id: str, force: bool = False) -> dict:
         job = self.store.get(job_id)
         status = Status(job["status"])
+        if job["kind"] == sweep_jobs.TRIAL_KIND:
+            sweep = job["params"]["sweep"]
+            raise ForgeError(Codes.INVALID_ARGUMENT, f"{job_id} is a trial of the sweep {sweep}, which runs its "
+                             "trials itself", f'cancel the sweep: forge_job_cancel(job_id="{sweep}")')
         if status in TERMINAL:
             return job
         if self._ray_of(job):

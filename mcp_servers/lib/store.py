@@ -201,6 +201,23 @@ class JobStore:
                 raise
         return self.get(job_id), True
 
+    def create_placed(self, job_id: str, kind: str, params: dict, placement: dict, run_dir: str) -> dict:
+        """A queued job that another job runs (a sweep's trial): its id given, already placed, so Forge's
+        queue never starts it on its own."""
+        with self._conn() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("INSERT INTO jobs (id, kind, status, params, created_at, placement, run_dir) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (job_id, kind, Status.QUEUED.value, json.dumps(params, default=str), time.time(),
+                              json.dumps(placement), run_dir))
+                self._event(conn, job_id, "status", {"status": Status.QUEUED.value})
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return self.get(job_id)
+
     # ---- tasks ----
 
     def create_task(self, job_id: str, tool: str) -> dict:
@@ -313,13 +330,16 @@ class JobStore:
                 for op in ops:
                     if set(op.get("fields") or ()) - CHANNEL_FIELDS:
                         continue  # not something a worker writes: skipped, never put into SQL
+                    target = op.get("job") or job_id  # a sweep's worker writes its trials' jobs too, no other
+                    if target != job_id and not str(target).startswith(f"{job_id}-t"):
+                        continue
                     if op["op"] == "update":
-                        self._update(conn, job_id, op["fields"])
+                        self._update(conn, target, op["fields"])
                     elif op["op"] == "event":
-                        self._event(conn, job_id, op["type"], op["data"])
+                        self._event(conn, target, op["type"], op["data"])
                     elif op["op"] == "transition":
                         try:
-                            self._transition(conn, job_id, Status(op["status"]), op["fields"])
+                            self._transition(conn, target, Status(op["status"]), op["fields"])
                         except ForgeError as err:
                             if err.code != JobCodes.INVALID_TRANSITION:
                                 raise

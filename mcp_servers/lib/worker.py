@@ -129,6 +129,15 @@ def _open(args: list[str]):
     return store, store.get(job_id), Path(db_path).parent
 
 
+def _trial_hooks(store, job: dict):
+    """A sweep's trials reported as jobs of their own (mcp_servers.lib.sweep_jobs)."""
+    if job["kind"] != "sweep":
+        return None
+    from mcp_servers.lib.sweep_jobs import StoreHooks
+
+    return StoreHooks(store, job["id"], ProgressTracker)
+
+
 class Stopped(BaseException):
     """A cancel (SIGTERM) in a stage with no stop of its own: it unwinds the job, so subprocess.run ends the
     tool it was running (llama-imatrix, a compiler) and every cleanup runs. Training replaces the handler
@@ -176,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with confinement():  # the params came from an agent: reads and writes stay inside the roots
             recheck(job["params"])
-            result = run_job(job["kind"], job["params"], on_progress)
+            result = run_job(job["kind"], job["params"], on_progress, _trial_hooks(store, job))
     except Stopped:
         stop.set()
         log.info("job %s cancelled", job_id)
