@@ -12,11 +12,11 @@ MATCHES = ("exact", "normalised", "contains")  # best first
 _ARTICLES = {"a", "an", "the"}
 
 
-def words(text: str) -> list[str]:
-    """Lower case, accents and punctuation gone, articles dropped: the words compared."""
+def words(text: str, articles: bool = False) -> list[str]:
+    """Lower case, accents and punctuation gone, articles dropped (kept with ``articles``): the words compared."""
     text = unicodedata.normalize("NFKD", text.casefold())
     text = "".join(c for c in text if not unicodedata.combining(c))
-    return [w for w in re.findall(r"[^\W_]+", text) if w not in _ARTICLES]
+    return [w for w in re.findall(r"[^\W_]+", text) if articles or w not in _ARTICLES]
 
 
 def _inside(needle: list[str], hay: list[str]) -> bool:
@@ -32,9 +32,12 @@ def match(answer: str, references: str | list[str]) -> str | None:
     for ref in refs:
         if answer.strip() == ref.strip():
             return "exact"
-        if said and said == words(ref):
+        wanted, heard, letter = words(ref), said, False
+        if not wanted:  # a reference that is all article ("A", a multiple-choice letter): only the whole answer
+            wanted, heard, letter = words(ref, articles=True), words(answer, articles=True), True
+        if heard and heard == wanted:
             best = "normalised"
-        elif best is None and _inside(words(ref), said):
+        elif best is None and not letter and _inside(wanted, heard):
             best = "contains"
     return best
 

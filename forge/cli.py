@@ -206,7 +206,8 @@ def _sweep(config) -> dict:
     from forge.sweep_table import table_text
 
     result = run_sweep(config, PrintedHooks(lambda line: print(line, file=sys.stderr, flush=True)))
-    print(table_text(result["trials"], result["winner"]) + f"\n\nwinner: {result['why']}", file=sys.stderr)
+    print(table_text(result["trials"], result.get("winner")) + f"\n\n{result['status']}: "
+          + (result.get("why") or "no winner"), file=sys.stderr)
     return result
 
 

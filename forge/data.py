@@ -273,17 +273,22 @@ def split(conversations: list, eval_fraction: float, seed: int) -> tuple[list, l
 
 
 def _split_groups(conversations: list, groups: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Whole groups to the eval set (a record without a group is a group of its own) until it holds about
-    ``eval_fraction`` of the records; at least one group, never all."""
-    keys = [g if g is not None else f"\0{i}" for i, g in enumerate(groups)]
-    names = sorted(set(keys))
+    """Whole groups to the eval set (a record without a group is a group of its own), in a seeded order, each
+    taken only while the eval set stays within about ``eval_fraction`` of the records: at least one group (the
+    smallest when none fits), never all."""
+    from collections import Counter
+
+    keys = [g if g is not None else ("\0", i) for i, g in enumerate(groups)]
+    sizes = Counter(keys)
+    names = sorted(sizes, key=str)
     random.Random(seed).shuffle(names)
-    target, chosen, taken = round(len(keys) * eval_fraction), set(), 0
-    for name in names[:-1] if eval_fraction > 0 else []:
-        if chosen and taken >= target:
-            break
-        chosen.add(name)
-        taken += keys.count(name)
+    target, chosen, taken = len(keys) * eval_fraction, set(), 0
+    for name in names if eval_fraction > 0 and len(names) > 1 else []:
+        if taken + sizes[name] <= max(target, 1) and len(chosen) < len(names) - 1:
+            chosen.add(name)
+            taken += sizes[name]
+    if not chosen and eval_fraction > 0 and len(names) > 1:
+        chosen.add(min(names, key=lambda n: (sizes[n], str(n))))
     train = [c for c, k in zip(conversations, keys, strict=True) if k not in chosen]
     evals = [c for c, k in zip(conversations, keys, strict=True) if k in chosen]
     return train, evals

@@ -108,13 +108,14 @@ def _list(value) -> list:
 
 
 def _gguf_answers(path: Path, prompts: list, max_new: int) -> list[dict]:
-    from forge.query import query
+    from forge.query import loaded, query
 
-    out = []
+    out, llm = [], loaded(path)
     for prompt in prompts:
-        reply = query(path, prompt, max_tokens=max_new)
+        reply = query(path, prompt, max_tokens=max_new, llm=llm)
         out.append({"text": reply["reply"].strip(), "stopped": reply["finish_reason"] == "stop",
                     "tokens": reply["completion_tokens"]})
+    llm.close()
     return out
 
 

@@ -3,7 +3,7 @@
 answers: exact / normalised / contains), and scores the plain prose (perplexity over every token, no chat
 template). A model is compared with the base on the same questions and the same token ids:
 
-- kept: the share of questions answered at least as well as the base answered them;
+- kept: the share of the questions the base answered that are still answered;
 - stopped: the share of answers that ended with the model's own end-of-turn token;
 - prose perplexity, and its change against the base.
 
@@ -89,13 +89,14 @@ def gguf_measure(path: Path, tokenizer, system_prompt: str | None = None) -> dic
     """The same measure on a GGUF through llama.cpp: its chat template for the questions, and the transformers
     tokenizer's ids for the prose (so every row scores the very same tokens)."""
     from forge.quant_quality import _load, log_softmax
-    from forge.query import query
+    from forge.query import loaded, query
 
-    answers = []
+    answers, chat = [], loaded(Path(path))  # loaded once for every question
     for conv in prompts(system_prompt):
-        reply = query(Path(path), conv, max_tokens=MAX_NEW_TOKENS)
+        reply = query(Path(path), conv, max_tokens=MAX_NEW_TOKENS, llm=chat)
         answers.append({"text": reply["reply"].strip(), "stopped": reply["finish_reason"] == "stop",
                         "tokens": reply["completion_tokens"]})
+    chat.close()
     ids = prose_ids(tokenizer)
     llm = _load(Path(path), max(len(r) for r in ids) + 8)
     nll, n = 0.0, 0
@@ -120,7 +121,7 @@ def compare(base: dict, model: dict, budget: Budget = Budget()) -> dict:
     """A model against the base on the general set: what it kept, and whether that is within the budget."""
     base_found, found = _scores(base), _scores(model)
     answered = [i for i, f in enumerate(base_found) if f]
-    kept = [i for i in answered if answer_score.rank(found[i]) >= answer_score.rank(base_found[i])]
+    kept = [i for i in answered if found[i]]  # still answered (how exactly it was worded does not count)
     kept_pct = round(100.0 * len(kept) / len(answered), 1) if answered else 100.0
     ppl = math.exp(model["prose_nll"] / max(model["prose_tokens"], 1))
     base_ppl = math.exp(base["prose_nll"] / max(base["prose_tokens"], 1))

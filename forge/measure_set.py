@@ -59,14 +59,14 @@ def conversations(train_cfg: dict, dataset: Path | None = None, max_records: int
 
     warnings = []
     held_out = dataset if dataset is not None else train_cfg.get("eval_dataset")
-    ds = _run_dataset(train_cfg)
-    train, evals = data.split(ds.conversations, train_cfg.get("eval_fraction", 0.1), train_cfg.get("seed", 42))
     if held_out is not None:
         given = data.load_dataset(held_out, system_prompt=train_cfg.get("system_prompt"))
         kind = "file" if dataset is not None else "eval dataset"
         convs, source = given.conversations, {"kind": kind, "path": str(given.path), "sha256": given.sha256}
-        train = ds.conversations if dataset is None else train
+        train = _trained_records(train_cfg, whole=dataset is None)
     else:
+        ds = _run_dataset(train_cfg)
+        train, evals = data.split(ds.conversations, train_cfg.get("eval_fraction", 0.1), train_cfg.get("seed", 42))
         convs = evals or train
         source = {"kind": "eval split" if evals else "training records", "path": str(ds.path), "sha256": ds.sha256}
         if not evals:
@@ -76,26 +76,40 @@ def conversations(train_cfg: dict, dataset: Path | None = None, max_records: int
             warnings.append(f"{ds.path} changed since training (sha256 {trained_sha256[:12]}… then, "
                             f"{ds.sha256[:12]}… now): the split is not the one held out")
     source["records"] = min(len(convs), max_records)
-    if source["kind"] != "training records":
+    if source["kind"] != "training records" and train is not None:
         source["held_out"] = held_out_kind(convs[:max_records], train)
     return convs[:max_records], source, warnings
 
 
+def _trained_records(train_cfg: dict, whole: bool) -> list | None:
+    """The records the run trained on (all of its dataset when an eval file was given to training), or None when
+    its dataset can no longer be read: a file measured on does not need it."""
+    from forge import data
+
+    try:
+        ds = _run_dataset(train_cfg)
+    except (ForgeError, OSError):
+        return None
+    if whole:
+        return ds.conversations
+    return data.split(ds.conversations, train_cfg.get("eval_fraction", 0.1), train_cfg.get("seed", 42))[0]
+
+
 def held_out_kind(evals: list, train: list) -> dict:
-    """What the eval records test, said plainly: whole groups training never saw, or paraphrases (an eval
-    answer that a training answer contains or equals), or new records unlike any trained answer."""
-    from forge.answer_score import match
+    """What the eval records test, said plainly: groups no training record has, or paraphrases (an eval answer
+    that a training answer holds, word for word once normalised), or records unlike any trained answer."""
+    from forge.answer_score import words
 
     def answer(conv) -> str:
         return next((m.get("content") or "" for m in reversed(conv) if m["role"] == "assistant"), "")
 
-    answers = [answer(c) for c in train]
-    shared = sum(1 for c in evals if answer(c) and any(match(a, answer(c)) for a in answers))
+    trained = {f" {' '.join(words(answer(c)))} " for c in train}  # each normalised once; a set for the scan
+    refs = [" ".join(words(answer(c))) for c in evals]
+    shared = sum(1 for ref in refs if ref and any(f" {ref} " in t for t in trained))
     groups = {getattr(c, "group", None) for c in train} - {None}
     if any(getattr(c, "group", None) for c in evals):
         unseen = sum(1 for c in evals if getattr(c, "group", None) not in groups)
-        text = (f"{unseen} of {len(evals)} eval records belong to groups training never saw "
-                "(the split kept whole groups out)")
+        text = f"{unseen} of {len(evals)} eval records belong to groups no training record has"
     elif shared:
         text = (f"{shared} of {len(evals)} eval records are paraphrases of training records (a training answer "
                 "holds theirs): they test recall in new words, not what was never taught; mark groups "

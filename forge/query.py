@@ -64,7 +64,8 @@ def run_query(config: QueryConfig) -> dict:
 
 
 def query(gguf: Path | None, messages: list[dict], max_tokens: int = 64, temperature: float = 0.0,
-          ollama_model: str | None = None, tools: list | None = None) -> dict:
+          ollama_model: str | None = None, tools: list | None = None, llm=None) -> dict:
+    """One chat turn; ``llm``: a loaded GGUF (``load_llama``) to reuse across many questions."""
     host = os.environ.get("OLLAMA_HOST")
     if tools is not None:
         tools = checked_tools(tools)
@@ -75,21 +76,37 @@ def query(gguf: Path | None, messages: list[dict], max_tokens: int = 64, tempera
                          f"{ollama_model!r} is neither a GGUF path, a job id, nor a model Ollama has"
                          + ("" if host else " (OLLAMA_HOST is not set)"),
                          "pass a .gguf path or a quantize/pipeline job id, or `ollama create` the model first")
-    check_gguf(gguf)
-    from forge.quantize import load_llama
-
-    try:
-        llm = load_llama(gguf, n_ctx=4096 if tools else 2048)
-    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
-        raise ForgeError(Codes.GGUF_INVALID, f"llama.cpp cannot load {gguf}: {str(exc)[:200]}",
-                         "pass a .gguf written by forge quantize (or llama.cpp), whole and unmodified") from None
+    if llm is None:
+        llm = loaded(gguf, 4096 if tools else 2048)
     if tools is not None:
         return query_with_tools(llm, gguf, messages, tools, max_tokens, temperature)
-    out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature)
+    try:
+        out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature)
+    except RuntimeError as exc:
+        if "llama_decode" not in str(exc):
+            raise
+        # llama-cpp-python counts max_tokens in pieces of whole UTF-8 text: a model emitting byte tokens that never
+        # complete a character generates until the context is full. That answer never stopped.
+        used = llm.n_tokens
+        llm.reset()  # the next question starts from an empty context
+        return {"reply": "", "finish_reason": "length", "prompt_tokens": 0, "completion_tokens": used,
+                "backend": "llama-cpp-python"}
     choice = out["choices"][0]
     return {"reply": choice["message"]["content"], "finish_reason": choice["finish_reason"],
             "prompt_tokens": out["usage"]["prompt_tokens"], "completion_tokens": out["usage"]["completion_tokens"],
             "backend": "llama-cpp-python"}
+
+
+def loaded(gguf: Path, n_ctx: int = 2048):
+    """A GGUF loaded in llama.cpp, checked first; one that will not load is gguf_invalid."""
+    check_gguf(gguf)
+    from forge.quantize import load_llama
+
+    try:
+        return load_llama(gguf, n_ctx=n_ctx)
+    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+        raise ForgeError(Codes.GGUF_INVALID, f"llama.cpp cannot load {gguf}: {str(exc)[:200]}",
+                         "pass a .gguf written by forge quantize (or llama.cpp), whole and unmodified") from None
 
 
 def _base(host: str) -> str:

@@ -107,6 +107,7 @@ def run_record(run_dir: Path) -> dict:
         "stages": {s: {"status": r.get("status", Outcome.SUCCEEDED), "error": r.get("error")}
                    for s, r in stages.items()},
         "metrics": {k: v for k, v in metrics.items() if k not in ("loss_curve", "eval_curve")},
+        **({"defaults": train["defaults"]} if train.get("defaults") else {}),  # chosen for the agent, with why
         "loss_curve": metrics.get("loss_curve", []),
         "eval_curve": metrics.get("eval_curve", []),
         "merge_parity": stages.get("merge", {}).get("parity"),

@@ -12,6 +12,7 @@ Run: ``forge sweep --base-model M --dataset D [--eval-dataset E] [--trials 4] [-
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,8 @@ class SweepConfig(StageConfig):
         "JSONL held-out records each trial is scored on (answers matched to their references); default the "
         "dataset's eval split."))
     trials: int = Field(4, ge=1, le=MAX_TRIALS, description="Configurations tried, at most.")
-    minutes: float | None = Field(None, gt=0, le=10_080, description="No trial starts after this many minutes.")
+    minutes: float | None = Field(None, gt=0, le=10_080, description=(
+        "No trial starts after this many minutes (on Ray, Ray Tune's time budget: trials still running stop too)."))
     min_kept_pct: float = Field(Budget.min_kept_pct, ge=0, le=100, description=(
         "Forgetting budget: general questions the base answered that a trial must still answer, in %."))
     max_prose_ppl_pct: float = Field(Budget.max_prose_ppl_pct, ge=0, le=10_000, description=(
@@ -189,6 +191,7 @@ def run_sweep(config: SweepConfig, hooks: TrialHooks, on_progress: ProgressCallb
     carry_through the winner's merge → … → seal."""
     import os
 
+    config = config.model_copy(update={"output_dir": config.sweep_dir()})  # named once: every trial under it
     trials = plan(config)
     sweep_dir = config.sweep_dir()
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -256,8 +259,11 @@ def _local_trials(config: SweepConfig, trials: list[Trial], hooks: TrialHooks,
                          "total_steps": len(trials)})
         try:
             row, result = run_trial(config, trial, lambda event, t=trial: hooks.progress(t, event))
-        except ForgeError as err:
-            row, result = {**trial.row(), "status": Outcome.FAILED, "error": err.to_dict()}, None
+        except Exception as exc:  # noqa: BLE001 - one trial's failure (a bad config, memory) is its row; a cancel is not
+            from forge.failures import error_from
+
+            logging.getLogger("forge.sweep").exception("trial %s failed", trial.name)  # the traceback: the log's
+            row, result = {**trial.row(), "status": Outcome.FAILED, "error": error_from(exc).to_dict()}, None
         rows.append(row)
         hooks.finished(trial, row, result)
         stopped = row["status"] == Outcome.CANCELLED  # a cancel stopped this trial's training: no trial after it
@@ -270,9 +276,15 @@ def check_plan(config: SweepConfig) -> list[Trial]:
         raise ForgeError(Codes.INVALID_ARGUMENT, f"the sweep has nothing to vary: train fixes {', '.join(SWEPT)}",
                          "leave learning_rate, num_train_epochs or lora_r out of train so they can be swept, or "
                          "train once with forge_train")
+    from forge.data import load_dataset
+    from forge.train import check_plan as check_steps
+
     trials = plan(config)
-    for trial in trials:
-        _train_config(config, trial.values, trial.run_dir)
+    records = None
+    for trial in trials:  # each trial's fields, and its steps against FORGE_MAX_TRAIN_STEPS
+        train_config = _train_config(config, trial.values, trial.run_dir)
+        records = records or load_dataset(train_config.dataset, train_config.dataset_format).conversations
+        check_steps(train_config, records)
     return trials
 
 

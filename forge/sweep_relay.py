@@ -9,7 +9,10 @@ from ray.tune import Callback
 
 from forge.runs import Outcome
 
-EVENT, ROW = "forge_event", "forge_row"
+EVENT, ROW, EVALUATION = "forge_event", "forge_row", "forge_evaluation"
+# what a trial's evaluation brings back to its job (the rest stays in the trial's stages/evaluate.json)
+EVALUATION_KEYS = ("table", "learned", "forgetting", "samples", "warnings", "stopped_on_its_own", "source",
+                   "tokens", "record")
 
 
 class Relay(Callback):
@@ -37,7 +40,7 @@ class Relay(Callback):
             self.hooks.progress(found, result[EVENT])
         if ROW in result and found.number not in self.rows:
             self.rows[found.number] = result[ROW]
-            self.hooks.finished(found, result[ROW], None)
+            self.hooks.finished(found, result[ROW], result.get(EVALUATION))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         found = self._trial(trial)

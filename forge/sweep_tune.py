@@ -34,9 +34,8 @@ def _trainable(config, trials: list, run_trial):
     def run(params: dict) -> None:
         from ray import tune
 
-        from forge.errors import ForgeError
         from forge.progress import quiet_libraries
-        from forge.sweep_relay import EVENT, ROW
+        from forge.sweep_relay import EVALUATION, EVALUATION_KEYS, EVENT, ROW
 
         quiet_libraries()
         trial = next(t for t in trials if t.number == params["trial"])
@@ -45,11 +44,15 @@ def _trainable(config, trials: list, run_trial):
             if event.get("event") in ("progress", "stage", "warning", "defaults"):
                 tune.report({EVENT: event})
 
+        evaluated = None
         try:
-            row, _ = run_trial(config, trial, on_progress)
-        except ForgeError as err:
-            row = {**trial.row(), "status": Outcome.FAILED, "error": err.to_dict()}
-        tune.report({ROW: row})
+            row, evaluated = run_trial(config, trial, on_progress)
+        except Exception as exc:  # noqa: BLE001 - the trial's failure is its row
+            from forge.failures import error_from
+
+            row = {**trial.row(), "status": Outcome.FAILED, "error": error_from(exc).to_dict()}
+        evaluation = {k: evaluated[k] for k in EVALUATION_KEYS if k in evaluated} if evaluated else None
+        tune.report({ROW: row, **({EVALUATION: evaluation} if evaluation and "table" in evaluated else {})})
 
     return run
 
@@ -75,7 +78,9 @@ def tune_trials(config, trials: list, hooks, run_trial) -> list[dict]:
     for trial in trials:
         row = relay.rows.get(trial.number)
         if row is None:
-            row = {**trial.row(), "status": "skipped", "why": "Ray Tune did not run it (the time budget ran out)"}
+            why = ("the time budget stopped it while it ran" if trial.number in relay.started
+                   else "Ray Tune did not start it before the time budget ran out")
+            row = {**trial.row(), "status": "skipped", "why": why}
             hooks.finished(trial, row, None)
         rows.append(row)
     return rows

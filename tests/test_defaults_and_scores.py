@@ -24,6 +24,8 @@ from forge.train.defaults import choose, model_parameters
     ("Lena", "Lena Marsh", None),  # the whole reference, in order
     ("Marsh, Lena", "Lena Marsh", None),
     ("", "Paris", None),
+    ("(A)", "A", "normalised"),  # a multiple-choice letter: articles count when the reference is one
+    ("It is a cat", "A", None),  # ...and only the whole answer matches it
 ])
 def test_an_answer_is_matched_exactly_normalised_or_by_containing_the_reference(answer, refs, found):
     assert answer_score.match(answer, refs) == found
@@ -43,7 +45,7 @@ def test_grouped_records_are_split_by_whole_groups_and_the_eval_set_says_so(tmp_
     assert len(evals) >= 4 and {c.group for c in evals}.isdisjoint({c.group for c in train_set})
     assert split(convs, 0.2, 42) == (train_set, evals)  # the same split every time
     kind = held_out_kind(evals, train_set)
-    assert "belong to groups training never saw" in kind["text"] and kind["paraphrases"] == 0
+    assert "belong to groups no training record has" in kind["text"] and kind["paraphrases"] == 0
 
 
 def test_without_groups_forge_says_the_eval_records_are_paraphrases_of_training_records(tmp_path):

@@ -84,8 +84,9 @@ async def test_a_sweep_of_four_trials_keeps_a_winner_that_learned_and_kept_and_s
         full = await detail(client, sweep_id)
         asked = await call_ok(client, "forge_query_model", {"model": sweep_id, "prompt": FACTS[0][1]})
     assert done["status"] == "succeeded", done["error"]
-    rows = {r["trial"]: r for r in done["result"]["trials"]}
+    rows = {r["trial"]: r for r in full["result"]["trials"]}  # the whole rows: the resource
     assert len(rows) == 4 and all(t["status"] == "succeeded" for t in trials)
+    assert [r.split()[0] for r in done["result"]["trials"]] == ["t1", "t2", "t3", "t4"]  # in short: the status
     winner = rows[done["result"]["winner"]]
     assert winner["within_budget"] and winner["learned"] >= 5, done["result"]
     assert done["next_actions"][0].startswith(f'forge_query_model(model="{sweep_id}"')

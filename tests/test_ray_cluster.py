@@ -174,6 +174,6 @@ async def test_a_sweep_runs_its_trials_through_ray_tune_side_by_side_and_keeps_a
         assert trial["status"] == "succeeded" and trial["progress"]["step"] == trial["progress"]["total_steps"] > 0
     spans = sorted((t["started_at"], t["finished_at"]) for t in trials)
     assert any(later[0] < earlier[1] for earlier, later in pairwise(spans))  # side by side, on two nodes
-    rows = {r["trial"]: r for r in done["result"]["trials"]}
-    winner = rows[done["result"]["winner"]]
+    rows = {r["trial"]: r for r in placed["result"]["trials"]}  # the resource: each trial's whole row
+    winner = rows[placed["result"]["winner"]]
     assert len(rows) == 4 and winner["within_budget"] and winner["learned"] >= 5, done["result"]

@@ -21,10 +21,18 @@ class StopFlag:
     def __init__(self, run_dir: Path | None = None):
         self.requested = False
         self.stop_file = run_dir / STOP_FILE if run_dir else None
+        self._previous = None
 
     def install(self):
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+
+    def restore(self) -> None:
+        """The SIGTERM handler from before training (a worker's, which unwinds the job): a stop that comes after
+        training (while a sweep evaluates, or a pipeline merges) is not lost on a flag no one reads."""
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
     def check(self, device) -> bool:
         if self.stop_file is not None and self.stop_file.exists():

@@ -112,28 +112,34 @@ MAX_STEPS_ENV = "FORGE_MAX_TRAIN_STEPS"
 DEFAULT_MAX_STEPS = 1_000_000
 
 
-def training_records(config: TrainConfig, records: int | None = None) -> int:
-    """Records the run trains on: the dataset's, less the eval split (none is split off with an eval_dataset)."""
+Records = int | list | None  # a count, or the records themselves (their groups decide the split)
+
+
+def training_records(config: TrainConfig, records: Records = None) -> int:
+    """Records the run trains on: the dataset's, less the eval split (none is split off with an eval_dataset).
+    Given only a count, records carrying groups are counted as if they had none."""
     from forge.data import load_dataset, split
 
     if records is None:
-        records = len(load_dataset(config.dataset, config.dataset_format).conversations)
+        records = load_dataset(config.dataset, config.dataset_format).conversations
     if config.eval_dataset is not None:
-        return records
-    return len(split(list(range(records)), config.eval_fraction, config.seed)[0])
+        return len(records) if isinstance(records, list) else records
+    items = records if isinstance(records, list) else list(range(records))
+    return len(split(items, config.eval_fraction, config.seed)[0])
 
 
-def with_defaults(config: TrainConfig, records: int | None = None) -> tuple[TrainConfig, dict]:
+def with_defaults(config: TrainConfig, records: Records = None) -> tuple[TrainConfig, dict]:
     """The config with the hyperparameters left unset chosen from the data's and the model's size, and what
     was chosen and why (``forge.train.defaults``)."""
     from forge.train import defaults
 
+    config = defaults.inherited(config)
     if all(getattr(config, k) is not None for k in (*defaults.CHOSEN, "lora_alpha")):
         return config, {}
     return defaults.apply(config, training_records(config, records))
 
 
-def planned_steps(config: TrainConfig, records: int) -> int:
+def planned_steps(config: TrainConfig, records: int | list) -> int:
     """Optimizer steps a config asks for on ``records`` records (before a memory plan reshapes batches)."""
     import math
 
@@ -145,7 +151,7 @@ def planned_steps(config: TrainConfig, records: int) -> int:
     return math.ceil(math.ceil(train_records / per_step) * config.num_train_epochs)
 
 
-def check_plan(config: TrainConfig, records: int) -> int:
+def check_plan(config: TrainConfig, records: int | list) -> int:
     """Refuse a plan of more optimizer steps than FORGE_MAX_TRAIN_STEPS (default 1,000,000) before it
     takes a slot in the queue; return the planned steps."""
     config, _ = with_defaults(config, records)
@@ -153,7 +159,8 @@ def check_plan(config: TrainConfig, records: int) -> int:
     limit = int(os.environ.get(MAX_STEPS_ENV) or DEFAULT_MAX_STEPS)
     if steps > limit:
         raise ForgeError(Codes.PLAN_TOO_LARGE,
-                         f"this run would take {steps:,} optimizer steps ({records:,} records, "
+                         f"this run would take {steps:,} optimizer steps "
+                         f"({len(records) if isinstance(records, list) else records:,} records, "
                          f"num_train_epochs={config.num_train_epochs:g}, max_steps={config.max_steps}), over the "
                          f"limit of {limit:,}",
                          f"lower num_train_epochs or set max_steps; a limit this run truly needs is raised with "

@@ -2,8 +2,9 @@
 
 A few dozen records teach little in one pass at a large model's learning rate: small datasets get more
 epochs, small models a higher learning rate. The rules were checked on SmolLM2-135M-Instruct learning six
-made-up facts from 24 records (tests/test_defaults.py): they learn the held-out phrasings and stay within
-the forgetting budget on Forge's general set. Preference methods (dpo, orpo) keep the usual LoRA values.
+made-up facts from 24 records: they learn the held-out phrasings and stay within
+the forgetting budget on Forge's general set (tests/test_learn_and_keep.py). Preference methods (dpo, orpo)
+keep the usual LoRA values. A resumed run keeps the values its first start chose.
 """
 
 from __future__ import annotations
@@ -61,6 +62,22 @@ def choose(records: int, parameters: int | None, method: str = "lora", where: st
     out["lora_r"] = {"value": 16 if records <= 10_000 else 32,
                      "why": f"{records} training records: rank {16 if records <= 10_000 else 32}"}
     return out
+
+
+def inherited(config):
+    """A resumed run keeps what its first start chose: the hyperparameters left unset are taken from the run's
+    train_config.json (resolved there), never chosen again from sizes that may have changed since."""
+    from forge.runs import TRAIN_CONFIG_FILE
+
+    if not config.resume:
+        return config
+    path = Path(config.run_dir()) / TRAIN_CONFIG_FILE
+    try:
+        first = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        first = {}
+    updates = {k: first[k] for k in (*CHOSEN, "lora_alpha") if getattr(config, k) is None and first.get(k)}
+    return config.model_copy(update=updates) if updates else config
 
 
 def apply(config, records: int):

@@ -135,6 +135,8 @@ def _run_trainer(trainer, run: TrainRun, stop: StopFlag):
                          "lower per_device_train_batch_size or max_length, turn on gradient_checkpointing, "
                          "or use method=qlora; resume=true continues from the last checkpoint",
                          retryable=True) from exc
+    finally:
+        stop.restore()
     world = 1
     if in_launched_rank():
         import torch.distributed as dist

@@ -8,7 +8,7 @@ from mcp_servers.lib.runner import Runner
 from mcp_servers.lib.store import TERMINAL, Status
 
 # Jobs whose status an agent should poll less often: they run for minutes to hours.
-LONG_KINDS = ("train", "pipeline")
+LONG_KINDS = ("train", "pipeline", "sweep")
 
 
 def finished_stages(runner: Runner, job: dict) -> dict[str, str]:

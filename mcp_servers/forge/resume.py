@@ -40,6 +40,16 @@ def resumable(store: JobStore, job_id: str) -> dict:
     return job
 
 
+def _first_config(run_dir: Path) -> dict:
+    """The run's first recorded configuration (train_config.json), or nothing when it cannot be read."""
+    import json
+
+    try:
+        return json.loads((run_dir / "train_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def _shown(value) -> str:
     return "default" if value is None else repr(value)
 
@@ -49,13 +59,18 @@ def resume_fields(job: dict, given: dict, checkpoint: Path) -> tuple[dict, dict[
     {field: (was, now)}."""
     params = job["params"]
     fields = {k: params[k] for k in INHERITED if k in params}
+    chosen = _first_config(Path(params["output_dir"]))  # what the run resolved (a size-based default included)
+    trained_with = {**{k: chosen.get(k) for k in FIXED}, **{k: v for k, v in params.items() if v is not None}}
     changed = {}
     for key, value in given.items():
         if value is None or value == params.get(key):
             continue
+        if key in FIXED and value == trained_with.get(key):
+            continue
         if key in FIXED:
             raise ForgeError(Codes.INVALID_ARGUMENT,
-                             f"{key} {value!r} differs from the {params.get(key)!r} job {job['id']} trained with",
+                             f"{key} {value!r} differs from the {trained_with.get(key)!r} job {job['id']} trained "
+                             "with",
                              f"a checkpoint continues the {key} it was made with: leave {key} out to resume, or "
                              "start a new run without resume_from_job")
         changed[key] = (params.get(key), value)

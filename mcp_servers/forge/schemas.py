@@ -64,7 +64,7 @@ class JobStatus(BaseModel):
     """A job in full."""
 
     job_id: str
-    kind: str = Field(description="train, merge, quantize, lora_gguf, evaluate, pipeline or publish.")
+    kind: str = Field(description="train, merge, quantize, lora_gguf, evaluate, pipeline, publish, sweep or trial.")
     status: str = Field(description="queued, running, cancelling, succeeded, failed or cancelled.")
     stage: str | None = Field(None, description="What the job is doing, e.g. training or train:training.")
     queue_position: int | None = None

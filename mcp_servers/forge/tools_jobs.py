@@ -63,7 +63,7 @@ def _checked_dataset(dataset: str, train_fields: dict) -> tuple[dict, int]:
     config = TrainConfig.build(**{**train_fields, "dataset": snapshot})
     if config.preference:
         loaded.preference_pairs()  # a dpo/orpo job on SFT records is refused now, not when it runs
-    planned = check_plan(config, records)
+    planned = check_plan(config, loaded.conversations)  # the records themselves: their groups decide the split
     return {**train_fields, "dataset": str(snapshot), "_dataset": {"source": dataset, "sha256": sha256,
                                                                     "records": records}}, planned
 

@@ -45,7 +45,7 @@ async def forge_sweep(
         "Held-out JSONL each trial's answers are scored on; default the dataset's eval split."))] = None,
     trials: Annotated[int, Field(ge=1, le=12, description="Configurations to try.")] = 4,
     minutes: Annotated[float | None, Field(None, gt=0, le=10_080, description=(
-        "No trial starts after this."))] = None,
+        "No trial starts after this (on Ray, running ones stop too)."))] = None,
     carry_through: Annotated[bool, Field(description=(
         "Merge, quantize, evaluate, Modelfile and seal the winner."))] = False,
     hyperparameters: Annotated[dict | None, Field(None, description=(

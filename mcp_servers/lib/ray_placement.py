@@ -53,7 +53,9 @@ def asks(kind: str, params: dict, cluster_gpus: float) -> dict:
     if kind == "sweep" and not params.get("carry_through"):  # the Ray job only follows its Ray Tune trials
         return {"num_cpus": 0, "num_gpus": 0, "resources": {HEAD_RESOURCE: 0.001}}
     # a pipeline's job merges, quantizes and evaluates after its Ray Train workers end: it asks as a job does
-    gpus = 1 if cluster_gpus and kind in GPU_KINDS and not workers else 0
+    # a sweep that carries its winner through merges and evaluates it: a GPU too
+    runs_model = kind in GPU_KINDS or (kind == "sweep" and params.get("carry_through"))
+    gpus = 1 if cluster_gpus and runs_model and not workers else 0
     out = {"num_cpus": float(os.environ.get("FORGE_RAY_JOB_CPUS") or 1), "num_gpus": gpus, "resources": custom}
     memory = planned_memory(kind, params, on_gpu=bool(gpus))
     if memory:

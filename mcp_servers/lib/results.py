@@ -98,13 +98,26 @@ def last_gguf(result: dict) -> str:
 # What each job kind's result holds, by the thing a later tool asks for.
 OUTPUTS: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     # a sweep gives its winner's adapter, a trial its own
-    "adapter": (("train", "trial", "sweep"),
-                lambda r: r.get("adapter_dir") or str(Path(r["winner_run_dir"]) / "adapter")),
+    "adapter": (("train", "trial", "sweep"), lambda r: r.get("adapter_dir") or _winner(r, "adapter")),
     "merged": (("merge",), lambda r: r["merged_dir"]),
-    "gguf_dir": (("quantize", "pipeline", "sweep"),
-                 lambda r: r.get("gguf_dir") or r["stages"]["quantize"]["gguf_dir"]),
+    "gguf_dir": (("quantize", "pipeline", "sweep"), lambda r: r.get("gguf_dir") or _stage_output(r, "gguf_dir")),
     "gguf": (("quantize", "lora_gguf", "pipeline", "sweep"), last_gguf),  # a sweep's: its carried winner's
 }
+
+
+def _stage_output(result: dict, key: str) -> str:
+    found = ((result.get("stages") or {}).get("quantize") or {}).get(key)
+    if not found:
+        raise ForgeError(JobCodes.JOB_NOT_FINISHED, "that job made no GGUF (a sweep makes one with carry_through)",
+                         "quantize its output first, or pass a quantize or pipeline job id")
+    return found
+
+
+def _winner(result: dict, sub: str) -> str:
+    if not result.get("winner_run_dir"):
+        raise ForgeError(JobCodes.JOB_NOT_FINISHED, "that sweep kept no winner: no trial finished within the "
+                         "forgetting budget", "read the sweep's table (forge_job_status) and pass a trial's id")
+    return str(Path(result["winner_run_dir"]) / sub)
 
 
 def resolve_input(store: JobStore, ref: str, output: str, what: str) -> Path:

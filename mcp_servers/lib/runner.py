@@ -17,6 +17,7 @@ from pathlib import Path
 
 from forge import disk
 from forge.errors import Codes
+from forge.failures import error_from
 from forge.paths import CONFINED_ENV, forge_home, open_output
 from forge.runs import runs_dir
 from mcp_servers.lib import sweep_jobs
@@ -137,7 +138,7 @@ class Runner:
                              "server runs jobs here (FORGE_EXECUTOR=local)",
                              "leave max_failures out: a stopped train continues from its last checkpoint with "
                              "forge_train(resume_from_job=...)")
-        job, created = self.store.create(kind, params, client_request_id)
+        job, created = self.store.create(kind, params, client_request_id, held=kind == "sweep")
         if created:
             run_dir = self.run_dir(job["id"])
             if kind in ("train", "pipeline", "sweep") and not params.get("output_dir"):
@@ -145,8 +146,13 @@ class Runner:
                 name = params.pop("run_name", None)
                 params = {**params, "output_dir": str(run_dir.parent / name if name else run_dir)}
             self.store.update(job["id"], run_dir=str(run_dir), params=params)
-            if kind == "sweep":
-                sweep_jobs.create_trials(self.store, job, params)
+            if kind == "sweep":  # held out of the queue until its trials exist
+                try:
+                    sweep_jobs.create_trials(self.store, job, params)
+                except BaseException as exc:
+                    self.store.transition(job["id"], Status.FAILED, error=error_from(exc).to_dict())
+                    raise
+                self.store.update(job["id"], placement=None)
         self.pump()
         return self.store.get(job["id"]), created
 

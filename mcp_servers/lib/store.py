@@ -176,8 +176,12 @@ class JobStore:
 
     # ---- jobs ----
 
-    def create(self, kind: str, params: dict, client_request_id: str | None = None) -> tuple[dict, bool]:
-        """Insert a queued job; the same client_request_id returns the existing job (created=False)."""
+    def create(self, kind: str, params: dict, client_request_id: str | None = None, held: bool = False,
+               job_id: str | None = None, placement: dict | None = None, run_dir: str | None = None
+               ) -> tuple[dict, bool]:
+        """Insert a queued job; the same client_request_id returns the existing job (created=False). A ``held``
+        job waits outside the queue until its placement is cleared (a sweep, until its trials exist); a job
+        given a ``placement`` never enters it (a sweep's trial, with the id the sweep names it by)."""
         with self._conn() as conn:
             # One writer at a time across every server on this FORGE_HOME: look up, then insert, atomically.
             conn.execute("BEGIN IMMEDIATE")
@@ -188,35 +192,19 @@ class JobStore:
                     if row:
                         conn.execute("COMMIT")
                         return self._row(row), False
-                job_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+                job_id = job_id or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+                placement = {"executor": "held"} if held else placement
                 conn.execute(
-                    "INSERT INTO jobs (id, kind, status, params, client_request_id, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO jobs (id, kind, status, params, client_request_id, created_at, placement, run_dir) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (job_id, kind, Status.QUEUED.value, json.dumps(params, default=str), client_request_id,
-                     time.time()))
+                     time.time(), json.dumps(placement) if placement else None, run_dir))
                 self._event(conn, job_id, "status", {"status": Status.QUEUED.value})
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         return self.get(job_id), True
-
-    def create_placed(self, job_id: str, kind: str, params: dict, placement: dict, run_dir: str) -> dict:
-        """A queued job that another job runs (a sweep's trial): its id given, already placed, so Forge's
-        queue never starts it on its own."""
-        with self._conn() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute("INSERT INTO jobs (id, kind, status, params, created_at, placement, run_dir) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (job_id, kind, Status.QUEUED.value, json.dumps(params, default=str), time.time(),
-                              json.dumps(placement), run_dir))
-                self._event(conn, job_id, "status", {"status": Status.QUEUED.value})
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        return self.get(job_id)
 
     # ---- tasks ----
 
@@ -331,7 +319,7 @@ class JobStore:
                     if set(op.get("fields") or ()) - CHANNEL_FIELDS:
                         continue  # not something a worker writes: skipped, never put into SQL
                     target = op.get("job") or job_id  # a sweep's worker writes its trials' jobs too, no other
-                    if target != job_id and not str(target).startswith(f"{job_id}-t"):
+                    if target != job_id and not self._trial_of(conn, str(target), job_id):
                         continue
                     if op["op"] == "update":
                         self._update(conn, target, op["fields"])
@@ -348,6 +336,12 @@ class JobStore:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    @staticmethod
+    def _trial_of(conn, target: str, sweep_id: str) -> bool:
+        """Whether ``target`` is a trial job of the sweep ``sweep_id`` (what else a channel line names is skipped)."""
+        row = conn.execute("SELECT kind, params FROM jobs WHERE id = ?", (target,)).fetchone()
+        return bool(row) and row["kind"] == "trial" and json.loads(row["params"]).get("sweep") == sweep_id
 
     def update(self, job_id: str, **fields) -> None:
         with self._conn() as conn:

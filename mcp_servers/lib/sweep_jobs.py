@@ -29,8 +29,9 @@ def create_trials(store: JobStore, sweep: dict, params: dict) -> list[dict]:
     created = []
     for trial in plan(config):
         job_params = {"sweep": sweep["id"], "trial": trial.name, **trial.values}
-        created.append(store.create_placed(trial_id(sweep["id"], trial.name), TRIAL_KIND, job_params,
-                                           {"executor": "sweep", "sweep": sweep["id"]}, str(trial.run_dir)))
+        job, _ = store.create(TRIAL_KIND, job_params, job_id=trial_id(sweep["id"], trial.name),
+                              placement={"executor": "sweep", "sweep": sweep["id"]}, run_dir=str(trial.run_dir))
+        created.append(job)
     return created
 
 
@@ -78,7 +79,7 @@ class StoreHooks:
             row.get("status"), Status.FAILED)
         tracker = self.trackers.get(trial.name)
         error = row.get("error")
-        if tracker is None:  # never started
+        if tracker is None or row.get("status") == "skipped":  # never started, or stopped by the time budget
             status = Status.CANCELLED
             error = {"code": "skipped", "message": row.get("why") or "the sweep ended first", "retryable": False,
                      "hint": "start a new sweep with more minutes or fewer trials"}
