@@ -53,11 +53,40 @@ def _marked(mark: str) -> list[int]:
     return pids
 
 
+def _children(parents: set[int]) -> list[int]:
+    """Every process whose parent is one of ``parents``, and theirs in turn: the raylet starts its dashboard
+    and runtime-env agents with an environment of their own, without the node's mark."""
+    found, frontier = set(), set(parents)
+    while frontier:
+        step = set()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) not in found and _parent(int(entry)) in frontier:
+                step.add(int(entry))
+        found |= step
+        frontier = step
+    return sorted(found)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(")") + 2:].split()[1])
+
+
+def _node_pids(mark: str) -> list[int]:
+    marked = set(_marked(mark))
+    return sorted(p for p in marked | set(_children(marked)) if p != os.getpid())
+
+
 def _kill_marked(mark: str, deadline_s: float = 60) -> None:
-    """SIGKILL every process of a node, again until none is left (one may fork while the first go runs),
-    and wait until each has died (a zombie waits only for its parent to reap it)."""
+    """SIGKILL every process of a node (those carrying its mark, and their children: the raylet's agents
+    carry none), again until none is left (one may fork while the first go runs), and wait until each has
+    died (a zombie waits only for its parent to reap it)."""
     end, killed = time.time() + deadline_s, set()
-    while pids := [p for p in _marked(mark) if p != os.getpid()]:
+    while pids := _node_pids(mark):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
