@@ -107,18 +107,6 @@ def _list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def _gguf_answers(path: Path, prompts: list, max_new: int) -> list[dict]:
-    from forge.query import loaded, query
-
-    out, llm = [], loaded(path)
-    for prompt in prompts:
-        reply = query(path, prompt, max_tokens=max_new, llm=llm)
-        out.append({"text": reply["reply"].strip(), "stopped": reply["finish_reason"] == "stop",
-                    "tokens": reply["completion_tokens"]})
-    llm.close()
-    return out
-
-
 def _table(nll: dict, ggufs: list[tuple[str, str, dict]], tokens: int, removed: list[dict]) -> list[dict]:
     """One row per model; the fine-tuned row says what it gained over the base, each GGUF what it lost
     (perplexity against the fine-tuned model, KL divergence and same top token against the f16 GGUF)."""
@@ -233,7 +221,7 @@ def evaluate(config: EvaluateConfig, on_progress: ProgressCallback | None = None
         if config.forgetting:
             general[f"{quant} GGUF"] = forgetting.gguf_measure(Path(path), tokenizer)
         if quant == ggufs[-1][0] and prompts:
-            answers[f"{quant} GGUF"] = _gguf_answers(Path(path), prompts, config.max_new_tokens)
+            answers[f"{quant} GGUF"] = forgetting.gguf_generate(Path(path), prompts, config.max_new_tokens)
     if not ggufs:
         warnings.append("the run is not quantized yet: no GGUF rows; run forge quantize, then evaluate again")
     samples, learned = _scored_samples(prompts, sampled, answers)

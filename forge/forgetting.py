@@ -85,18 +85,27 @@ def hf_measure(model, tokenizer, stops: list[int], system_prompt: str | None = N
     return {"answers": answers, "prose_nll": nll, "prose_tokens": n}
 
 
+def gguf_generate(path: Path, convs: list[list[dict]], max_new: int) -> list[dict]:
+    """Greedy answers of a GGUF through llama.cpp and its chat template, the file loaded once for them all."""
+    from forge.query import loaded, query
+
+    answers, chat = [], loaded(Path(path))
+    try:
+        for conv in convs:
+            reply = query(Path(path), conv, max_tokens=max_new, llm=chat)
+            answers.append({"text": reply["reply"].strip(), "stopped": reply["finish_reason"] == "stop",
+                            "tokens": reply["completion_tokens"]})
+    finally:
+        chat.close()
+    return answers
+
+
 def gguf_measure(path: Path, tokenizer, system_prompt: str | None = None) -> dict:
     """The same measure on a GGUF through llama.cpp: its chat template for the questions, and the transformers
     tokenizer's ids for the prose (so every row scores the very same tokens)."""
     from forge.quant_quality import _load, log_softmax
-    from forge.query import loaded, query
 
-    answers, chat = [], loaded(Path(path))  # loaded once for every question
-    for conv in prompts(system_prompt):
-        reply = query(Path(path), conv, max_tokens=MAX_NEW_TOKENS, llm=chat)
-        answers.append({"text": reply["reply"].strip(), "stopped": reply["finish_reason"] == "stop",
-                        "tokens": reply["completion_tokens"]})
-    chat.close()
+    answers = gguf_generate(Path(path), prompts(system_prompt), MAX_NEW_TOKENS)
     ids = prose_ids(tokenizer)
     llm = _load(Path(path), max(len(r) for r in ids) + 8)
     nll, n = 0.0, 0
