@@ -11,6 +11,7 @@ import json
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,8 +295,14 @@ def _split_groups(conversations: list, groups: list, eval_fraction: float, seed:
     return train, evals
 
 
-def validate(config: DataConfig) -> dict:
-    """The dataset report: format, counts, split sizes, and token stats when a model is named."""
+VALIDATE_STEPS = 3  # reading, the tokenizer, tokenizing; then done
+
+
+def validate(config: DataConfig, on_step: Callable[[int, str], None] | None = None) -> dict:
+    """The dataset report: format, counts, split sizes, and token stats when a model is named. ``on_step(i,
+    what)`` hears where it is (0 to VALIDATE_STEPS), for a caller that reports progress."""
+    step = on_step or (lambda i, what: None)
+    step(0, "reading the records")
     ds = load_dataset(config.path, config.format, config.system_prompt)
     train, evals = split(ds.conversations, config.eval_fraction, config.seed)
     report = {
@@ -306,7 +313,10 @@ def validate(config: DataConfig) -> dict:
     if any(c.tools for c in ds.conversations):
         report["tools"] = tool_summary(ds.conversations)
     if config.base_model:
+        gguf = str(config.base_model).lower().endswith(".gguf")
+        step(1, "loading the tokenizer" + (" (converting the GGUF's: tens of seconds)" if gguf else ""))
         tokenizer, template = prepare_tokenizer(config.base_model, config.chat_template)
+        step(2, f"tokenizing {len(ds.conversations)} records")
         tool_tokens = tool_list_tokens(tokenizer, ds.conversations)
         stats = token_stats(tokenize_all(tokenizer, ds.conversations), config.max_length)
         stats["max_length"] = config.max_length
@@ -322,4 +332,5 @@ def validate(config: DataConfig) -> dict:
         if stats["records_without_trained_tokens"]:
             report["warnings"].append(f"{stats['records_without_trained_tokens']} record(s) keep no assistant "
                                       "token after truncation and will be dropped")
+    step(VALIDATE_STEPS, "done")
     return report

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from forge.config import StageConfig
 from forge.converter import find_converter, llama_cpp_version
-from forge.paths import forge_home
+from forge.paths import allowed_roots, forge_home
 
 STACK = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors",
          "tokenizers", "llama-cpp-python", "huggingface-hub", "liger-kernel", "mcp", "pydantic")
@@ -61,7 +61,10 @@ def environment(config: EnvConfig | None = None) -> dict:
         "python": platform.python_version(), "platform": platform.platform(),
         "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
         "cuda_version": torch.version.cuda, "devices": devices,
-        "forge_home": str(home), "disk_free_bytes": disk.free, "disk_total_bytes": disk.total,
+        "forge_home": str(home),
+        # every path a tool reads or writes lies under one of these (FORGE_HOME, then FORGE_ALLOWED_ROOTS)
+        "allowed_roots": [str(root) for root in allowed_roots()],
+        "disk_free_bytes": disk.free, "disk_total_bytes": disk.total,
         "versions": vers, "llama_cpp_version": llama_cpp_version(),
         "converter_available": converter is not None, "converter_dir": str(converter) if converter else None,
         "warnings": warnings,

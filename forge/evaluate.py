@@ -236,9 +236,24 @@ def evaluate(config: EvaluateConfig, on_progress: ProgressCallback | None = None
               "stopped_on_its_own": _stop_counts(samples), "config": config.model_dump(mode="json"),
               **({"forgetting": forgot, "budget": vars(config.budget)} if forgot else {}),
               **({"tool_calls": tool_scores} if tool_cases else {})}
-    writer({"event": "done", "step": total, "total_steps": total, "percent": 100.0})
-    record_stage(run_dir, "evaluate", result)
+    record_stage(run_dir, "evaluate", result)  # a record of its own: a second evaluation keeps this one
+    writer({"event": "done", "step": total, "total_steps": total, "percent": 100.0, **figures(result)})
     return result
+
+
+def figures(result: dict) -> dict:
+    """An evaluation's deciding numbers, small enough for a status reply or an event: each model's perplexity,
+    answers right, general questions kept, and the record holding the whole (``stages/evaluate-<n>.json``)."""
+    rows = [r for r in result.get("table") or [] if "file" not in r]
+    out = {"record": result.get("record"),
+           "perplexity": {r["model"]: float(f"{r['perplexity']:.4g}") for r in rows if r.get("perplexity") is not None}}
+    learned = result.get("learned") or {}
+    if learned:
+        out["answers_right"] = {who: f"{t['matched']}/{t['of']}" for who, t in learned.items()}
+    kept = {who: c["kept_pct"] for who, c in (result.get("forgetting") or {}).items() if c.get("kept_pct") is not None}
+    if kept:
+        out["general_kept_pct"] = kept
+    return out
 
 
 def _gguf_quality(ggufs: list, outputs: list, quantized_stage: dict, scored, warnings: list,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from forge.errors import Codes, ForgeError
 from forge.paths import read_text
-from forge.runs import TRAIN_CONFIG_FILE
+from forge.runs import TRAIN_CONFIG_FILE, train_config_in_effect
 
 DEFAULT_RECORDS = 32
 
@@ -37,7 +37,8 @@ class Scored:
 
 
 def train_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / TRAIN_CONFIG_FILE
+    """The config the run's adapter was last trained with (a resume's own, when it was resumed)."""
+    path = train_config_in_effect(Path(run_dir))
     if not path.is_file():
         raise ForgeError(Codes.RUN_NOT_FOUND, f"{run_dir} holds no {TRAIN_CONFIG_FILE}, so it is not a trained run",
                          "pass a run dir forge train (or forge pipeline) wrote")

@@ -9,7 +9,9 @@ Layout of ``$FORGE_HOME/runs/<run name>/``::
     merged/                  the merged model
     gguf/                    <name>-f16.gguf, <name>-Q4_K_M.gguf, ..., Modelfile
                              (a LoRA alone: <name>-lora-f16.gguf, <base>-f16.gguf, Modelfile.adapter)
-    stages/<stage>.json      each stage's result, read later by seals and agents
+    train_config.resume-N.json  what the Nth resume ran with (the original is never written over)
+    stages/<stage>.json      each stage's latest result, read later by seals and agents
+    stages/<stage>-N.json    every result a stage ever recorded (a second evaluate keeps the first)
 
 Stages write their records here; ``forge.seal`` reads them. Nothing in this module imports a stage.
 """
@@ -17,9 +19,10 @@ Stages write their records here; ``forge.seal`` reads them. Nothing in this modu
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from forge.paths import forge_home, read_text
+from forge.paths import forge_home, open_output, read_text
 from forge.workspace import atomic_write_text
 
 # The one list of Forge's stages, in the order a pipeline runs them.
@@ -34,6 +37,7 @@ IMATRIX_SUFFIX = ".imatrix.gguf"  # an importance matrix: GGUF-formatted, not a 
 PROGRESS_FILE = "progress.jsonl"
 STAGES_DIR = "stages"
 TRAIN_CONFIG_FILE = "train_config.json"
+RESUME_CONFIG_STEM = "train_config.resume"
 
 
 class Outcome:
@@ -47,10 +51,82 @@ def runs_dir() -> Path:
     return forge_home() / "runs"
 
 
-def record_stage(run_dir: Path, stage: str, result: dict) -> None:
-    """Keep a stage's result in the run dir, so a seal (or an agent) can read it later."""
+def _reserve(directory: Path, stem: str, suffix: str) -> Path:
+    """The next free ``<stem>-<n><suffix>`` in ``directory``, created empty with O_EXCL: two writers at one
+    moment get two numbers, and no record is ever written over."""
+    pattern = re.compile(rf"{re.escape(stem)}-(\d+){re.escape(suffix)}")
+    taken = [int(m.group(1)) for p in directory.glob(f"{stem}-*{suffix}") if (m := pattern.fullmatch(p.name))]
+    number = max(taken, default=0) + 1
+    while True:
+        path = directory / f"{stem}-{number}{suffix}"
+        try:
+            with open_output(path, "record", exclusive=True):  # confined, never through a link
+                return path
+        except FileExistsError:
+            number += 1
+
+
+def record_stage(run_dir: Path, stage: str, result: dict) -> str:
+    """Keep a stage's result in the run dir, so a seal (or an agent) can read it later: a record of its own
+    (``stages/<stage>-<n>.json``, never written over) and the stage's latest (``stages/<stage>.json``). The
+    result gains ``record``, the record's path in the run dir, which it returns."""
+    stages = Path(run_dir) / STAGES_DIR
+    latest = _latest(stages / f"{stage}.json")
+    if latest.get("record") and {k: v for k, v in latest.items() if k != "record"} == _as_json(result):
+        result["record"] = latest["record"]  # the same result again (a Modelfile kept as it was): its record stands
+        return result["record"]
+    stages.mkdir(parents=True, exist_ok=True)
+    path = _reserve(stages, stage, ".json")
+    result["record"] = f"{STAGES_DIR}/{path.name}"
     text = json.dumps(result, indent=2, default=str) + "\n"
+    atomic_write_text(path, text)  # replaces the empty file reserved for it
+    atomic_write_text(stages / f"{stage}.json", text)
+    return result["record"]
+
+
+def update_record(run_dir: Path, stage: str, result: dict) -> str:
+    """Complete the record ``result`` came from (its ``record``) with what was learned since: a Ray Train run's
+    launcher adds where each rank finished to rank 0's record, so one training keeps one record."""
+    if not result.get("record"):
+        return record_stage(run_dir, stage, result)
+    text = json.dumps(result, indent=2, default=str) + "\n"
+    atomic_write_text(Path(run_dir) / result["record"], text)
     atomic_write_text(Path(run_dir) / STAGES_DIR / f"{stage}.json", text)
+    return result["record"]
+
+
+def _latest(path: Path) -> dict:
+    try:
+        return json.loads(read_text(path, "stage record")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _as_json(result: dict) -> dict:
+    return json.loads(json.dumps({k: v for k, v in result.items() if k != "record"}, default=str))
+
+
+def record_train_config(run_dir: Path, config: dict, resumed: bool) -> Path:
+    """Record the config a training start runs with. The first is ``train_config.json``; a resume records its
+    own beside it (``train_config.resume-<n>.json``), so the original settings are never written over."""
+    first = Path(run_dir) / TRAIN_CONFIG_FILE
+    path = _reserve(Path(run_dir), RESUME_CONFIG_STEM, ".json") if resumed and first.is_file() else first
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def resume_configs(run_dir: Path) -> list[Path]:
+    """The configs the run's resumes recorded, oldest first."""
+    pattern = re.compile(rf"{re.escape(RESUME_CONFIG_STEM)}-(\d+)\.json")
+    found = [(int(m.group(1)), p) for p in Path(run_dir).glob(f"{RESUME_CONFIG_STEM}-*.json")
+             if (m := pattern.fullmatch(p.name)) and p.stat().st_size]
+    return [p for _, p in sorted(found)]
+
+
+def train_config_in_effect(run_dir: Path) -> Path:
+    """The config the run's adapter was last trained with: its newest resume's, else the first."""
+    resumes = resume_configs(run_dir)
+    return resumes[-1] if resumes else Path(run_dir) / TRAIN_CONFIG_FILE
 
 
 def find_run_dir(path: Path) -> Path | None:

@@ -34,6 +34,7 @@ from forge.runs import (
     Outcome,
     load_stages,
     progress_warnings,
+    resume_configs,
 )
 from forge.workspace import artifact, atomic_write_text, sha256_file
 
@@ -93,6 +94,9 @@ def run_record(run_dir: Path) -> dict:
     configs = {s: r["config"] for s, r in stages.items() if "config" in r}
     if (run_dir / TRAIN_CONFIG_FILE).is_file():
         configs["train"] = json.loads(read_text(run_dir / TRAIN_CONFIG_FILE, "train config"))
+    resumes = [json.loads(read_text(p, "resume config")) for p in resume_configs(run_dir)]
+    if resumes:  # each resume's own settings, beside the original's
+        configs["train_resumes"] = resumes
     warnings = list(dict.fromkeys([w for s in stages.values() for w in s.get("warnings", [])]
                                   + progress_warnings(run_dir)))
     quant = stages.get("quantize", {})
@@ -104,8 +108,9 @@ def run_record(run_dir: Path) -> dict:
         "method": train.get("method"),
         "dataset": train.get("dataset"),
         "configs": configs,
-        "stages": {s: {"status": r.get("status", Outcome.SUCCEEDED), "error": r.get("error")}
-                   for s, r in stages.items()},
+        # which record of each stage this seal used (a stage run twice keeps both: stages/<stage>-<n>.json)
+        "stages": {s: {"status": r.get("status", Outcome.SUCCEEDED), "error": r.get("error"),
+                       "record": r.get("record")} for s, r in stages.items()},
         "metrics": {k: v for k, v in metrics.items() if k not in ("loss_curve", "eval_curve")},
         **({"defaults": train["defaults"]} if train.get("defaults") else {}),  # chosen for the agent, with why
         "loss_curve": metrics.get("loss_curve", []),

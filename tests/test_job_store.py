@@ -64,3 +64,42 @@ def test_a_running_job_whose_worker_died_becomes_worker_lost_on_restart(tmp_path
     assert after["status"] == "failed"
     assert after["error"]["code"] == "worker_lost" and after["error"]["retryable"] is True
     assert "resume_from_job" in after["error"]["hint"]
+
+
+RESUME_RACER = """
+import json, sys, time
+from forge.errors import ForgeError
+from mcp_servers.lib.store import JobStore
+store = JobStore(sys.argv[1])
+while time.time() < float(sys.argv[2]):  # both processes insert at the same moment
+    pass
+try:
+    job, _ = store.create("train", {"_resumes": sys.argv[3]})
+    print(json.dumps({"job": job["id"]}))
+except ForgeError as err:
+    print(json.dumps({"code": err.code, "message": err.message}))
+"""
+
+
+def test_two_processes_resuming_one_job_at_once_get_one_run_and_one_refusal(tmp_path):
+    import json
+    import sys
+
+    JobStore(tmp_path / "forge.db").close()  # migrated before the race
+    for attempt in range(5):  # several rounds, a job each: the moment the two meet differs each time
+        start, resumed = time.time() + 2.0, f"train-cancelled-{attempt}"
+        procs = [subprocess.Popen([sys.executable, "-c", RESUME_RACER, str(tmp_path / "forge.db"), str(start),
+                                   resumed], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        try:
+            outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+        made = [o["job"] for o in outs if "job" in o]
+        refused = [o for o in outs if "code" in o]
+        assert len(made) == 1 and len(refused) == 1, outs
+        assert refused[0]["code"] == "already_resumed" and made[0] in refused[0]["message"], outs
+    store = JobStore(tmp_path / "forge.db")
+    assert len(store.list(kind="train")) == 5 and store.continued_by("train-cancelled-4") is not None
+    store.close()

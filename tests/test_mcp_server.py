@@ -181,7 +181,7 @@ async def test_cancel_mid_train_leaves_a_checkpoint_and_resume_from_job_alone_fi
         # nothing but the job: its base model, dataset, run dir and schedule come from it
         resumed = await call(client, "forge_train", {"resume_from_job": handle["job_id"],
                                                      "hyperparameters": {"save_steps": 50}})
-        twice = await call(client, "forge_train", {"resume_from_job": handle["job_id"]})  # one run dir, one trainer
+        twice = await call(client, "forge_train", {"resume_from_job": handle["job_id"]})  # continued once, no more
         final = await wait_job(client, resumed["job_id"])
         finished = await call(client, "forge_train", {"resume_from_job": resumed["job_id"]})
         adapter = Path(final["artifacts"][0]["path"])  # a train job's status lists its adapter weights
@@ -190,12 +190,12 @@ async def test_cancel_mid_train_leaves_a_checkpoint_and_resume_from_job_alone_fi
         extended = await call(client, "forge_train", {"resume_from_job": resumed["job_id"],
                                                       "hyperparameters": {"max_steps": 305}})
         longer = await wait_job(client, extended["job_id"])
-        other_model = await call(client, "forge_train", {"resume_from_job": handle["job_id"],
+        other_model = await call(client, "forge_train", {"resume_from_job": resumed["job_id"],
                                                          "base_model": assets["dataset"]})
         listed = await call(client, "forge_job_list", {"kind": "train"})
     assert resumed["note"] == (f"continues {handle['job_id']} from checkpoint-{saved_step} (step {saved_step} of 300)"
                                "; changed: save_steps: 1000 -> 50")
-    assert twice["error"]["code"] == "job_not_finished" and resumed["job_id"] in twice["error"]["message"]
+    assert twice["error"]["code"] == "already_resumed" and resumed["job_id"] in twice["error"]["message"]
     assert final["status"] == "succeeded", final
     assert final["metrics"]["global_step"] == 300 and final["metrics"]["train_loss"] > 0
     assert longer["status"] == "succeeded" and longer["metrics"]["global_step"] == 305, longer
@@ -321,8 +321,9 @@ async def test_query_model_uses_a_running_ollama_when_it_has_the_model(server, m
             missing = await call(client, "forge_query_model", {"model": "not-there", "prompt": "Hi"})
     finally:
         ollama.close()
-    assert reply == {"reply": "Hi from Ollama.", "finish_reason": "stop", "prompt_tokens": 9,
-                     "completion_tokens": 4, "backend": "ollama", "tool_calls": None, "unparsed_calls": None}
+    assert reply == {"model": "my-tuned-model", "reply": "Hi from Ollama.", "finish_reason": "stop",
+                     "prompt_tokens": 9, "completion_tokens": 4, "backend": "ollama", "tool_calls": None,
+                     "unparsed_calls": None}
     chat = [body for path, body in ollama.received if path == "/api/chat"][0]
     assert chat["messages"] == [{"role": "user", "content": "Hi"}] and chat["stream"] is False
     assert missing["error"]["code"] == "model_not_found"

@@ -50,7 +50,8 @@ async def test_the_pipeline_runs_on_ray_from_train_to_seal(on_ray, home):
         assets = await call_ok(client, "forge_demo_assets")
         handle = await call_ok(client, "forge_pipeline", {"base_model": assets["model_dir"],
                                                          "dataset": assets["dataset"],
-                                                         "hyperparameters": {"max_steps": 3}})
+                                                         "hyperparameters": {"max_steps": 3}, "run_name": "on-ray"})
+        first = await call_ok(client, "forge_job_status", {"job_id": handle["job_id"]})
         status, percents = await poll_status(client, handle["job_id"], DEADLINE_S)
         log = (await client.read_resource(f"forge://jobs/{handle['job_id']}/log")).contents[0].text
         detail = json.loads((await client.read_resource(f"forge://jobs/{handle['job_id']}")).contents[0].text)
@@ -66,6 +67,10 @@ async def test_the_pipeline_runs_on_ray_from_train_to_seal(on_ray, home):
     assert statuses == ["queued", "running", "succeeded"]  # every move applied once
     ggufs = [a for a in status["artifacts"] if a["path"].endswith(".gguf")]
     assert ggufs and all(len(a["sha256"]) == 64 and Path(a["path"]).is_file() for a in ggufs)
+    run = home / "runs" / "on-ray"  # where the outputs are, said from the first status on
+    assert first["run_dir"] == status["run_dir"] == str(run) and all(Path(a["path"]).parent == run / "gguf"
+                                                                     for a in ggufs)
+    assert (home / "runs" / handle["job_id"] / "channel.jsonl").is_file()  # the job's own dir: its channel
     seal = next(a["path"] for a in status["artifacts"] if a["kind"] == "seal")
     record = json.loads(Path(seal).read_text(encoding="utf-8"))["runs"][0]
     assert len(record["evaluation"]["table"]) >= 4 and record["artifacts"]  # base, fine-tuned, f16, Q4_K_M

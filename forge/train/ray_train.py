@@ -26,7 +26,7 @@ from pathlib import Path
 
 from forge.errors import Codes, ForgeError
 from forge.progress import ProgressCallback, ProgressWriter
-from forge.runs import STAGES_DIR, Outcome, record_stage
+from forge.runs import STAGES_DIR, Outcome, update_record
 from forge.train.callbacks import STOP_FILE
 from forge.train.launch import relay_rank0
 from forge.train.ray_ranks import clear_starts, failure, last_starts, read_starts, restarts_of
@@ -126,5 +126,5 @@ def launch_ray_train(config, run_dir: Path, writer: ProgressWriter, on_progress:
     latest = last_starts(starts)
     result["metrics"]["nodes"] = [latest[rank]["node"] for rank in sorted(latest)]  # where each rank finished
     result["metrics"]["restarts"] = restarts_of(starts)
-    record_stage(run_dir, "train", result)
+    update_record(run_dir, "train", result)  # the record rank 0 made, completed: one training, one record
     return result

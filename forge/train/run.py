@@ -42,7 +42,7 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> d
     on_ray = _refuse_local_restarts(config)
     config, chosen = with_defaults(config)  # hyperparameters left unset: from the data's and the model's size
     # Run dir (and, for several processes, the launcher that runs this function once per rank)
-    run = prepare_run(config, on_progress)
+    run = prepare_run(config, on_progress, launcher=not in_launched_rank() and not in_ray_train_rank())
     if chosen and run.rank0:
         run.writer({"event": "defaults", "chosen": chosen})
     if run.rank0 and not in_ray_train_rank():  # a Ray Train rank restarting must not drop a stop under way

@@ -11,11 +11,10 @@ from forge import disk
 from forge.errors import Codes, ForgeError
 from forge.paths import check_output
 from forge.progress import ProgressCallback, ProgressWriter
-from forge.runs import PROGRESS_FILE, TRAIN_CONFIG_FILE
+from forge.runs import PROGRESS_FILE, record_train_config
 from forge.train.config import TrainConfig
 from forge.train.launch import in_launched_rank, rank_index
 from forge.train.trackers import check_trackers
-from forge.workspace import atomic_write_json
 
 
 @dataclass
@@ -92,7 +91,9 @@ def refuse_finished_schedule(reached: int, planned: int, what: str) -> None:
                      "(or more num_train_epochs)", details=[f"step_reached: {reached}", f"steps_planned: {planned}"])
 
 
-def prepare_run(config: TrainConfig, on_progress: ProgressCallback | None) -> TrainRun:
+def prepare_run(config: TrainConfig, on_progress: ProgressCallback | None, launcher: bool = True) -> TrainRun:
+    """The run dir made ready: checkpoint to resume from, room on disk, and the config recorded once per start
+    (by the ``launcher``: the process that starts the ranks, or the only one)."""
     run_dir = check_output(config.run_dir(), "run dir")
     checkpoints_dir, adapter_dir = run_dir / "checkpoints", run_dir / "adapter"
     resume_from = None
@@ -118,8 +119,8 @@ def prepare_run(config: TrainConfig, on_progress: ProgressCallback | None) -> Tr
     local_base = Path(config.base_model) if Path(config.base_model).is_dir() else None
     disk.ensure_space(run_dir, disk.train_bytes(local_base, config.lora_r, config.save_total_limit), "training")
     rank0 = rank_index() == 0
-    if rank0:
-        atomic_write_json(run_dir / TRAIN_CONFIG_FILE, config.model_dump(mode="json"))
+    if rank0 and launcher:  # a resume records its settings beside the original, never over it
+        record_train_config(run_dir, config.model_dump(mode="json"), resumed=config.resume)
     # Only rank 0 reports: N ranks writing progress would repeat every step N times.
     writer = ProgressWriter(run_dir / PROGRESS_FILE if rank0 else None, on_progress if rank0 else None)
     return TrainRun(run_dir, checkpoints_dir, adapter_dir, resume_from, writer, rank0)

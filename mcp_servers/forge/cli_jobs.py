@@ -91,8 +91,9 @@ def _ago(ts: float, now: float) -> str:
 
 
 def run_name(job: dict) -> str | None:
-    """The run dir's name (the job id, or the run_name an agent gave)."""
-    where = (job.get("result") or {}).get("run_dir") or job["params"].get("output_dir") or job.get("run_dir")
+    """The run dir's name (the job id, or the run_name an agent gave); a merge or quantize names the run it
+    wrote into, not its merged or gguf dir."""
+    where = job.get("run_dir") or (job.get("result") or {}).get("run_dir") or job["params"].get("output_dir")
     return Path(where).name if where else None
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
+from forge.evaluate import figures
 from mcp_servers.forge.schemas import Artifact, ErrorInfo, JobHandle, JobStatus, JobSummary, Progress
 from mcp_servers.lib import outcome, results
 from mcp_servers.lib.runner import Runner
 from mcp_servers.lib.store import TERMINAL, Status
 
+# Bytes of a status's JSON an agent reads back: 3 KB for the job itself, and up to 500 more for its warnings
+STATUS_BUDGET, WARNINGS_BUDGET = 3000, 500
 # Jobs whose status an agent should poll less often: they run for minutes to hours.
 LONG_KINDS = ("train", "pipeline", "sweep")
 
@@ -35,8 +40,10 @@ def _cut(value):
 
 
 def _inputs(params: dict) -> dict:
-    # notes for people and seals ("_…") and the run dir (its own field) are left out of the reply
-    return {k: _cut(v) for k, v in params.items() if not k.startswith("_") and k != "output_dir" and v is not None}
+    # notes for people and seals ("_…") and the run dir (its own field) are left out of the reply; a dataset copy's
+    # sha256 name is cut to 12 digits (the resource has it whole)
+    return {k: outcome.short_names(v) if k == "dataset" and isinstance(v, str) else _cut(v)
+            for k, v in params.items() if not k.startswith("_") and k != "output_dir" and v is not None}
 
 
 def _publish_result(result: dict | None) -> dict | None:
@@ -53,6 +60,22 @@ def _publish_result(result: dict | None) -> dict | None:
 
 def _has_gguf(result: dict) -> bool:
     return bool((result.get("stages") or {}).get("quantize", {}).get("outputs"))
+
+
+def _run_dir(runner: Runner, job: dict) -> str | None:
+    """Where the job's outputs go. A merge, quantize or evaluate recorded before run_dir meant that has its own
+    dir there (runs/<job id>, its log only): its result names the run instead."""
+    run_dir = job.get("run_dir")
+    if run_dir == str(runner.job_dir(job["id"])) and job["kind"] not in ("train", "pipeline", "sweep"):
+        found = results.run_dir_of(job)
+        return str(found) if found else run_dir
+    return run_dir
+
+
+def _continued_by(runner: Runner, job: dict) -> str | None:
+    """The job continuing a stopped train job in its run dir, if one does."""
+    stopped = job["status"] in (Status.FAILED.value, Status.CANCELLED.value)
+    return runner.store.continued_by(job["id"]) if job["kind"] == "train" and stopped else None
 
 
 def status_of(runner: Runner, job: dict) -> JobStatus:
@@ -72,25 +95,45 @@ def status_of(runner: Runner, job: dict) -> JobStatus:
     metrics = outcome.key_metrics(full_metrics)
     evaluated = outcome.evaluation_detail(result)
     held_back = len(shown) < len(found) or len(metrics) < len(full_metrics) or evaluated
-    return JobStatus(
+    summary = outcome.summary_line(result)
+    status = JobStatus(
         job_id=job["id"], kind=job["kind"], status=job["status"], stage=job.get("stage"),
         queue_position=runner.queue_position(job["id"]) if job["status"] == Status.QUEUED.value else None,
         progress={k: _short(v) for k, v in (job.get("progress") or {}).items()
                   if k in Progress.model_fields and v is not None and not (done and k == "eta_s")},
         created_at=job["created_at"], started_at=job.get("started_at"), finished_at=job.get("finished_at"),
         inputs=_inputs(job["params"]),
-        stages={s["stage"]: s["status"] for s in stages}, run_dir=job.get("run_dir"),
+        stages={s["stage"]: s["status"] for s in stages}, run_dir=_run_dir(runner, job),
         artifacts=[Artifact(**a) for a in shown],
         metrics={k: _short(v) for k, v in metrics.items()},
         quality=outcome.compact_quality(results.quality(result)),
-        summary=outcome.summary_line(result),
+        summary=summary,
         more=f"forge://jobs/{job['id']} has all {len(found)} files, every metric"
         + (", the evaluation table and samples" if evaluated else "") if held_back else None,
         error=ErrorInfo(**{k: _cut(err[k]) for k in ErrorInfo.model_fields if k in err and k != "details"},
                         details=[_cut(d) for d in err.get("details") or []][:SHOWN_DETAILS]) if err else None,
-        next_actions=results.next_actions(job),
-        result=_publish_result(result) if job["kind"] == "publish" else (
-            outcome.sweep_table(result) if job["kind"] == "sweep" else None))
+        next_actions=results.next_actions(job, _continued_by(runner, job)),
+        result=_result(job["kind"], result))
+    found = outcome.warnings_of(result, _warned(runner, job), summary)
+    if found:  # as many short lines as the reply has room for; the resource has them all
+        room = STATUS_BUDGET + WARNINGS_BUDGET - len(json.dumps(status.model_dump(mode="json"), separators=(",", ":"),
+                                              ensure_ascii=False).encode())
+        status.warnings = outcome.short_warnings(found, room, f"forge://jobs/{job['id']}")
+    return status
+
+
+def _result(kind: str, result: dict | None) -> dict | None:
+    if kind == "publish":
+        return _publish_result(result)
+    if kind == "sweep":
+        return outcome.sweep_table(result)
+    return figures(result) if kind == "evaluate" and result and "table" in result else None
+
+
+def _warned(runner: Runner, job: dict) -> list[str]:
+    """What the job's warning events said (a base dequantized from a GGUF, say)."""
+    return [str(e["data"].get("message")) for e in runner.store.events(job["id"], limit=20, type_="warning")
+            if e["data"].get("message")]
 
 
 def detail_of(runner: Runner, job: dict) -> dict:
@@ -102,9 +145,10 @@ def detail_of(runner: Runner, job: dict) -> dict:
     detail.update(artifacts=results.artifacts(result), inputs={k: v for k, v in job["params"].items()
                                                                 if not k.startswith("_") and k != "output_dir"},
                   error={k: err[k] for k in ErrorInfo.model_fields if k in err} if err else None,
-                  result=result if job["kind"] in ("publish", "sweep") else None,
+                  result=result if job["kind"] in ("publish", "sweep") else detail["result"],
                   metrics={k: v for k, v in results.metrics(result).items() if v is not None},
                   quality=results.quality(result), evaluation=outcome.evaluation_detail(result),
+                  warnings=outcome.warnings_of(result, _warned(runner, job), detail["summary"]),
                   progress=job.get("progress") or {}, more=None, placement=job.get("placement"),
                   stages={s["stage"]: s["status"] for s in results.pipeline_stages(job, finished_stages(runner, job))})
     return detail

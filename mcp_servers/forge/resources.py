@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 
@@ -35,9 +33,8 @@ def job_log(job_id: str, ctx: Context) -> str:
     from_ray = runner_of(ctx).log_tail(job, LOG_TAIL_LINES)  # a Ray job's log lives with Ray
     if from_ray is not None:
         return from_ray
-    run_dir = job["run_dir"]
-    path = Path(run_dir) / "job.log" if run_dir else None
-    if path is None or not path.is_file():
+    path = runner_of(ctx).job_dir(job["id"]) / "job.log"  # the job's own dir, whatever run it writes into
+    if not path.is_file():
         return ""
     try:
         with open_input(path, "job log") as fh:  # confined: a log planted as a link is refused, not served

@@ -30,10 +30,14 @@ def resumable(store: JobStore, job_id: str) -> dict:
     if Status(job["status"]) not in (Status.FAILED, Status.CANCELLED, Status.SUCCEEDED):
         raise ForgeError(JobCodes.JOB_NOT_FINISHED, f"train job {job_id} is {job['status']}: it has not stopped",
                          f"cancel it with forge_job_cancel(job_id=\"{job_id}\") (it checkpoints first), then resume")
+    if job["status"] != Status.SUCCEEDED.value:  # a stopped run is continued once, in its own run dir
+        store.refuse_resumed(job_id)
     run_dir = job["params"]["output_dir"]
     busy = [j["id"] for j in store.unfinished()
             if j["kind"] == "train" and j["params"].get("output_dir") == run_dir]
     if busy:  # two jobs training into one run dir would interleave their checkpoints
+        if job["status"] != Status.SUCCEEDED.value:
+            store.refuse_resumed(job_id)  # the job that continues this one, named as such
         raise ForgeError(JobCodes.JOB_NOT_FINISHED,
                          f"train job {busy[0]} is already continuing {job_id} in its run dir",
                          f"follow it with forge_job_wait(job_id=\"{busy[0]}\"), or cancel it first")
@@ -79,7 +83,8 @@ def resume_fields(job: dict, given: dict, checkpoint: Path) -> tuple[dict, dict[
         # a finished run is extended in a run dir of its own, from a copy of its last checkpoint: its adapter,
         # and what was merged, quantized and sealed from it, stay as they were
         return {**fields, "resume_from": str(checkpoint)}, changed
-    return {**fields, "output_dir": params["output_dir"], "resume": True}, changed
+    # _resumes: the store lets one job continue this one in its run dir, and no second (already_resumed)
+    return {**fields, "output_dir": params["output_dir"], "resume": True, "_resumes": job["id"]}, changed
 
 
 def step_reached(job: dict) -> tuple[int, Path]:

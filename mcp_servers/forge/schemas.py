@@ -82,8 +82,9 @@ class JobStatus(BaseModel):
     summary: str | None = Field(None, description="What training and evaluation measured, in one line.")
     more: str | None = Field(None, description="The resource with every artifact, metric and the evaluation.")
     error: ErrorInfo | None = None
+    warnings: list[str] = Field(default_factory=list, description="Checks and warnings that matter, a line each.")
     result: dict[str, Any] | None = Field(None, description=(
-        "A publish job's result (its plan on a dry run); a sweep's table so far, winner and why."))
+        "A publish job's result (a dry run's plan); a sweep's table, winner and why; an evaluation's figures."))
     next_actions: list[str] = Field(default_factory=list, description="Tool calls that usually come next.")
 
 
@@ -141,6 +142,7 @@ class ModelfileResult(BaseModel):
 
 
 class QueryResult(BaseModel):
+    model: str | None = None  # what answered: the GGUF (the one a job id picked), or the Ollama model
     reply: str
     finish_reason: str | None = Field(description="stop: the model ended its turn; length: max_tokens ran out.")
     prompt_tokens: int

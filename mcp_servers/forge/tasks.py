@@ -117,7 +117,8 @@ class ForgeTasks(Extension):
         if initial or status not in TERMINAL:
             return {**out, "status": "working", "statusMessage": f"{job['id']}: {progress_text(job)}"}
         if status == Status.CANCELLED:
-            after = "; ".join(a for a in next_actions(job) if "resume_from_job" in a)
+            continued = self.server.runner.store.continued_by(job["id"]) if job["kind"] == "train" else None
+            after = "; ".join(a for a in next_actions(job, continued) if "resume_from_job" in a)
             message = f"{job['id']}: {progress_text(job)}" + (f"; continue with {after}" if after else "")
             return {**out, "status": "cancelled", "statusMessage": message}
         final = await self.server.call_tool("forge_job_wait", {"job_id": job["id"], "timeout_s": 0},

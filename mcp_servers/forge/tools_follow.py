@@ -25,8 +25,8 @@ WAIT_POLL_S = 0.5
 
 
 async def forge_job_status(job_id: JobIdArg, ctx: Context) -> JobStatus:
-    """A job: status, stage, progress, the files it made (sha256), key metrics, quality, summary, error with
-    hint, next_actions; more: the resource with the rest. Times are Unix seconds."""
+    """A job: status, stage, progress, files made (sha256), key metrics, quality, summary, warnings, error
+    with hint, next_actions; more: the resource with the rest. Times: Unix s."""
     runner = runner_of(ctx)
     return status_of(runner, runner.store.get(job_id))
 

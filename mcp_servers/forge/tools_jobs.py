@@ -38,6 +38,7 @@ from mcp_servers.forge.context import PUBLISHES, STARTS_JOB, STARTS_LOCAL_JOB, r
 from mcp_servers.forge.replies import handle_of
 from mcp_servers.forge.schemas import Hyperparameters, JobHandle
 from mcp_servers.lib import results
+from mcp_servers.lib.errors import JobCodes
 
 MethodArg = Annotated[Method | None, Field(description=METHOD_HELP + " Default lora.")]
 HyperparametersArg = Annotated[Hyperparameters | None, Field(description=(
@@ -91,7 +92,9 @@ def _resumed(store, job_id: str, given: dict) -> tuple[dict, str]:
     job = resume.resumable(store, job_id)
     reached, checkpoint = resume.step_reached(job)
     fields, changed = resume.resume_fields(job, given, checkpoint)
+    resumes = {k: fields.pop(k) for k in ("_resumes",) if k in fields}
     params, planned = _checked_dataset(fields["dataset"], fields)
+    params.update(resumes)
     if given.get("dataset") is None:
         params["_dataset"] = job["params"].get("_dataset", params["_dataset"])  # where the copy came from
     planned = resume.check_schedule(job, changed, planned, reached)
@@ -113,11 +116,21 @@ async def forge_train(
     given = {"base_model": model_ref(base_model, "base_model") if base_model else None, "method": method,
              "chat_template": template_arg(chat_template), "dataset": dataset, **_train_fields(hyperparameters)}
     note = None
+    retried = runner.store.by_request("train", client_request_id)
+    if retried is not None:  # the same call again (a retry after a lost reply): the job it made, not a refusal
+        return handle_of(runner, retried)
     if resume_from_job:
         if run_name:
             raise ForgeError(Codes.INVALID_ARGUMENT, "run_name cannot change on a resume: the checkpoint is in "
                              "the resumed job's run dir", "leave run_name out")
-        params, note = await anyio.to_thread.run_sync(lambda: _resumed(runner.store, resume_from_job, given))
+        try:
+            params, note = await anyio.to_thread.run_sync(lambda: _resumed(runner.store, resume_from_job, given))
+        except ForgeError as err:  # this very call, retried while its first try was still being checked
+            retried = runner.store.by_request("train", client_request_id) if err.code == JobCodes.ALREADY_RESUMED \
+                else None
+            if retried is None:
+                raise
+            return handle_of(runner, retried)
     else:
         if not base_model or not dataset:
             raise ForgeError(Codes.INVALID_ARGUMENT, "forge_train needs base_model and dataset (or resume_from_job)",
@@ -241,8 +254,8 @@ async def forge_evaluate(
     dataset: Annotated[str | None, path_arg("JSONL to measure on; default the run's eval split.")] = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start measuring a run: perplexity of base, fine-tuned and each GGUF; base vs quantized sample answers
-    (stopped or not). Returns a job handle."""
+    """Start measuring a run: perplexity of base, fine-tuned and each GGUF; answers scored (stopped or not);
+    forgetting. Returns a job handle."""
     from forge.evaluate import EvaluateConfig
 
     runner = runner_of(ctx)

@@ -4,6 +4,7 @@ Modelfile, a quick query, and seals."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -31,7 +32,7 @@ OLLAMA_ALPHABET = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"  # the schema's; ModelfileCo
 
 
 async def forge_environment(ctx: Context) -> Report:
-    """This machine: Python, torch, GPUs, disk, FORGE_HOME, allowed roots (paths must lie under one),
+    """This machine: Python, torch, GPUs, disk, FORGE_HOME, allowed_roots (every path lies under one),
     versions, executor (local or Ray). Call it first."""
     from forge.env import environment
 
@@ -58,6 +59,7 @@ async def forge_demo_assets(
 
 async def forge_validate_dataset(
     path: Annotated[str, path_arg("A JSONL dataset under an allowed root.")],
+    ctx: Context,
     format: Annotated[FormatName, Field(description=(
         "Record format; auto (default) detects it."))] = "auto",
     base_model: Annotated[str | None, Field(None, max_length=4096, description=(
@@ -68,18 +70,60 @@ async def forge_validate_dataset(
 ) -> Report:
     """Check every line of a JSONL dataset (problems with line numbers and fixes); with base_model, token
     stats."""
-    from forge.data import DataConfig, validate
+    from forge.data import VALIDATE_STEPS, DataConfig, validate
 
     config = DataConfig(path=check_path(path, "dataset"), format=format, max_length=max_length,
                         base_model=model_ref(base_model, "base_model") if base_model else None,
                         chat_template=template_arg(chat_template))
-    return Report(**await anyio.to_thread.run_sync(validate, config))
+    return Report(**await _with_progress(ctx, lambda on_step: validate(config, on_step), VALIDATE_STEPS))
+
+
+PROGRESS_TICK_S = 2.0
+
+
+async def _with_progress(ctx: Context, work, total: int):
+    """Run ``work(on_step)`` off the event loop, sending a progress notification every couple of seconds: the
+    step it is at, and within a long step (a GGUF's tokenizer converted) a share that keeps creeping up."""
+    at = {"step": 0, "what": "starting", "since": time.monotonic()}
+
+    def on_step(step: int, what: str) -> None:
+        at.update(step=step, what=what, since=time.monotonic())
+
+    sent = {"value": -1.0}
+
+    async def report() -> None:
+        snap = dict(at)  # one snapshot: the worker thread may move on meanwhile
+        step, what, since = snap["step"], snap["what"], snap["since"]
+        elapsed = time.monotonic() - since
+        value = round(step + (0.0 if step >= total else elapsed / (elapsed + 20.0)), 6)  # creeps, never reaches 1
+        if value > sent["value"]:  # progress only moves forward
+            sent["value"] = value
+            await ctx.report_progress(value, float(total), f"{what} ({elapsed:.0f} s)")
+
+    async def tick() -> None:
+        while True:
+            await report()
+            await anyio.sleep(PROGRESS_TICK_S)
+
+    failure = None
+    async with anyio.create_task_group() as group:
+        group.start_soon(tick)
+        try:
+            out = await anyio.to_thread.run_sync(work, on_step)
+        except Exception as exc:  # raised as it is below, not wrapped in the task group's ExceptionGroup
+            failure = exc
+        finally:
+            group.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    await report()  # the end, said once the work is done
+    return out
 
 
 async def forge_modelfile(
     gguf: Annotated[str, path_arg("A .gguf path, or a quantize or pipeline job id.")],
     ctx: Context,
-    system_prompt: Annotated[Text, Field(description="SYSTEM message; default none.")] = None,
+    system_prompt: Annotated[Text, Field(description="SYSTEM message; default: the template's own.")] = None,
     parameters: Annotated[Sampling | None, Field(description="PARAMETER lines.")]
     = None,
     model_name: Annotated[str | None, Field(None, max_length=200, pattern=OLLAMA_ALPHABET, description=(
@@ -122,14 +166,14 @@ async def forge_query_model(
     tools: Annotated[list[dict] | None, Field(None, min_length=1, max_length=64, description=(
         "OpenAI-style function tools; the reply adds tool_calls."))] = None,
 ) -> QueryResult:
-    """Ask a GGUF (llama.cpp) or an Ollama model something through its chat template: does it answer, and
-    stop? With tools: which tool does it call, with what arguments?"""
+    """Ask a GGUF (llama.cpp) or Ollama model via its chat template: does it answer and stop? With tools:
+    which tool, what arguments? Says which model answered."""
     from forge.query import query
 
     gguf, ollama_name = _query_target(ctx, model)
     msgs = [m.model_dump() for m in messages] if messages else [{"role": "user", "content": prompt or "Hello"}]
     out = await anyio.to_thread.run_sync(lambda: query(gguf, msgs, max_tokens, temperature, ollama_name, tools))
-    return QueryResult(**out)
+    return QueryResult(**out, model=ollama_name if out["backend"] == "ollama" else str(gguf))
 
 
 async def forge_seal_snapshot(

@@ -53,9 +53,9 @@ async def forge_sweep(
     run_name: Annotated[str | None, name_arg(AS_TRAIN)] = None,
     client_request_id: RequestId = None,
 ) -> JobHandle:
-    """Start a hyperparameter sweep: trials (learning rate, epochs, rank chosen from data and model size)
-    scored on held-out answers and forgetting; the best within the forgetting budget wins. Each trial is a
-    job ({job_id}-t1, …); the sweep's status holds the table. Returns a job handle."""
+    """Start a hyperparameter sweep: trials (learning rate, epochs, rank from data and model size) scored on
+    held-out answers and forgetting; the best within the forgetting budget wins. Each trial is a job
+    ({job_id}-t1, …); the status holds the table. Returns a job handle."""
     runner = runner_of(ctx)
     fixed = _train_fields(_hyperparameters(hyperparameters))
     if fixed.get("max_failures") or (fixed.get("num_processes") or 1) > 1:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from forge.errors import ForgeError
 from forge.paths import confinement, forge_home, open_input
-from forge.runs import PROGRESS_FILE, find_run_dir, load_stages, runs_dir
+from forge.runs import PROGRESS_FILE, find_run_dir, load_stages
 from mcp_servers.lib import results
+from mcp_servers.lib.paths import job_dir
 from mcp_servers.lib.store import TERMINAL, JobStore, Status
 
 MAX_POINTS = 2000  # per curve: enough for a chart, bounded for a reply
@@ -36,7 +37,7 @@ def _base_model(params: dict) -> str | None:
 
 
 def _run_name(job: dict) -> str | None:
-    where = job["params"].get("output_dir") or (job.get("result") or {}).get("run_dir")
+    where = job.get("run_dir") or job["params"].get("output_dir") or (job.get("result") or {}).get("run_dir")
     return Path(where).name if where else None
 
 
@@ -135,7 +136,8 @@ def _thin(points: dict[int, float]) -> list[list[float]]:
 def _run_dir(job: dict) -> Path | None:
     """The run a job trains or works on: a train or pipeline job's output dir (known from the start), or
     the run dir a merge, quantize or evaluate job wrote into."""
-    for candidate in filter(None, [job["params"].get("output_dir"), (job.get("result") or {}).get("run_dir")]):
+    for candidate in filter(None, [job.get("run_dir"), job["params"].get("output_dir"),
+                                   (job.get("result") or {}).get("run_dir")]):
         found = find_run_dir(Path(candidate))
         if found is not None:
             return found
@@ -212,7 +214,7 @@ def _events(store: JobStore, job_id: str) -> list[dict]:
 
 def log_tail(job: dict, lines: int = LOG_LINES) -> str:
     """The end of the job's own log (runs/<job id>/job.log under FORGE_HOME, where the runner writes it)."""
-    path = forge_home() / runs_dir().name / job["id"] / "job.log"
+    path = job_dir(forge_home(), job["id"]) / "job.log"
     if not path.is_file():
         return ""
     try:

@@ -1,5 +1,5 @@
 """A job's channel: how a worker on another machine (a Ray job) and the server talk, through files in
-the job's run dir on storage both see. The job store's SQLite file never leaves the server's machine.
+the job's own dir (runs/<job id>/) on storage both see. The job store's SQLite file never leaves the server's machine.
 
 - ``job.json``: the job as the server placed it (kind, params, run dir), written before it starts;
 - ``channel.jsonl``: what the worker would have written to the store (updates, events, status moves),
@@ -24,23 +24,23 @@ KILL_FILE = "kill"
 READ_LIMIT = 4 << 20  # bytes applied per pass: a long backlog is taken in pieces
 
 
-def place(run_dir: Path, job: dict) -> None:
-    atomic_write_json(Path(run_dir) / JOB_FILE, job)
+def place(own_dir: Path, job: dict) -> None:
+    atomic_write_json(Path(own_dir) / JOB_FILE, job)
 
 
-def request_kill(run_dir: Path) -> None:
-    with open_output(Path(run_dir) / KILL_FILE, "kill request"):
+def request_kill(own_dir: Path) -> None:
+    with open_output(Path(own_dir) / KILL_FILE, "kill request"):
         pass
 
 
-def kill_requested(run_dir: Path) -> bool:
-    return (Path(run_dir) / KILL_FILE).is_file()
+def kill_requested(own_dir: Path) -> bool:
+    return (Path(own_dir) / KILL_FILE).is_file()
 
 
-def read(run_dir: Path, offset: int) -> tuple[list[dict], int]:
+def read(own_dir: Path, offset: int) -> tuple[list[dict], int]:
     """The complete lines written after ``offset`` and the offset after them (a line still being
     written waits for the next pass). A line that is not JSON is skipped, never fatal."""
-    path = Path(run_dir) / CHANNEL_FILE
+    path = Path(own_dir) / CHANNEL_FILE
     if not path.is_file():
         return [], offset
     with open_input(path, "job channel") as fh:  # a link planted in its place is refused
@@ -63,8 +63,8 @@ def read(run_dir: Path, offset: int) -> tuple[list[dict], int]:
 class ChannelStore:
     """The worker's side of the channel, with the JobStore methods a worker calls."""
 
-    def __init__(self, run_dir: Path):
-        self.dir = Path(run_dir)
+    def __init__(self, own_dir: Path):
+        self.dir = Path(own_dir)
         self._lock = threading.Lock()  # the heartbeat thread writes too
         self._own: str | None = None
 

@@ -11,6 +11,7 @@ class JobCodes:
     WORKER_KILLED = "worker_killed"
     INVALID_TRANSITION = "invalid_transition"
     WRONG_JOB_KIND = "wrong_job_kind"
+    ALREADY_RESUMED = "already_resumed"
 
 
 __all__ = ["ForgeError", "JobCodes"]

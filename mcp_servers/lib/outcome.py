@@ -4,6 +4,7 @@ holds the rest: every file, every metric, the evaluation table and its sample an
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def evaluation_detail(result: dict | None) -> dict | None:
     if not evaluated:
         return None
     keys = ("measured_on", "reference", "table", "samples", "stopped_on_its_own", "tool_calls", "learned",
-            "forgetting", "warnings")
+            "forgetting", "warnings", "record")
     return {k: evaluated[k] for k in keys if evaluated.get(k) is not None}
 
 
@@ -157,3 +158,46 @@ def sweep_table(result: dict | None) -> dict | None:
         return None
     rows = [_sweep_row(r) for r in result["trials"]]
     return {"trials": rows, **{k: result[k] for k in ("winner", "why", "winner_run_dir") if result.get(k)}}
+
+
+WARNING_LINES, WARNING_CHARS = 3, 120
+
+
+def parity_line(result: dict | None) -> str | None:
+    """The merge's logit check in one line: merged against base + adapter, and what the adapter itself moves."""
+    result = result or {}
+    parity = result.get("parity") or ((result.get("stages") or {}).get("merge") or {}).get("parity")
+    if not parity:
+        return None
+    verdict = "passed" if parity.get("passed") else "FAILED (the merged weights differ from base + adapter)"
+    return (f"merge parity {verdict}: max |Δlogit| {_num(parity['max_abs_diff'])} within bound "
+            f"{_num(parity['bound'])}; the adapter moves logits up to {_num(parity['adapter_effect'])}")
+
+
+def warnings_of(result: dict | None, events: list[str], summary: str | None) -> list[str]:
+    """The checks and warnings that matter, in that order: the merge's parity, what the job's events warned of
+    (a base dequantized from a GGUF), what its stages warned of (quantization quality, an importance matrix);
+    what the summary line already says is left out."""
+    result = result or {}
+    stage_warnings = [w for r in [result, *(result.get("stages") or {}).values()] if isinstance(r, dict)
+                      for w in r.get("warnings") or []]
+    return [w for w in dict.fromkeys([parity_line(result), *events, *stage_warnings])
+            if w and not (summary and w in summary)]
+
+
+def short_warnings(found: list[str], room: int, where: str) -> list[str]:
+    """Up to three of ``found`` as short lines, within ``room`` bytes of JSON; the rest named as in ``where``."""
+    def cost(line: str) -> int:
+        return len(json.dumps(line, ensure_ascii=False).encode()) + 1  # as the reply's JSON spells it, and a comma
+
+    rest = cost(f"+{len(found)} more in {where}")
+    lines: list[str] = []
+    for warning in found[:WARNING_LINES]:
+        line = warning if len(warning) <= WARNING_CHARS else warning[:WARNING_CHARS - 1] + "…"
+        if cost(line) > room - rest:
+            break
+        lines.append(line)
+        room -= cost(line)
+    if len(lines) < len(found) and rest <= room:
+        lines.append(f"+{len(found) - len(lines)} more in {where}")
+    return lines

@@ -1,7 +1,7 @@
 """Heavy jobs as Ray jobs (``FORGE_EXECUTOR=ray``): Ray's job submission API places each one on the
 cluster with the CPUs, GPUs and memory it needs, and Ray's queue holds what does not fit.
 
-The job id is the Ray submission id. The worker reports through its channel file in the run dir
+The job id is the Ray submission id. The worker reports through its channel file in the job's own dir
 (``mcp_servers.lib.channel``), which must be on storage every node sees; the server applies it to its
 own store, reads Ray's status for what the worker could not say (it never started, it was killed),
 and tails Ray's log. A restarted server finds its Ray jobs in the store and carries on.
@@ -21,6 +21,7 @@ from forge.errors import Codes, ForgeError
 from forge.paths import CONFINED_ENV
 from mcp_servers.lib import channel, ray_placement
 from mcp_servers.lib.errors import JobCodes
+from mcp_servers.lib.paths import job_dir
 from mcp_servers.lib.ray_storage import StorageCheck, incomplete
 from mcp_servers.lib.store import TERMINAL, JobStore, Status
 
@@ -206,14 +207,14 @@ class RayExecutor:
 
     def submit(self, job: dict) -> None:
         """Hand a queued job to Ray; it stays 'queued' in Forge until its worker starts on a node."""
-        run_dir = Path(job["run_dir"])
+        own_dir = job_dir(self.home, job["id"])  # the channel, kill file and working dir
         resources = self.resources(job["kind"], job["params"])
-        channel.place(run_dir, {k: job[k] for k in ("id", "kind", "params", "run_dir", "status")})
+        channel.place(own_dir, {k: job[k] for k in ("id", "kind", "params", "run_dir", "status")})
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         env.update(FORGE_HOME=str(self.home), FORGE_EXECUTOR="ray", PYTHONUNBUFFERED="1", **{CONFINED_ENV: "1"},
                    # Ray's stop: SIGTERM (the trainer saves a checkpoint), SIGKILL after this many seconds
                    RAY_JOB_STOP_WAIT_TIME_S=os.environ.get("FORGE_RAY_CANCEL_GRACE_S", "60"))
-        entrypoint = f"{shlex.quote(ray_python())} -m mcp_servers.lib.worker --channel {shlex.quote(str(run_dir))}"
+        entrypoint = f"{shlex.quote(ray_python())} -m mcp_servers.lib.worker --channel {shlex.quote(str(own_dir))}"
         self.client.submit_job(
             entrypoint=entrypoint, submission_id=job["id"], runtime_env={"env_vars": env},
             metadata={"forge_kind": job["kind"]}, entrypoint_num_cpus=resources["num_cpus"],
@@ -299,7 +300,7 @@ class RayExecutor:
         return {"code": JobCodes.WORKER_LOST, "retryable": True, "message": text, "hint": hint, "details": details}
 
     def _ingest(self, job: dict) -> None:
-        ops, offset = channel.read(Path(job["run_dir"]), job["channel_offset"])
+        ops, offset = channel.read(job_dir(self.home, job["id"]), job["channel_offset"])
         if offset != job["channel_offset"]:
             self.store.apply(job["id"], ops, offset)
 
@@ -311,7 +312,7 @@ class RayExecutor:
         still in Ray's queue is cancelled on the spot."""
         status = Status(job["status"])
         if force:
-            channel.request_kill(Path(job["run_dir"]))
+            channel.request_kill(job_dir(self.home, job["id"]))
         try:
             self.client.stop_job(job["id"])
         except Exception as exc:

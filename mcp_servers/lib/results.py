@@ -188,8 +188,9 @@ def seal_record(job: dict, warnings: list[str]) -> dict:
             "warnings": warnings}
 
 
-def next_actions(job: dict) -> list[str]:
-    """The tool calls an agent usually makes next, ready to send."""
+def next_actions(job: dict, continued_by: str | None = None) -> list[str]:
+    """The tool calls an agent usually makes next, ready to send; a stopped train job another job already
+    continues (``continued_by``) points at that job, never at a second resume."""
     jid, kind, status = job["id"], job["kind"], Status(job["status"])
     if status == Status.SUCCEEDED and kind == "sweep":
         result = job.get("result") or {}
@@ -211,6 +212,8 @@ def next_actions(job: dict) -> list[str]:
         }.get(kind, [])
     if status in ACTIVE or status == Status.QUEUED:
         return [f'forge_job_wait(job_id="{jid}")']
+    if kind == "train" and continued_by:
+        return [f'forge_job_status(job_id="{continued_by}")']
     if kind == "train":
         return [f'forge_train(resume_from_job="{jid}")', f'forge_job_events(job_id="{jid}")']
     return [f'forge_job_events(job_id="{jid}")']

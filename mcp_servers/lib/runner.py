@@ -19,12 +19,12 @@ from forge import disk
 from forge.errors import Codes
 from forge.failures import error_from
 from forge.paths import CONFINED_ENV, forge_home, open_output
-from forge.runs import runs_dir
 from mcp_servers.lib import sweep_jobs
 from mcp_servers.lib.errors import ForgeError, JobCodes
 from mcp_servers.lib.jobs import HEAVY_KINDS
+from mcp_servers.lib.paths import job_dir, planned_run_dir
 from mcp_servers.lib.ray_placement import train_fields
-from mcp_servers.lib.store import TERMINAL, JobStore, Status
+from mcp_servers.lib.store import TERMINAL, JobStore, Status, new_job_id
 
 log = logging.getLogger("forge.runner")
 HEARTBEAT_STALE_S = 30.0
@@ -127,8 +127,9 @@ class Runner:
 
     # ---- submit and schedule ----
 
-    def run_dir(self, job_id: str) -> Path:
-        return self.home / runs_dir().name / job_id
+    def job_dir(self, job_id: str) -> Path:
+        """The job's own dir (its log, its working dir); where its outputs go is the store's ``run_dir``."""
+        return job_dir(self.home, job_id)
 
     def submit(self, kind: str, params: dict, client_request_id: str | None = None) -> tuple[dict, bool]:
         if self.executor == "ray" and kind in HEAVY_KINDS:
@@ -138,21 +139,24 @@ class Runner:
                              "server runs jobs here (FORGE_EXECUTOR=local)",
                              "leave max_failures out: a stopped train continues from its last checkpoint with "
                              "forge_train(resume_from_job=...)")
-        job, created = self.store.create(kind, params, client_request_id, held=kind == "sweep")
-        if created:
-            run_dir = self.run_dir(job["id"])
-            if kind in ("train", "pipeline", "sweep") and not params.get("output_dir"):
-                # runs/<job_id>/ is the run dir, or runs/<run_name>/ when the caller named it
-                name = params.pop("run_name", None)
-                params = {**params, "output_dir": str(run_dir.parent / name if name else run_dir)}
-            self.store.update(job["id"], run_dir=str(run_dir), params=params)
-            if kind == "sweep":  # held out of the queue until its trials exist
-                try:
-                    sweep_jobs.create_trials(self.store, job, params)
-                except BaseException as exc:
-                    self.store.transition(job["id"], Status.FAILED, error=error_from(exc).to_dict())
-                    raise
-                self.store.update(job["id"], placement=None)
+        job_id = new_job_id(kind)
+        own_dir = self.job_dir(job_id)
+        if kind in ("train", "pipeline", "sweep") and not params.get("output_dir"):
+            # runs/<job_id>/ is the run dir, or runs/<run_name>/ when the caller named it
+            name = params.get("run_name")
+            params = {**{k: v for k, v in params.items() if k != "run_name"},
+                      "output_dir": str(own_dir.parent / name if name else own_dir)}
+        # where the outputs go is known from the start, so every status says it, the first one too
+        run_dir = str(planned_run_dir(kind, params, own_dir))
+        job, created = self.store.create(kind, params, client_request_id, held=kind == "sweep", job_id=job_id,
+                                         run_dir=run_dir)
+        if created and kind == "sweep":  # held out of the queue until its trials exist
+            try:
+                sweep_jobs.create_trials(self.store, job, params)
+            except BaseException as exc:
+                self.store.transition(job["id"], Status.FAILED, error=error_from(exc).to_dict())
+                raise
+            self.store.update(job["id"], placement=None)
         self.pump()
         return self.store.get(job["id"]), created
 
@@ -211,7 +215,7 @@ class Runner:
             if not checked["ok"]:
                 self.store.transition(job["id"], Status.FAILED, error=checked["error"])
                 return
-            self._prepare_run_dir(job["id"]).close()
+            self._prepare_job_dir(job["id"]).close()
             self.ray().submit(job)
         except ForgeError as err:
             self.store.transition(job["id"], Status.FAILED, error=err.to_dict())
@@ -237,9 +241,9 @@ class Runner:
             if err.code == JobCodes.INVALID_TRANSITION:
                 return
             raise
-        run_dir = self.run_dir(job["id"])
+        own_dir = self.job_dir(job["id"])
         try:
-            log = self._prepare_run_dir(job["id"])
+            log = self._prepare_job_dir(job["id"])
         except ForgeError as err:
             self.store.transition(job["id"], Status.FAILED, error=err.to_dict())
             return
@@ -250,21 +254,20 @@ class Runner:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "mcp_servers.lib.worker", str(self.store.path), job["id"]],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                cwd=run_dir,  # relative names resolve in the job's own dir, never where the server started
+                cwd=own_dir,  # relative names resolve in the job's own dir, never where the server started
                 start_new_session=True,  # its own process group: a server restart does not kill it
             )
         self.procs[job["id"]] = proc
         self.store.update(job["id"], pid=proc.pid, placement={"executor": "local"})
 
-    def _prepare_run_dir(self, job_id: str):
-        """The job's run dir under FORGE_HOME/runs, made, and its log opened; a link planted there is
-        refused."""
-        run_dir = self.run_dir(job_id)
-        if run_dir.is_symlink() or not run_dir.resolve().is_relative_to(self.home):
-            raise ForgeError(Codes.PATH_NOT_ALLOWED, f"the job's run dir {run_dir} is a link, or leads outside "
+    def _prepare_job_dir(self, job_id: str):
+        """The job's own dir under FORGE_HOME/runs, made, and its log opened; a link planted there is refused."""
+        own_dir = self.job_dir(job_id)
+        if own_dir.is_symlink() or not own_dir.resolve().is_relative_to(self.home):
+            raise ForgeError(Codes.PATH_NOT_ALLOWED, f"the job's dir {own_dir} is a link, or leads outside "
                              f"{self.home}", "remove what was put at that path and start the job again")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return open_output(run_dir / "job.log", "job log", append=True)  # never through a link
+        own_dir.mkdir(parents=True, exist_ok=True)
+        return open_output(own_dir / "job.log", "job log", append=True)  # never through a link
 
     # ---- restart and crash handling ----
 
@@ -320,7 +323,7 @@ class Runner:
         self.store.transition(job["id"], Status.FAILED, error=error)
 
     def log_tail(self, job: dict, lines: int) -> str | None:
-        """A Ray job's log, from Ray; None for a local job (its log is job.log in the run dir)."""
+        """A Ray job's log, from Ray; None for a local job (its log is job.log in the job's own dir)."""
         executor = self._ray_of(job)
         return executor.log_tail(job["id"], lines) if executor else None
 

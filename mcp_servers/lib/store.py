@@ -1,5 +1,5 @@
 """The SQLite job store: the one place job state lives. WAL, a busy timeout, and append-only
-named migrations recorded in a table (add a migration, never edit one)."""
+named migrations (``migrations``) recorded in a table."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from forge.store_file import require_healthy
 from mcp_servers.lib.errors import ForgeError, JobCodes
+from mcp_servers.lib.migrations import MIGRATIONS
 
 
 class Status(StrEnum):
@@ -32,86 +33,9 @@ TRANSITIONS = {
     Status.CANCELLING: {Status.CANCELLED, Status.FAILED, Status.SUCCEEDED},
 }
 
-MIGRATIONS: list[tuple[str, str]] = [
-    ("0001_jobs_and_events", """
-        CREATE TABLE jobs (
-            id TEXT PRIMARY KEY,
-            kind TEXT NOT NULL,
-            status TEXT NOT NULL,
-            stage TEXT,
-            params TEXT NOT NULL,
-            client_request_id TEXT UNIQUE,
-            parent_id TEXT,
-            run_dir TEXT,
-            pid INTEGER,
-            created_at REAL NOT NULL,
-            started_at REAL,
-            finished_at REAL,
-            heartbeat_at REAL,
-            progress TEXT NOT NULL DEFAULT '{}',
-            result TEXT,
-            error TEXT
-        );
-        CREATE INDEX jobs_status ON jobs(status, created_at);
-        CREATE TABLE events (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            job_id TEXT NOT NULL REFERENCES jobs(id),
-            ts REAL NOT NULL,
-            type TEXT NOT NULL,
-            data TEXT NOT NULL
-        );
-        CREATE INDEX events_job ON events(job_id, seq);
-    """),
-    ("0002_job_cancel_force", "ALTER TABLE jobs ADD COLUMN cancel_requested_at REAL;"),
-    # Neither column was ever read; parent_id was never written. (SQLite >= 3.35 drops columns.)
-    ("0003_drop_unused_columns", """
-        ALTER TABLE jobs DROP COLUMN cancel_requested_at;
-        ALTER TABLE jobs DROP COLUMN parent_id;
-    """),
-    # A retry key belongs to one kind of job: the same key for a merge must not return a train job.
-    ("0004_request_id_per_kind", """
-        CREATE TABLE jobs_new (
-            id TEXT PRIMARY KEY,
-            kind TEXT NOT NULL,
-            status TEXT NOT NULL,
-            stage TEXT,
-            params TEXT NOT NULL,
-            client_request_id TEXT,
-            run_dir TEXT,
-            pid INTEGER,
-            created_at REAL NOT NULL,
-            started_at REAL,
-            finished_at REAL,
-            heartbeat_at REAL,
-            progress TEXT NOT NULL DEFAULT '{}',
-            result TEXT,
-            error TEXT,
-            UNIQUE (kind, client_request_id)
-        );
-        INSERT INTO jobs_new SELECT id, kind, status, stage, params, client_request_id, run_dir, pid, created_at,
-            started_at, finished_at, heartbeat_at, progress, result, error FROM jobs;
-        DROP TABLE jobs;
-        ALTER TABLE jobs_new RENAME TO jobs;
-        CREATE INDEX jobs_status ON jobs(status, created_at);
-    """),
-    # Where a job runs (null while it waits for Forge's own queue): {"executor": "local"} or, on a Ray
-    # cluster, {"executor": "ray", "address": ..., "resources": ...}; and how far the server has read
-    # the job's channel file (a Ray job reports through a file on shared storage, never through SQLite).
-    ("0005_placement", """
-        ALTER TABLE jobs ADD COLUMN placement TEXT;
-        ALTER TABLE jobs ADD COLUMN channel_offset INTEGER NOT NULL DEFAULT 0
-    """),
-    # MCP tasks (the io.modelcontextprotocol/tasks extension): an unguessable task id for a job, one per
-    # tools/call that asked for a task; the job is the task's state, so a task outlives the server too.
-    ("0006_tasks", """
-        CREATE TABLE tasks (
-            id TEXT PRIMARY KEY,
-            job_id TEXT NOT NULL REFERENCES jobs(id),
-            tool TEXT NOT NULL,
-            created_at REAL NOT NULL
-        )
-    """),
-]
+def new_job_id(kind: str) -> str:
+    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
 
 JSON_COLUMNS = ("params", "progress", "result", "error", "placement")
 # What a job's channel may set: its own progress and outcome, never its params, id or placement.
@@ -181,7 +105,8 @@ class JobStore:
                ) -> tuple[dict, bool]:
         """Insert a queued job; the same client_request_id returns the existing job (created=False). A ``held``
         job waits outside the queue until its placement is cleared (a sweep, until its trials exist); a job
-        given a ``placement`` never enters it (a sweep's trial, with the id the sweep names it by)."""
+        given a ``placement`` never enters it (a sweep's trial, with the id the sweep names it by). A job whose
+        params say ``_resumes`` is refused when another job already continues that one."""
         with self._conn() as conn:
             # One writer at a time across every server on this FORGE_HOME: look up, then insert, atomically.
             conn.execute("BEGIN IMMEDIATE")
@@ -192,7 +117,9 @@ class JobStore:
                     if row:
                         conn.execute("COMMIT")
                         return self._row(row), False
-                job_id = job_id or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+                if params.get("_resumes"):
+                    self._refuse_resumed(conn, params["_resumes"])
+                job_id = job_id or new_job_id(kind)
                 placement = {"executor": "held"} if held else placement
                 conn.execute(
                     "INSERT INTO jobs (id, kind, status, params, client_request_id, created_at, placement, run_dir) "
@@ -205,6 +132,40 @@ class JobStore:
                 conn.execute("ROLLBACK")
                 raise
         return self.get(job_id), True
+
+    def continued_by(self, job_id: str) -> str | None:
+        """The job that continues ``job_id`` in its run dir (a resume), if one does."""
+        with self._conn() as conn:
+            return self._continuing(conn, job_id)
+
+    @staticmethod
+    def _continuing(conn, job_id: str) -> str | None:
+        row = conn.execute("SELECT id FROM jobs WHERE json_extract(params, '$._resumes') = ? ORDER BY created_at "
+                           "LIMIT 1", (job_id,)).fetchone()
+        return row["id"] if row else None
+
+    def refuse_resumed(self, job_id: str) -> None:
+        """Raise already_resumed when another job continues ``job_id`` in its run dir."""
+        with self._conn() as conn:
+            self._refuse_resumed(conn, job_id)
+
+    def _refuse_resumed(self, conn, job_id: str) -> None:
+        """Inside the insert's transaction, so two resumes sent at one moment cannot both pass."""
+        continuing = self._continuing(conn, job_id)
+        if continuing:
+            raise ForgeError(JobCodes.ALREADY_RESUMED, f"train job {job_id} was already resumed: {continuing} "
+                             "continues it in the same run dir",
+                             f'follow {continuing} (forge_job_status(job_id="{continuing}")); once it has stopped, '
+                             f'resume it instead: forge_train(resume_from_job="{continuing}")')
+
+    def by_request(self, kind: str, client_request_id: str | None) -> dict | None:
+        """The job a client_request_id already made, so a retried call gets the same job back."""
+        if not client_request_id:
+            return None
+        with self._conn() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE kind = ? AND client_request_id = ?",
+                               (kind, client_request_id)).fetchone()
+        return self._row(row) if row else None
 
     # ---- tasks ----
 

@@ -1,5 +1,5 @@
 """A job's worker process: ``python -m mcp_servers.lib.worker FORGE_DB JOB_ID``, or on a Ray cluster
-``python -m mcp_servers.lib.worker --channel RUN_DIR``.
+``python -m mcp_servers.lib.worker --channel JOB_DIR`` (the job's own dir, runs/<job id>/).
 
 Started in its own session by the runner (or as a Ray job), so a server restart does not kill it. It
 writes status, stage, progress, events and a heartbeat to the store, or on Ray to the job's channel
