@@ -76,6 +76,9 @@ def record_stage(run_dir: Path, stage: str, result: dict) -> str:
         result["record"] = latest["record"]  # the same result again (a Modelfile kept as it was): its record stands
         return result["record"]
     stages.mkdir(parents=True, exist_ok=True)
+    if latest and not latest.get("record"):  # a run recorded before records were numbered: keep its one
+        kept = _reserve(stages, stage, ".json")
+        atomic_write_text(kept, json.dumps({**latest, "record": f"{STAGES_DIR}/{kept.name}"}, indent=2) + "\n")
     path = _reserve(stages, stage, ".json")
     result["record"] = f"{STAGES_DIR}/{path.name}"
     text = json.dumps(result, indent=2, default=str) + "\n"

@@ -168,7 +168,10 @@ async def test_allowed_roots_and_descriptions_say_what_the_code_does(server, hom
 
 async def test_validating_against_a_gguf_base_reports_progress_while_it_converts(server, home, smollm2_gguf,
                                                                                  monkeypatch):
+    from mcp_servers.forge import tools_stages
+
     monkeypatch.setenv("FORGE_ALLOWED_ROOTS", str(smollm2_gguf.parent))
+    monkeypatch.setattr(tools_stages, "PROGRESS_TICK_S", 0.2)  # a fast machine converts in a second or two
     home.mkdir(parents=True, exist_ok=True)
     dataset = home / "chat.jsonl"
     dataset.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
@@ -190,3 +193,58 @@ async def test_validating_against_a_gguf_base_reports_progress_while_it_converts
     converting = [m for _, _, m in seen if "converting the GGUF's" in m]
     assert len(converting) >= 2, seen  # heard from during the conversion, not only before and after it
     assert seen[0][1] == 3.0 and seen[-1][0] == 3.0 and seen[-1][2].startswith("done")
+
+
+def test_a_stage_record_is_never_written_over_not_even_one_made_before_records_were_numbered(tmp_path):
+    from forge.runs import record_stage
+
+    stages = tmp_path / "stages"
+    stages.mkdir()
+    (stages / "evaluate.json").write_text(json.dumps({"status": "succeeded", "table": ["first"]}))  # an old run's
+    assert record_stage(tmp_path, "evaluate", {"status": "succeeded", "table": ["second"]}) == "stages/evaluate-2.json"
+    kept = {p.name: json.loads(p.read_text()) for p in stages.glob("*.json")}
+    assert kept["evaluate-1.json"] == {"status": "succeeded", "table": ["first"], "record": "stages/evaluate-1.json"}
+    assert kept["evaluate-2.json"]["table"] == ["second"] == kept["evaluate.json"]["table"]
+    # the same result again (a Modelfile kept as it was) keeps its record: nothing new, nothing written over
+    assert record_stage(tmp_path, "evaluate", {"status": "succeeded", "table": ["second"]}) == "stages/evaluate-2.json"
+    assert sorted(p.name for p in stages.glob("*.json")) == ["evaluate-1.json", "evaluate-2.json", "evaluate.json"]
+
+
+def test_a_job_recorded_before_run_dir_meant_its_outputs_names_its_run(home, monkeypatch):
+    from mcp_servers.lib import results
+    from mcp_servers.lib.paths import job_dir
+    from mcp_servers.lib.store import JobStore, Status
+
+    run = home / "runs" / "velmora-r1"
+    (run / "stages").mkdir(parents=True)
+    store = JobStore(home / "forge.db")
+    try:
+        merge, _ = store.create("merge", {"adapter_dir": str(run / "adapter")}, job_id="merge-old")
+        train, _ = store.create("train", {"output_dir": str(run)}, job_id="train-old")
+        for job in (merge, train):  # as the runner stored them before: the job's own dir
+            store.update(job["id"], run_dir=str(job_dir(home, job["id"])))
+        store.transition("merge-old", Status.RUNNING)
+        store.transition("merge-old", Status.SUCCEEDED, result={"merged_dir": str(run / "merged")})
+        assert results.outputs_dir(store.get("merge-old"), home) == str(run)
+        assert results.outputs_dir(store.get("train-old"), home) == str(run)  # still queued: its params say where
+    finally:
+        store.close()
+
+
+async def test_a_train_from_a_gguf_base_says_in_its_status_that_the_weights_were_dequantized(server, home,
+                                                                                              smollm2_gguf,
+                                                                                              monkeypatch):
+    monkeypatch.setenv("FORGE_ALLOWED_ROOTS", str(smollm2_gguf.parent))
+    async with Client(server) as client:
+        assets = await call_ok(client, "forge_demo_assets", {"model": "smollm2"})
+        handle = await call_ok(client, "forge_train", {
+            "base_model": str(smollm2_gguf), "dataset": assets["dataset"],
+            "hyperparameters": {"max_steps": 1, "per_device_train_batch_size": 1}})
+        done = await wait_job(client, handle["job_id"])
+        detail = json.loads((await client.read_resource(f"forge://jobs/{handle['job_id']}")).contents[0].text)
+    assert done["status"] == "succeeded", done
+    line = done["warnings"][0]  # one short line, the consequence first
+    assert line.startswith("base weights dequantized from a GGUF (") and len(line) <= 120, done["warnings"]
+    assert "not the original full-precision ones" in line
+    whole = detail["warnings"][0]  # the resource: the whole line, with where the converted weights are
+    assert whole.startswith(line.removesuffix("…")) and "converted" in whole and str(home) in whole

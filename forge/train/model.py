@@ -20,9 +20,9 @@ def resolve_base_model(config: TrainConfig, writer: ProgressWriter) -> tuple[str
     model_ref, gguf = resolve_base(config.base_model)
     if gguf is not None:
         how = "converted" if gguf["converted_now"] else "found converted (cached by sha256)"
-        writer({"event": "warning", "message": (
-            f"the base model is a GGUF ({gguf.get('file_type')}), {how} at {model_ref}: its weights are the "
-            f"dequantized {gguf.get('file_type')} values, not the original full-precision ones")})
+        writer({"event": "warning", "message": (  # the consequence first: a status shows a line's start
+            f"base weights dequantized from a GGUF ({gguf.get('file_type')}), not the original full-precision "
+            f"ones; {how} at {model_ref}")})
     return model_ref, gguf
 
 

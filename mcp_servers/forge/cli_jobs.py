@@ -19,6 +19,7 @@ from pathlib import Path
 from forge.errors import Codes
 from forge.store_file import STORE_NAME
 from forge.term import ProgressBar, numeric, printable
+from mcp_servers.lib import results
 from mcp_servers.lib.errors import ForgeError, JobCodes
 from mcp_servers.lib.store import TERMINAL, JobStore, Status
 
@@ -93,7 +94,7 @@ def _ago(ts: float, now: float) -> str:
 def run_name(job: dict) -> str | None:
     """The run dir's name (the job id, or the run_name an agent gave); a merge or quantize names the run it
     wrote into, not its merged or gguf dir."""
-    where = job.get("run_dir") or (job.get("result") or {}).get("run_dir") or job["params"].get("output_dir")
+    where = results.outputs_dir(job) or (job.get("result") or {}).get("run_dir") or job["params"].get("output_dir")
     return Path(where).name if where else None
 
 
@@ -169,8 +170,8 @@ def _show_event(bar: ProgressBar, event: dict) -> None:
 
 def _outcome(job: dict) -> str:
     lines = [f"job {job['id']}: {job['status']}"]
-    if job.get("run_dir"):
-        lines.append(f"run_dir: {job['run_dir']}")
+    if results.outputs_dir(job):
+        lines.append(f"run_dir: {results.outputs_dir(job)}")
     err = job.get("error") or {}
     if err:
         lines.append(f"error [{err.get('code')}]: {err.get('message')}")
@@ -221,5 +222,5 @@ def watch_job(args) -> dict:
         print(printable(f"stopped watching; job {job['id']} is {job['status']} (`forge watch {job['id']}` follows "
                         "it again)", 2000) if stopped else _outcome(job))
     return {"job_id": job["id"], "kind": job["kind"], "status": job["status"], "stage": job.get("stage"),
-            "progress": job.get("progress"), "run_dir": job.get("run_dir"), "error": job.get("error"),
+            "progress": job.get("progress"), "run_dir": results.outputs_dir(job), "error": job.get("error"),
             "watching_stopped": stopped}

@@ -62,16 +62,6 @@ def _has_gguf(result: dict) -> bool:
     return bool((result.get("stages") or {}).get("quantize", {}).get("outputs"))
 
 
-def _run_dir(runner: Runner, job: dict) -> str | None:
-    """Where the job's outputs go. A merge, quantize or evaluate recorded before run_dir meant that has its own
-    dir there (runs/<job id>, its log only): its result names the run instead."""
-    run_dir = job.get("run_dir")
-    if run_dir == str(runner.job_dir(job["id"])) and job["kind"] not in ("train", "pipeline", "sweep"):
-        found = results.run_dir_of(job)
-        return str(found) if found else run_dir
-    return run_dir
-
-
 def _continued_by(runner: Runner, job: dict) -> str | None:
     """The job continuing a stopped train job in its run dir, if one does."""
     stopped = job["status"] in (Status.FAILED.value, Status.CANCELLED.value)
@@ -103,7 +93,7 @@ def status_of(runner: Runner, job: dict) -> JobStatus:
                   if k in Progress.model_fields and v is not None and not (done and k == "eta_s")},
         created_at=job["created_at"], started_at=job.get("started_at"), finished_at=job.get("finished_at"),
         inputs=_inputs(job["params"]),
-        stages={s["stage"]: s["status"] for s in stages}, run_dir=_run_dir(runner, job),
+        stages={s["stage"]: s["status"] for s in stages}, run_dir=results.outputs_dir(job, runner.home),
         artifacts=[Artifact(**a) for a in shown],
         metrics={k: _short(v) for k, v in metrics.items()},
         quality=outcome.compact_quality(results.quality(result)),

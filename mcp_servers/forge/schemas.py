@@ -75,7 +75,9 @@ class JobStatus(BaseModel):
     finished_at: float | None = Field(None, description=EPOCH_S)
     inputs: dict[str, Any] = Field(default_factory=dict)
     stages: dict[str, str] = Field(default_factory=dict, description="A pipeline's stages, in order, and their status.")
-    run_dir: str | None = None
+    run_dir: str | None = Field(None, description=(
+        "Where the job's outputs go, from submission on: a train's run dir, or the run a merge, quantize or "
+        "evaluate works in."))
     artifacts: list[Artifact] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     quality: dict[str, Any] | None = Field(None, description="Each GGUF against the f16: KLD, same top %, bpw.")
@@ -142,7 +144,8 @@ class ModelfileResult(BaseModel):
 
 
 class QueryResult(BaseModel):
-    model: str | None = None  # what answered: the GGUF (the one a job id picked), or the Ollama model
+    model: str | None = Field(None, description=(
+        "What answered: the GGUF (the one a job id picked), or the Ollama model."))
     reply: str
     finish_reason: str | None = Field(description="stop: the model ended its turn; length: max_tokens ran out.")
     prompt_tokens: int

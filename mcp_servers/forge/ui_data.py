@@ -37,7 +37,7 @@ def _base_model(params: dict) -> str | None:
 
 
 def _run_name(job: dict) -> str | None:
-    where = job.get("run_dir") or job["params"].get("output_dir") or (job.get("result") or {}).get("run_dir")
+    where = results.outputs_dir(job) or job["params"].get("output_dir") or (job.get("result") or {}).get("run_dir")
     return Path(where).name if where else None
 
 
@@ -136,7 +136,7 @@ def _thin(points: dict[int, float]) -> list[list[float]]:
 def _run_dir(job: dict) -> Path | None:
     """The run a job trains or works on: a train or pipeline job's output dir (known from the start), or
     the run dir a merge, quantize or evaluate job wrote into."""
-    for candidate in filter(None, [job.get("run_dir"), job["params"].get("output_dir"),
+    for candidate in filter(None, [results.outputs_dir(job), job["params"].get("output_dir"),
                                    (job.get("result") or {}).get("run_dir")]):
         found = find_run_dir(Path(candidate))
         if found is not None:

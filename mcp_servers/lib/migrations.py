@@ -82,4 +82,6 @@ MIGRATIONS: list[tuple[str, str]] = [
             created_at REAL NOT NULL
         )
     """),
+    # The job that continues a stopped train job in its run dir (params._resumes), found on every status poll
+    ("0007_resumes_index", "CREATE INDEX jobs_resumes ON jobs(json_extract(params, '$._resumes'))"),
 ]

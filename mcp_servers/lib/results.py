@@ -11,9 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from forge.errors import Codes, ForgeError
-from forge.paths import check_path, check_tree
+from forge.paths import check_path, check_tree, forge_home
 from forge.runs import STAGES, STAGES_DIR, find_run_dir
 from mcp_servers.lib.errors import JobCodes
+from mcp_servers.lib.paths import job_dir
 from mcp_servers.lib.store import ACTIVE, JobStore, Status
 
 JOB_KINDS = ("train", "merge", "quantize", "lora_gguf", "evaluate", "pipeline", "publish", "sweep")
@@ -144,6 +145,18 @@ def run_dir_of(job: dict) -> Path | None:
         if found is not None and (found / STAGES_DIR).is_dir():
             return found
     return None
+
+
+def outputs_dir(job: dict, home: Path | None = None) -> str | None:
+    """Where a job's outputs go: the store's run_dir. A row written before run_dir meant that holds the job's own
+    dir there (runs/<job id>: its log only); for it, the run the job wrote into."""
+    run_dir = job.get("run_dir")
+    if run_dir != str(job_dir(home or forge_home(), job["id"])):
+        return run_dir
+    if job["kind"] in ("train", "pipeline", "sweep"):
+        return job["params"].get("output_dir") or run_dir
+    found = run_dir_of(job)
+    return str(found) if found else run_dir
 
 
 CHAIN_KINDS = ("train", "merge", "quantize", "lora_gguf", "evaluate", "pipeline")
