@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 
 from forge.paths import forge_home, open_output, read_text
-from forge.workspace import atomic_write_text
+from forge.workspace import atomic_write_json, atomic_write_text
 
 # The one list of Forge's stages, in the order a pipeline runs them.
 STAGES = ("train", "merge", "quantize", "evaluate", "modelfile", "seal")
@@ -51,12 +51,17 @@ def runs_dir() -> Path:
     return forge_home() / "runs"
 
 
+def _numbered(directory: Path, stem: str, suffix: str) -> list[tuple[int, Path]]:
+    """The ``<stem>-<n><suffix>`` files in ``directory`` with their numbers, lowest first."""
+    pattern = re.compile(rf"{re.escape(stem)}-(\d+){re.escape(suffix)}")
+    found = ((m, p) for p in directory.glob(f"{stem}-*{suffix}") if (m := pattern.fullmatch(p.name)))
+    return sorted((int(m.group(1)), p) for m, p in found)
+
+
 def _reserve(directory: Path, stem: str, suffix: str) -> Path:
     """The next free ``<stem>-<n><suffix>`` in ``directory``, created empty with O_EXCL: two writers at one
     moment get two numbers, and no record is ever written over."""
-    pattern = re.compile(rf"{re.escape(stem)}-(\d+){re.escape(suffix)}")
-    taken = [int(m.group(1)) for p in directory.glob(f"{stem}-*{suffix}") if (m := pattern.fullmatch(p.name))]
-    number = max(taken, default=0) + 1
+    number = max((n for n, _ in _numbered(directory, stem, suffix)), default=0) + 1
     while True:
         path = directory / f"{stem}-{number}{suffix}"
         try:
@@ -114,16 +119,13 @@ def record_train_config(run_dir: Path, config: dict, resumed: bool) -> Path:
     own beside it (``train_config.resume-<n>.json``), so the original settings are never written over."""
     first = Path(run_dir) / TRAIN_CONFIG_FILE
     path = _reserve(Path(run_dir), RESUME_CONFIG_STEM, ".json") if resumed and first.is_file() else first
-    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_json(path, config)
     return path
 
 
 def resume_configs(run_dir: Path) -> list[Path]:
     """The configs the run's resumes recorded, oldest first."""
-    pattern = re.compile(rf"{re.escape(RESUME_CONFIG_STEM)}-(\d+)\.json")
-    found = [(int(m.group(1)), p) for p in Path(run_dir).glob(f"{RESUME_CONFIG_STEM}-*.json")
-             if (m := pattern.fullmatch(p.name)) and p.stat().st_size]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in _numbered(Path(run_dir), RESUME_CONFIG_STEM, ".json") if p.stat().st_size]
 
 
 def train_config_in_effect(run_dir: Path) -> Path:

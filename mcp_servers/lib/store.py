@@ -111,12 +111,10 @@ class JobStore:
             # One writer at a time across every server on this FORGE_HOME: look up, then insert, atomically.
             conn.execute("BEGIN IMMEDIATE")
             try:
-                if client_request_id:
-                    row = conn.execute("SELECT * FROM jobs WHERE kind = ? AND client_request_id = ?",
-                                       (kind, client_request_id)).fetchone()
-                    if row:
-                        conn.execute("COMMIT")
-                        return self._row(row), False
+                row = self._by_request(conn, kind, client_request_id)
+                if row:
+                    conn.execute("COMMIT")
+                    return self._row(row), False
                 if params.get("_resumes"):
                     self._refuse_resumed(conn, params["_resumes"])
                 job_id = job_id or new_job_id(kind)
@@ -160,12 +158,16 @@ class JobStore:
 
     def by_request(self, kind: str, client_request_id: str | None) -> dict | None:
         """The job a client_request_id already made, so a retried call gets the same job back."""
+        with self._conn() as conn:
+            row = self._by_request(conn, kind, client_request_id)
+        return self._row(row) if row else None
+
+    @staticmethod
+    def _by_request(conn, kind: str, client_request_id: str | None):
         if not client_request_id:
             return None
-        with self._conn() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE kind = ? AND client_request_id = ?",
-                               (kind, client_request_id)).fetchone()
-        return self._row(row) if row else None
+        return conn.execute("SELECT * FROM jobs WHERE kind = ? AND client_request_id = ?",
+                            (kind, client_request_id)).fetchone()
 
     # ---- tasks ----
 
